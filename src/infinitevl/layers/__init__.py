@@ -1,0 +1,1 @@
+"""nn.Modules built from ops, one concept per file."""

@@ -1,0 +1,67 @@
+"""Sliding-window GQA attention with M-RoPE (the attention layer of InfiniteVL).
+
+Legend: B batch, T tokens, D model dim, H query heads, G kv heads, E head dim, R ring slots.
+q/k/v carry a bias, o does not (Qwen2.5). Token indices (`tok_idx_BT`) count the real tokens of a
+row; they decide the window, M-RoPE positions only rotate.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.config import TextConfig
+from ..model.state import SWAState
+from ..ops.rope import apply_rope
+from ..ops.swa import ring_write, sliding_window_attention, window_mask
+
+
+class SlidingWindowAttention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        D, H, G = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = H, G, config.head_dim
+        self.window = config.sliding_window
+        self.q_proj = nn.Linear(D, H * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(D, G * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(D, G * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(H * self.head_dim, D, bias=False)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTE: torch.Tensor,
+        sin_BTE: torch.Tensor,
+        *,
+        tok_idx_BT: torch.Tensor,
+        mask_BT: torch.Tensor | None = None,
+        state: SWAState | None = None,
+        seg_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attends within the window; when `state` is given, reads its ring buffer and then writes the
+        last window-1 real tokens into it. `seg_BT` keeps packed sequences apart."""
+        B, T, _ = x_BTD.shape
+        H, G, E = self.num_heads, self.num_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x_BTD).view(B, T, H, E), cos_BTE, sin_BTE)
+        k = apply_rope(self.k_proj(x_BTD).view(B, T, G, E), cos_BTE, sin_BTE)
+        v = self.v_proj(x_BTD).view(B, T, G, E)
+        valid = torch.ones(B, T, dtype=torch.bool, device=x_BTD.device) if mask_BT is None else mask_BT.bool()
+
+        if state is not None and seg_BT is not None:
+            raise ValueError("packed sequences (cu_seqlens) are for stateless forwards: pass state=None")
+        if state is None:
+            keys, values, k_idx, k_valid = k, v, tok_idx_BT, valid
+        else:
+            keys = torch.cat([state.keys.to(k.dtype), k], dim=1)
+            values = torch.cat([state.values.to(v.dtype), v], dim=1)
+            k_idx = torch.cat([state.token_index, tok_idx_BT], dim=1)
+            k_valid = torch.cat([state.token_index >= 0, valid], dim=1)
+        mask = window_mask(tok_idx_BT, k_idx, self.window, k_valid_BS=k_valid, q_seg_BT=seg_BT, k_seg_BS=seg_BT)
+        o = sliding_window_attention(q, keys, values, mask, scale=E**-0.5)
+
+        if state is not None:
+            # Keep only what a later query can still see: the last R real tokens of each row.
+            R = state.token_index.shape[1]
+            last = (tok_idx_BT.masked_fill(~valid, -1)).amax(dim=1, keepdim=True)
+            keep = valid & (tok_idx_BT > last - R) if T > 1 else valid
+            ring_write(state, k, v, tok_idx_BT, keep)
+        return self.o_proj(o.reshape(B, T, H * E))

@@ -1,0 +1,112 @@
+"""Reading and writing checkpoints in the released format.
+
+Our module names are the released (legacy Qwen2.5-VL) names, so the released layout loads as is.
+The one name-mapping table below turns the newer transformers layout into ours.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+# newer transformers layout -> released/ours (first match wins)
+KEY_MAP: list[tuple[str, str]] = [
+    (r"^model\.language_model\.", "model."),
+    (r"^model\.visual\.", "visual."),
+    (r"^language_model\.model\.", "model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+]
+TIED_HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+
+
+def to_released_name(key: str) -> str:
+    for pattern, repl in KEY_MAP:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or sharded with an index), released names."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e}): re-save the checkpoint") from e
+        files = [directory / s for s in shards]
+    elif single.exists():
+        files = [single]
+    else:
+        raise ValueError(
+            f"no model.safetensors or model.safetensors.index.json in {directory}: "
+            f"point --model at a released-format checkpoint directory"
+        )
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.exists():
+            raise ValueError(f"checkpoint shard {f} listed in the index is missing: download it again")
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {f} ({e}): the file is corrupt or truncated; download it again") from e
+        for k, v in part.items():
+            weights[to_released_name(k)] = v
+    return weights
+
+
+def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], *, tied: bool) -> None:
+    """Copy weights into `model` after checking every name and shape; raises ValueError on any mismatch."""
+    expected = model.state_dict()
+    weights = dict(weights)
+    if tied:
+        weights.pop(TIED_HEAD, None)
+    elif TIED_HEAD not in weights and TIED_HEAD in expected:
+        raise ValueError("the config says tie_word_embeddings=false but the checkpoint has no lm_head.weight")
+    expected_names = {k for k in expected if not (tied and k == TIED_HEAD)}
+    missing = sorted(expected_names - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the config: {len(missing)} missing weight(s) {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, {len(unexpected)} unexpected {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}. Check that config.json belongs to these weights."
+        )
+    bad = [(k, tuple(weights[k].shape), tuple(expected[k].shape)) for k in expected_names
+           if weights[k].shape != expected[k].shape]
+    if bad:
+        k, got, want = bad[0]
+        raise ValueError(
+            f"{len(bad)} weight(s) have the wrong shape, e.g. {k}: checkpoint {got}, config expects {want}. "
+            f"Check that config.json belongs to these weights."
+        )
+    with torch.no_grad():
+        for k in expected_names:
+            expected[k].copy_(weights[k])
+
+
+def save_weights(model: torch.nn.Module, directory: str | Path, *, tied: bool) -> None:
+    """model.safetensors in the released layout, written atomically (temp file + rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if tied:
+        state.pop(TIED_HEAD, None)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, directory / "model.safetensors")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,207 @@
+"""InfiniteVL: the Qwen2.5-VL vision encoder feeding the hybrid SWA + Gated DeltaNet decoder.
+
+Legend: B batch, T tokens, D model dim, M vision features.
+
+`forward` consumes a chunk of tokens (with the images/videos whose placeholders it holds),
+continues from `state` when one is given (updating it in place) and returns logits. Calling it
+once on a prompt, or several times on consecutive chunks with the same state, computes the same
+function.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..ops.rope import VisionTokens, get_rope_index
+from . import checkpoint
+from .config import InfiniteVLConfig
+from .decoder import TextDecoder
+from .state import InferenceState
+from .vision import VisionTransformer
+
+
+class InfiniteVL(nn.Module):
+    def __init__(self, config: InfiniteVLConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config.vision)
+        self.model = TextDecoder(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.text.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.vision_tokens = VisionTokens(
+            image_token_id=config.image_token_id,
+            video_token_id=config.video_token_id,
+            spatial_merge_size=config.vision.spatial_merge_size,
+            tokens_per_second=config.vision.tokens_per_second,
+        )
+
+    # ---- construction / IO ----
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "InfiniteVL":
+        config = InfiniteVLConfig.from_file(path)
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device).to(dtype)
+        checkpoint.load_into(model, checkpoint.read_weights(path), tied=config.text.tie_word_embeddings)
+        if config.text.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.config.save(path)
+        checkpoint.save_weights(self, path, tied=self.config.text.tie_word_embeddings)
+
+    def new_state(self, batch_size: int) -> InferenceState:
+        p = self.model.embed_tokens.weight
+        return InferenceState.allocate(self.config.text, batch_size, dtype=p.dtype, device=p.device)
+
+    # ---- forward ----
+    def embed(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the vision features written over the image/video placeholders."""
+        x = self.model.embed_tokens(input_ids_BT)
+        for name, pixels, grid, token in (
+            ("image", pixel_values, image_grid_thw, self.config.image_token_id),
+            ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id),
+        ):
+            slots = input_ids_BT == token
+            n_slots = int(slots.sum())
+            if pixels is None:
+                if n_slots:
+                    raise ValueError(
+                        f"the input has {n_slots} {name} placeholder tokens but no {name} pixels were given: "
+                        f"pass the processor's outputs for the {name}(s)"
+                    )
+                continue
+            if grid is None:
+                raise ValueError(f"{name} pixels were given without {name}_grid_thw: pass both from the processor")
+            feats = self.visual(pixels.to(x.device), grid)
+            if feats.shape[0] != n_slots:
+                raise ValueError(
+                    f"{name} features and {name} tokens do not match: {n_slots} placeholder tokens in the text, "
+                    f"{feats.shape[0]} features from {name}_grid_thw {torch.as_tensor(grid).tolist()}. Expand each "
+                    f"{name} token to grid_t*grid_h*grid_w/{self.config.vision.spatial_merge_size ** 2} pads "
+                    f"(the processor does this)"
+                )
+            x = x.masked_scatter(slots[..., None].expand_as(x), feats.to(x.dtype))
+        return x
+
+    def positions(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        attention_mask_BT=None,
+        start_B: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE position ids [3, B, T] and the next free position [B]."""
+        return get_rope_index(
+            input_ids_BT, self.vision_tokens, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts, attention_mask_BT=attention_mask_BT, start_BT=start_B,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        state: InferenceState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T', vocab] for the last `logits_to_keep` tokens (0 = all).
+
+        attention_mask [B, T]: 1 real, 0 padding (any layout). Pad tokens change nothing in `state`.
+        position_ids [3, B, T] (or [B, T] for text) override the computed M-RoPE positions.
+        cu_seqlens: packed sequences in one row (training); needs state=None.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref.ndim < 2 or (input_ids is not None and input_ids.ndim != 2):
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(ref.shape)}")
+        B, T = ref.shape[:2]
+        if T == 0:
+            raise ValueError("empty input: give at least one token")
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must be [{B}, {T}] like input_ids, got {tuple(attention_mask.shape)}")
+            if bool(attention_mask.all()):
+                attention_mask = None
+        if state is not None and state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} rows but the input has {B}: allocate a matching state")
+        if cu_seqlens is not None:
+            if state is not None or B != 1 or attention_mask is not None:
+                raise ValueError("cu_seqlens (packed rows) needs batch 1, no attention_mask and no state")
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
+                raise ValueError(f"cu_seqlens must start at 0 and end at the token count {T}")
+        if input_ids is not None:
+            vocab = self.config.text.vocab_size
+            if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+                raise ValueError(f"token ids must lie in [0, {vocab}); got {int(input_ids.min())}..{int(input_ids.max())}")
+            x = self.embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                           pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        else:
+            x = inputs_embeds
+
+        if position_ids is None:
+            if input_ids is None:
+                raise ValueError("with inputs_embeds, pass position_ids too")
+            if cu_seqlens is not None:
+                position_ids = _packed_text_positions(cu_seqlens, T, x.device)
+            else:
+                position_ids, nxt = self.positions(
+                    input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                    second_per_grid_ts=second_per_grid_ts, attention_mask_BT=attention_mask,
+                    start_B=None if state is None else state.next_position,
+                )
+        else:
+            if position_ids.ndim == 2:
+                position_ids = position_ids[None].expand(3, -1, -1)
+            if position_ids.shape != (3, B, T):
+                raise ValueError(f"position_ids must be [3, {B}, {T}] (or [{B}, {T}]), got {tuple(position_ids.shape)}")
+            nxt = None
+        if state is not None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+            if nxt is None:
+                nxt = position_ids.amax(0).masked_fill(~valid, -1).amax(-1) + 1
+            has_tokens = valid.any(-1)
+
+        hidden = self.model(x, position_ids.to(x.device), mask_BT=attention_mask, state=state, cu_seqlens=cu_seqlens)
+        if state is not None:
+            state.seen += valid.sum(-1)
+            state.next_position.copy_(torch.where(has_tokens, nxt.to(state.next_position.device),
+                                                  state.next_position))
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        if return_hidden:
+            return hidden
+        return self.lm_head(hidden)
+
+
+def _packed_text_positions(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+    starts = torch.repeat_interleave(cu_seqlens[:-1].to(device), lengths)
+    pos = torch.arange(T, device=device) - starts
+    return pos.view(1, 1, T).expand(3, 1, T)

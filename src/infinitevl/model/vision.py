@@ -1,0 +1,147 @@
+"""The Qwen2.5-VL vision encoder (InfiniteVL keeps it unchanged).
+
+Legend: N patches, E vision width, H heads, F head dim, M merged tokens (N / merge^2), D LLM width.
+
+Patches arrive flattened by the processor ([N, C * tp * p * p]) in "merge-group" order: the
+merge x merge patches of one LLM token are consecutive. Blocks attend inside windows of
+`window_size` pixels, except the `fullatt_block_indexes` blocks, which attend across one whole
+image or video frame (never across frames or images). The 2x2 merger maps each group to one LLM token.
+Parameter names match the released checkpoints (`visual.patch_embed.proj.weight`, `visual.blocks.N...`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.mlp import SwiGLU
+from ..layers.norm import RMSNorm
+from ..ops.rope import rope_inv_freq, rotate_half
+from .config import VisionConfig
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        p, tp = config.patch_size, config.temporal_patch_size
+        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel_size=(tp, p, p), stride=(tp, p, p), bias=False)
+        self.patch_dim = config.in_channels * tp * p * p
+
+    def forward(self, x_NP: torch.Tensor) -> torch.Tensor:
+        # A stride-equals-kernel Conv3d over one patch is a matmul with the flattened kernel.
+        w = self.proj.weight
+        return F.linear(x_NP.to(w.dtype), w.reshape(w.shape[0], -1))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+
+    def forward(self, x_NE, cos_NF, sin_NF, seg_N):
+        N, E = x_NE.shape
+        q, k, v = self.qkv(x_NE).view(N, 3, self.num_heads, -1).unbind(1)
+        cos, sin = cos_NF[:, None].float(), sin_NF[:, None].float()
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
+        mask = (seg_N[:, None] == seg_N[None, :])[None]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+        return self.proj(o.transpose(0, 1).reshape(N, E))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(config.hidden_size, eps=1e-6)
+        self.norm2 = RMSNorm(config.hidden_size, eps=1e-6)
+        self.attn = VisionAttention(config)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=True)
+
+    def forward(self, x, cos, sin, seg):
+        x = x + self.attn(self.norm1(x), cos, sin, seg)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.group = config.hidden_size * config.spatial_merge_size**2
+        self.ln_q = RMSNorm(config.hidden_size, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.group, self.group), nn.GELU(), nn.Linear(self.group, config.out_hidden_size)
+        )
+
+    def forward(self, x_NE: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x_NE).view(-1, self.group))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
+        self.merger = PatchMerger(config)
+
+    def forward(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Returns the merged features [M, D], images/videos in input order."""
+        cfg = self.config
+        grid_thw = torch.as_tensor(grid_thw).detach().cpu().long()
+        if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
+            raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w), got shape {tuple(grid_thw.shape)}")
+        n_expected = int(grid_thw.prod(-1).sum())
+        if pixels_NP.ndim != 2 or pixels_NP.shape != (n_expected, self.patch_embed.patch_dim):
+            raise ValueError(
+                f"pixel values have shape {tuple(pixels_NP.shape)} but the grids {grid_thw.tolist()} need "
+                f"[{n_expected}, {self.patch_embed.patch_dim}]: pass the processor's pixel_values with its grid_thw"
+            )
+        m = cfg.spatial_merge_size
+        if ((grid_thw[:, 1:] % m) != 0).any():
+            raise ValueError(f"grid h and w must be multiples of spatial_merge_size {m}, got {grid_thw.tolist()}")
+        device = pixels_NP.device
+        x = self.patch_embed(pixels_NP)
+        pos_N2, frame_N, window_N, order = _layout(grid_thw, m, cfg.window_size // m // cfg.patch_size)
+        pos_N2, frame_N, window_N, order = (t.to(device) for t in (pos_N2, frame_N, window_N, order))
+        inv_freq = rope_inv_freq(cfg.head_dim // 2, 10000.0, device=device)
+        freqs = (pos_N2[..., None].float() * inv_freq).flatten(1)  # [N, F/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        # Reorder the merge groups window by window; windowed attention is then block-diagonal.
+        idx = (order[:, None] * m * m + torch.arange(m * m, device=device)).flatten()
+        x, cos, sin = x[idx], cos[idx], sin[idx]
+        frame_N, window_N = frame_N[idx], window_N[idx]
+        for i, block in enumerate(self.blocks):
+            seg = frame_N if i in cfg.fullatt_block_indexes else window_N
+            x = block(x, cos, sin, seg)
+        merged = self.merger(x)
+        return merged[torch.argsort(order)]
+
+
+def _layout(grid_thw: torch.Tensor, m: int, win: int):
+    """Per patch (in processor order): its (h, w) position, its frame id and its window id; plus the
+    order in which merge groups are visited window by window."""
+    pos, frames, windows, order = [], [], [], []
+    frame_id = window_id = group_base = 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // m, w // m
+        # (h, w) of each patch, in merge-group order: [gh, gw, m, m]
+        hh = torch.arange(h).view(gh, m, 1, 1).expand(gh, m, gw, m).permute(0, 2, 1, 3).flatten()
+        ww = torch.arange(w).view(1, 1, gw, m).expand(gh, m, gw, m).permute(0, 2, 1, 3).flatten()
+        pos.append(torch.stack([hh, ww], -1).repeat(t, 1))
+        frames.append(torch.arange(t).repeat_interleave(h * w) + frame_id)
+        frame_id += t
+        # Windows of win x win merge groups tile each frame (the last row/column may be partial).
+        nwh, nww = -(-gh // win), -(-gw // win)
+        gy = torch.arange(gh).view(gh, 1).expand(gh, gw)
+        gx = torch.arange(gw).view(1, gw).expand(gh, gw)
+        win_of_group = ((gy // win) * nww + gx // win).flatten()  # [gh*gw]
+        for f in range(t):
+            wid = win_of_group + window_id + f * nwh * nww
+            windows.append(wid.repeat_interleave(m * m))
+            group_ids = torch.arange(gh * gw) + group_base + f * gh * gw
+            order.append(group_ids[torch.argsort(win_of_group, stable=True)])
+        window_id += t * nwh * nww
+        group_base += t * gh * gw
+    return torch.cat(pos), torch.cat(frames), torch.cat(windows), torch.cat(order)

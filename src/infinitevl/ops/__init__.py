@@ -1,0 +1,1 @@
+"""Functional kernels: tensors in, tensors out, no config objects."""
