@@ -1,0 +1,100 @@
+"""A plain generation loop on the model's explicit state: prefill (optionally in chunks), then one
+token at a time. Works on CPU and GPU; the CUDA-graph engine builds on the same two steps.
+
+Legend: B batch, T prompt tokens, N new tokens.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..model.infinitevl import InfiniteVL
+from ..model.state import InferenceState
+from .sampling import SamplingParams, sample
+
+
+@torch.no_grad()
+def prefill(
+    model: InfiniteVL,
+    input_ids_BT: torch.Tensor,
+    *,
+    state: InferenceState | None = None,
+    attention_mask_BT: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    **vision,
+) -> tuple[torch.Tensor, InferenceState]:
+    """Consumes a prompt and returns (last-position logits [B, V], state).
+
+    With `chunk_size`, the text is fed in chunks that continue the state; positions are computed on the
+    whole prompt first, so an image may straddle a chunk boundary. Memory then stays bounded by the chunk.
+    """
+    B, T = input_ids_BT.shape
+    if state is None:
+        state = model.new_state(B)
+    positions, _ = model.positions(
+        input_ids_BT, image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
+        second_per_grid_ts=vision.get("second_per_grid_ts"), attention_mask_BT=attention_mask_BT,
+        start_B=state.next_position,
+    )
+    if chunk_size is None or chunk_size >= T:
+        logits = model(input_ids_BT, attention_mask=attention_mask_BT, position_ids=positions, state=state,
+                       logits_to_keep=1, **_vision_only(vision))
+        return logits[:, -1], state
+    # Embed once (vision features included), then feed the embeddings chunk by chunk.
+    embeds = model.embed(input_ids_BT, **_vision_only(vision, with_ts=False))
+    logits = None
+    for s in range(0, T, chunk_size):
+        e = min(T, s + chunk_size)
+        mask = None if attention_mask_BT is None else attention_mask_BT[:, s:e]
+        logits = model(inputs_embeds=embeds[:, s:e], attention_mask=mask, position_ids=positions[:, :, s:e],
+                       state=state, logits_to_keep=1)
+    return logits[:, -1], state
+
+
+def _vision_only(kw: dict, *, with_ts: bool = True) -> dict:
+    keys = ["pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"]
+    if with_ts:
+        keys.append("second_per_grid_ts")
+    return {k: kw[k] for k in keys if kw.get(k) is not None}
+
+
+@torch.no_grad()
+def generate(
+    model: InfiniteVL,
+    input_ids_BT: torch.Tensor,
+    *,
+    max_new_tokens: int = 128,
+    attention_mask_BT: torch.Tensor | None = None,
+    sampling: SamplingParams = SamplingParams(),
+    stop_token_ids: Iterable[int] | None = None,
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+    prefill_chunk_size: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    state: InferenceState | None = None,
+    **vision,
+) -> torch.Tensor:
+    """New tokens [B, N] (N <= max_new_tokens). A row that produced a stop token is padded with
+    `pad_token_id` afterwards; generation ends when every row stopped. `on_token` receives each new
+    column [B] as it is produced (streaming)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    logits, state = prefill(model, input_ids_BT, state=state, attention_mask_BT=attention_mask_BT,
+                            chunk_size=prefill_chunk_size, **vision)
+    B = input_ids_BT.shape[0]
+    device = input_ids_BT.device
+    stops = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    for step in range(max_new_tokens):
+        tok = sample(logits, sampling, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        done = done | torch.isin(tok, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model(tok[:, None], attention_mask=(~done)[:, None].long(), state=state)[:, -1]
+    return torch.stack(out, dim=1)
