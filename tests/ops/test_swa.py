@@ -1,0 +1,51 @@
+import torch
+
+from infinitevl.model.state import SWAState
+from infinitevl.ops.swa import ring_write, sliding_window_attention, window_mask
+
+
+def _naive(q, k, v, window):
+    """Loop over queries: query i attends keys j with i - window < j <= i; kv head g serves query heads
+    g*rep .. g*rep+rep-1."""
+    B, T, H, D = q.shape
+    G = k.shape[2]
+    rep = H // G
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                lo = max(0, i - window + 1)
+                s = (k[b, lo : i + 1, h // rep] @ q[b, i, h]) * D**-0.5
+                out[b, i, h] = s.softmax(0) @ v[b, lo : i + 1, h // rep]
+    return out
+
+
+def test_window_rule_and_gqa_order():
+    q = torch.randn(2, 13, 4, 8, dtype=torch.float64)
+    k = torch.randn(2, 13, 2, 8, dtype=torch.float64)
+    v = torch.randn(2, 13, 2, 8, dtype=torch.float64)
+    idx = torch.arange(13)[None].expand(2, 13)
+    for window in (1, 4, 13, 50):
+        o = sliding_window_attention(q, k, v, window_mask(idx, idx, window))
+        torch.testing.assert_close(o, _naive(q, k, v, window))
+
+
+def test_ring_write_keeps_last_slots():
+    R = 5
+    st = SWAState(keys=torch.zeros(1, R, 1, 2), values=torch.zeros(1, R, 1, 2),
+                  token_index=torch.full((1, R), -1, dtype=torch.long))
+    new = torch.arange(7.0).view(1, 7, 1, 1).expand(1, 7, 1, 2)
+    idx = torch.arange(7)[None]
+    keep = idx >= 7 - R
+    ring_write(st, new, new, idx, keep)
+    assert sorted(st.token_index[0].tolist()) == [2, 3, 4, 5, 6]
+    for slot in range(R):
+        assert st.keys[0, slot, 0, 0] == st.token_index[0, slot]
+    # single-token path (graph-safe) with one row masked off
+    ring_write(st, torch.full((1, 1, 1, 2), 7.0), torch.full((1, 1, 1, 2), 7.0), torch.tensor([[7]]),
+               torch.tensor([[True]]))
+    assert sorted(st.token_index[0].tolist()) == [3, 4, 5, 6, 7]
+    before = st.keys.clone()
+    ring_write(st, torch.full((1, 1, 1, 2), 9.0), torch.full((1, 1, 1, 2), 9.0), torch.tensor([[8]]),
+               torch.tensor([[False]]))
+    assert torch.equal(st.keys, before)
