@@ -106,6 +106,7 @@ def save_weights(model: torch.nn.Module, directory: str | Path, *, tied: bool) -
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, directory / "model.safetensors")
     finally:
         if os.path.exists(tmp):
