@@ -68,10 +68,7 @@ def get_rope_index(
     """
     B, T = input_ids_BT.shape
     merge2 = spec.spatial_merge_size**2
-    grids = {
-        spec.image_token_id: ("image", image_grid_thw, 0),
-        spec.video_token_id: ("video", video_grid_thw, 0),
-    }
+    kinds = {spec.image_token_id: ("image", image_grid_thw), spec.video_token_id: ("video", video_grid_thw)}
     if second_per_grid_ts is not None:
         second_per_grid_ts = torch.as_tensor(second_per_grid_ts).tolist()
     position_ids = torch.ones(3, B, T, dtype=torch.long)
@@ -81,21 +78,25 @@ def get_rope_index(
     mask_cpu = None if attention_mask_BT is None else attention_mask_BT.detach().cpu().to(torch.bool)
     for b in range(B):
         cols = torch.arange(T) if mask_cpu is None else mask_cpu[b].nonzero().flatten()
-        ids = ids_cpu[b, cols].tolist()
-        pos = torch.empty(3, len(ids), dtype=torch.long)
+        ids = ids_cpu[b, cols]
+        n = len(ids)
+        pos = torch.empty(3, n, dtype=torch.long)
         nxt = 0 if start_BT is None else int(start_BT[b])
+        # runs of identical vision placeholder tokens: one image or video each
+        is_vis = (ids == spec.image_token_id) | (ids == spec.video_token_id)
+        starts = (is_vis & torch.cat([torch.tensor([True]), ids[1:] != ids[:-1]])).nonzero().flatten().tolist()
         i = 0
-        while i < len(ids):
-            tok = ids[i]
-            if tok not in grids:
-                pos[:, i] = nxt
-                nxt += 1
-                i += 1
-                continue
-            kind, grid_thw, _ = grids[tok]
-            j = i
-            while j < len(ids) and ids[j] == tok:
+        for r in starts + [n]:
+            if r > i:  # text before this run: all three axes advance together
+                pos[:, i:r] = torch.arange(nxt, nxt + r - i)
+                nxt += r - i
+            if r == n:
+                break
+            tok = int(ids[r])
+            j = r + 1
+            while j < n and int(ids[j]) == tok:
                 j += 1
+            kind, grid_thw = kinds[tok]
             k = used[kind]
             if grid_thw is None or k >= len(grid_thw):
                 raise ValueError(
@@ -105,23 +106,22 @@ def get_rope_index(
             t, h, w = (int(x) for x in grid_thw[k])
             gh, gw = h // spec.spatial_merge_size, w // spec.spatial_merge_size
             n_tokens = t * h * w // merge2
-            if j - i != n_tokens:
+            if j - r != n_tokens:
                 raise ValueError(
-                    f"{kind} {k} has {j - i} placeholder tokens in row {b} but its grid {t}x{h}x{w} gives "
+                    f"{kind} {k} has {j - r} placeholder tokens in row {b} but its grid {t}x{h}x{w} gives "
                     f"{n_tokens} features: expand each {kind} token to grid_t*grid_h*grid_w/{merge2} pads "
                     f"(the processor does this)"
                 )
+            step = 0
             if kind == "video":
                 sec = 1.0 if second_per_grid_ts is None else second_per_grid_ts[k]
                 # The published code casts seconds-per-grid to an integer before scaling: keep that.
                 step = int(sec) * spec.tokens_per_second
-            else:
-                step = 0
             tt = (torch.arange(t) * step).repeat_interleave(gh * gw)
             hh = torch.arange(gh).repeat_interleave(gw).repeat(t)
             ww = torch.arange(gw).repeat(t * gh)
-            pos[:, i:j] = torch.stack([tt, hh, ww]) + nxt
-            nxt = int(pos[:, i:j].max()) + 1
+            pos[:, r:j] = torch.stack([tt, hh, ww]) + nxt
+            nxt = int(pos[:, r:j].max()) + 1
             used[kind] += 1
             i = j
         position_ids[:, b, cols] = pos
