@@ -1,0 +1,227 @@
+"""Streaming video sessions: push frames forever in constant memory, ask questions on a branch.
+
+Legend: B streams, N tokens per frame, D model dim.
+
+Token layout (Qwen2.5-VL chat format, one open video block per user turn):
+
+    <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n<|vision_start|>  frame frame frame ...
+    question:  <|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n  -> answer
+
+Each frame is one temporal grid of the block (a still frame repeated over the temporal patch, as
+Qwen2.5-VL does for images), and its M-RoPE positions are `block_start + (t, h, w)` with
+`t = floor((timestamp - block_t0) * tokens_per_second)`: real time drives the temporal axis.
+A question runs on a clone of the state, so the stream's memory is untouched unless `keep=True`,
+in which case the question and answer join the stream and a new video block opens after them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..model.infinitevl import InfiniteVL
+from ..model.state import InferenceState
+from .frames import FrameSpec, frames_to_tensor, preprocess_frames
+from .generate import generate
+from .sampling import SamplingParams
+
+SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+QUESTION = "<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+REOPEN = "\n<|im_start|>user\n<|vision_start|>"
+
+
+@dataclass
+class _Clock:
+    """Per stream: where the current video block starts (position and time) and the last timestamp."""
+
+    block_start: list[int]
+    block_t0: list[float | None]
+    last_ts: list[float | None]
+    frames: list[int]
+
+    def copy(self) -> "_Clock":
+        return _Clock(list(self.block_start), list(self.block_t0), list(self.last_ts), list(self.frames))
+
+
+@dataclass
+class StreamSnapshot:
+    state: InferenceState
+    clock: _Clock = field(repr=False)
+
+
+def model_identity(model: InfiniteVL) -> str:
+    """A fingerprint of the config and a few weights: a saved stream only loads into the same model."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for t in (model.model.norm.weight, model.model.embed_tokens.weight[:2], model.visual.merger.ln_q.weight):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class StreamSession:
+    """`batch_size` independent streams stepped together (one launch per batch of frames)."""
+
+    def __init__(self, model: InfiniteVL, tokenizer, *, frame: FrameSpec = FrameSpec(), batch_size: int = 1,
+                 system_prefix: str = SYSTEM_PREFIX):
+        self.model, self.tokenizer, self.frame = model, tokenizer, frame
+        cfg = model.config
+        vc = cfg.vision
+        if (frame.patch_size, frame.merge_size, frame.temporal_patch_size) != (
+                vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size):
+            raise ValueError("the frame spec's patch/merge/temporal sizes must equal the model's vision config")
+        self.tokens_per_second = vc.tokens_per_second
+        self.device = model.model.embed_tokens.weight.device
+        self.state = model.new_state(batch_size)
+        self.clock = _Clock([0] * batch_size, [None] * batch_size, [None] * batch_size, [0] * batch_size)
+        prefix = self._encode(system_prefix)
+        self._feed_text(prefix.expand(batch_size, -1))
+        self.clock.block_start = self.state.next_position.tolist()
+        self._frame_hw = self._frame_positions()
+
+    # ---- frames ----
+    @property
+    def batch_size(self) -> int:
+        return self.state.batch_size
+
+    def push_frame(self, image, timestamp: float) -> None:
+        """One frame for a single-stream session."""
+        if self.batch_size != 1:
+            raise ValueError(f"this session has {self.batch_size} streams: use push_frames with one frame each")
+        self.push_frames([image], [timestamp])
+
+    @torch.no_grad()
+    def push_frames(self, images, timestamps) -> None:
+        """One frame per stream (list of B images, or uint8 [B, H, W, 3]) with B timestamps in seconds."""
+        frames = frames_to_tensor(images if not isinstance(images, (list, tuple)) else list(images))
+        B = self.batch_size
+        ts = [float(t) for t in (timestamps if isinstance(timestamps, (list, tuple)) else [timestamps])]
+        if frames.shape[0] != B or len(ts) != B:
+            raise ValueError(f"give exactly one frame and one timestamp per stream ({B}); got "
+                             f"{frames.shape[0]} frames, {len(ts)} timestamps")
+        for b, t in enumerate(ts):
+            if not math.isfinite(t) or t < 0:
+                raise ValueError(f"timestamp {t} of stream {b} must be a finite number of seconds >= 0")
+            if self.clock.last_ts[b] is not None and t < self.clock.last_ts[b]:
+                raise ValueError(f"timestamps must not go back: stream {b} got {t} after {self.clock.last_ts[b]}")
+        pixels = preprocess_frames(frames.to(self.device), self.frame, dtype=self.model.visual.patch_embed.proj.weight.dtype)
+        position_ids = self._positions_for(ts)
+        ids = torch.full((B, self.frame.tokens_per_frame), self.model.config.video_token_id, device=self.device)
+        grid = torch.tensor([self.frame.grid_thw] * B)
+        embeds = self.model.embed(ids, pixel_values_videos=pixels, video_grid_thw=grid)
+        self.model(inputs_embeds=embeds, position_ids=position_ids, state=self.state, logits_to_keep=1)
+        for b, t in enumerate(ts):
+            if self.clock.block_t0[b] is None:
+                self.clock.block_t0[b] = t
+            self.clock.last_ts[b] = t
+            self.clock.frames[b] += 1
+
+    def _frame_positions(self) -> torch.Tensor:
+        _, gh, gw = self.frame.grid_thw
+        m = self.frame.merge_size
+        hh = torch.arange(gh // m).repeat_interleave(gw // m)
+        ww = torch.arange(gw // m).repeat(gh // m)
+        return torch.stack([torch.zeros_like(hh), hh, ww])  # [3, N]
+
+    def _positions_for(self, ts: list[float]) -> torch.Tensor:
+        rows = []
+        for b, t in enumerate(ts):
+            t0 = t if self.clock.block_t0[b] is None else self.clock.block_t0[b]
+            rel = torch.tensor([math.floor((t - t0) * self.tokens_per_second), 0, 0])[:, None]
+            rows.append(self._frame_hw + rel + self.clock.block_start[b])
+        return torch.stack(rows, dim=1).to(self.device)  # [3, B, N]
+
+    # ---- questions ----
+    def ask(self, question: str, *, stream: int = 0, max_new_tokens: int = 64,
+            sampling: SamplingParams = SamplingParams(), keep: bool = False) -> str:
+        """Answer about everything seen so far on `stream`. The stream's state is unchanged unless `keep`."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty: ask something")
+        if not 0 <= stream < self.batch_size:
+            raise ValueError(f"stream {stream} does not exist (this session has {self.batch_size})")
+        ids = self._encode(QUESTION.format(question=question))
+        branch = self.state.select([stream])
+        stops = self._stop_ids()
+        new = generate(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=stops,
+                       state=branch)[0]
+        tokens = new.tolist()
+        if tokens and tokens[-1] in stops:
+            tokens = tokens[:-1]
+        answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if keep:
+            tail = torch.cat([new[-1:].view(1, 1).to(self.device), self._encode(REOPEN)], dim=1)
+            self.model(tail, state=branch, logits_to_keep=1)
+            self._write_row(stream, branch)
+            self.clock.block_start[stream] = int(branch.next_position[0])
+            self.clock.block_t0[stream] = None
+        return answer
+
+    def _write_row(self, row: int, src: InferenceState) -> None:
+        for dst_t, src_t in zip(self.state.tensors(), src.tensors(), strict=True):
+            dst_t[row].copy_(src_t[0])
+
+    # ---- memory ----
+    def memory_bytes(self) -> int:
+        return self.state.nbytes()
+
+    def snapshot(self) -> StreamSnapshot:
+        return StreamSnapshot(self.state.clone(), self.clock.copy())
+
+    def restore(self, snap: StreamSnapshot) -> None:
+        self.state.copy_(snap.state)  # in place: buffers keep their addresses
+        self.clock = snap.clock.copy()
+
+    def save(self, path: str | Path) -> None:
+        """The whole memory (safetensors), with the model identity and the stream clock."""
+        tensors = {f"state.{i:04d}": t.detach().cpu().contiguous() for i, t in enumerate(self.state.tensors())}
+        meta = {"identity": model_identity(self.model), "frame": json.dumps(asdict(self.frame)),
+                "clock": json.dumps(asdict(self.clock)), "batch_size": str(self.batch_size), "format": "infinitevl-stream-1"}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    def load(self, path: str | Path) -> None:
+        """Restore a saved memory; checks that it was saved from this model, frame size and batch size."""
+        path = Path(path)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"cannot read stream memory {path}: {e}") from e
+        if meta.get("format") != "infinitevl-stream-1":
+            raise ValueError(f"{path} is not a saved InfiniteVL stream")
+        if meta.get("identity") != model_identity(self.model):
+            raise ValueError(f"{path} was saved from a different model (config or weights differ): load it into that model")
+        if json.loads(meta["frame"]) != asdict(self.frame) or int(meta["batch_size"]) != self.batch_size:
+            raise ValueError(f"{path} was saved with frame {meta['frame']} and {meta['batch_size']} stream(s); "
+                             f"this session has {asdict(self.frame)} and {self.batch_size}")
+        mine = self.state.tensors()
+        if len(tensors) != len(mine) or any(tensors[f"state.{i:04d}"].shape != t.shape for i, t in enumerate(mine)):
+            raise ValueError(f"{path} holds a state of another shape")
+        for i, t in enumerate(mine):
+            t.copy_(tensors[f"state.{i:04d}"])
+        self.clock = _Clock(**json.loads(meta["clock"]))
+
+    # ---- helpers ----
+    def _encode(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def _feed_text(self, ids_BT: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.model(ids_BT, state=self.state, logits_to_keep=1)
+
+    def _stop_ids(self) -> list[int]:
+        eos = self.model.config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end >= 0:
+            stops.add(im_end)
+        return sorted(stops)

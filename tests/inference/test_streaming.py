@@ -1,0 +1,167 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from infinitevl import InfiniteVL
+from infinitevl.inference.frames import FrameSpec, frames_to_tensor, preprocess_frames
+from infinitevl.inference.generate import generate
+from infinitevl.inference.streaming import SYSTEM_PREFIX, QUESTION, StreamSession
+
+from ..conftest import ROOT
+
+TINY = ROOT / "src/infinitevl/assets/tiny-infinitevl"
+SPEC = FrameSpec(height=56, width=84)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    return InfiniteVL.from_pretrained(TINY), AutoTokenizer.from_pretrained(TINY)
+
+
+def _frames(n, seed=0):
+    g = np.random.default_rng(seed)
+    return [g.integers(0, 256, (70, 90, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _state_close(a, b, **tol):
+    for x, y in zip(a.tensors(), b.tensors(), strict=True):
+        torch.testing.assert_close(x, y, **tol)
+
+
+@torch.no_grad()
+def test_frame_by_frame_equals_offline_forward(setup):
+    model, tok = setup
+    frames, ts = _frames(5), [0.0, 0.4, 1.0, 2.2, 2.3]
+    s = StreamSession(model, tok, frame=SPEC)
+    for f, t in zip(frames, ts):
+        s.push_frame(f, t)
+    # offline: the same interleaved tokens with the same positions in one forward
+    prefix = tok(SYSTEM_PREFIX, add_special_tokens=False)["input_ids"]
+    P, N = len(prefix), SPEC.tokens_per_frame
+    _, gh, gw = SPEC.grid_thw
+    ids = torch.tensor([prefix + [model.config.video_token_id] * (N * len(frames))])
+    hh = torch.arange(gh // 2).repeat_interleave(gw // 2)
+    ww = torch.arange(gw // 2).repeat(gh // 2)
+    pos = [torch.arange(P)[None].expand(3, P)]
+    for t in ts:
+        pos.append(torch.stack([torch.full_like(hh, math.floor(t * 2)), hh, ww]) + P)
+    pos = torch.cat(pos, 1)[:, None]
+    pixels = preprocess_frames(frames_to_tensor(frames), SPEC)
+    offline = model.new_state(1)
+    model(ids, pixel_values_videos=pixels, video_grid_thw=torch.tensor([SPEC.grid_thw] * 5), position_ids=pos,
+          state=offline)
+    _state_close(s.state, offline, atol=1e-5, rtol=1e-5)
+    q = "What shape is in the image?"
+    qids = torch.tensor([tok(QUESTION.format(question=q), add_special_tokens=False)["input_ids"]])
+    want = generate(model, qids, max_new_tokens=8, state=offline, stop_token_ids=[model.config.eos_token_id])[0]
+    want = [t for t in want.tolist() if t != model.config.eos_token_id]
+    assert s.ask(q, max_new_tokens=8) == tok.decode(want, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def test_ask_leaves_stream_bit_identical_unless_kept(setup):
+    model, tok = setup
+    s = StreamSession(model, tok, frame=SPEC)
+    for i, f in enumerate(_frames(3)):
+        s.push_frame(f, i * 0.5)
+    before = [t.clone() for t in s.state.tensors()]
+    s.ask("What is happening?", max_new_tokens=5)
+    assert all(torch.equal(a, b) for a, b in zip(before, s.state.tensors()))
+    s.ask("What is happening?", max_new_tokens=5, keep=True)
+    assert int(s.state.seen) > int(before[0])
+    s.push_frame(_frames(1, seed=9)[0], 3.0)  # a new video block opens after the kept answer
+    assert s.clock.block_t0[0] == 3.0
+
+
+@torch.no_grad()
+def test_snapshot_save_load_continue_equals_never_stopping(setup, tmp_path):
+    model, tok = setup
+    frames = _frames(6)
+    a = StreamSession(model, tok, frame=SPEC)
+    for i, f in enumerate(frames):
+        a.push_frame(f, i * 0.5)
+    b = StreamSession(model, tok, frame=SPEC)
+    for i, f in enumerate(frames[:3]):
+        b.push_frame(f, i * 0.5)
+    snap = b.snapshot()
+    b.save(tmp_path / "mem.safetensors")
+    b.push_frame(frames[0], 99.0)  # wander off, then come back
+    b.restore(snap)
+    c = StreamSession(model, tok, frame=SPEC)
+    c.load(tmp_path / "mem.safetensors")
+    for sess in (b, c):
+        for i, f in enumerate(frames[3:], start=3):
+            sess.push_frame(f, i * 0.5)
+        assert all(torch.equal(x, y) for x, y in zip(a.state.tensors(), sess.state.tensors()))
+        assert sess.clock == a.clock
+
+
+def test_load_rejects_other_model_and_garbage(setup, tmp_path):
+    model, tok = setup
+    s = StreamSession(model, tok, frame=SPEC)
+    s.save(tmp_path / "mem.safetensors")
+    other = InfiniteVL.from_pretrained(TINY)
+    with torch.no_grad():
+        other.model.norm.weight.add_(1.0)
+    t = StreamSession(other, tok, frame=SPEC)
+    before = [x.clone() for x in t.state.tensors()]
+    with pytest.raises(ValueError, match="different model"):
+        t.load(tmp_path / "mem.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="cannot read"):
+        t.load(tmp_path / "bad.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(before, t.state.tensors()))
+
+
+@torch.no_grad()
+def test_batched_streams_equal_separate_ones(setup):
+    model, tok = setup
+    fa, fb = _frames(4, seed=1), _frames(4, seed=2)
+    ta, tb = [0.0, 0.5, 1.0, 1.5], [0.0, 2.0, 2.1, 5.0]
+    multi = StreamSession(model, tok, frame=SPEC, batch_size=2)
+    for i in range(4):
+        multi.push_frames([fa[i], fb[i]], [ta[i], tb[i]])
+    for row, (fs, ts) in enumerate(((fa, ta), (fb, tb))):
+        one = StreamSession(model, tok, frame=SPEC)
+        for f, t in zip(fs, ts):
+            one.push_frame(f, t)
+        _state_close(multi.state.select([row]), one.state, atol=1e-5, rtol=1e-5)
+        assert multi.ask("What colour is the shape?", stream=row, max_new_tokens=6) == one.ask(
+            "What colour is the shape?", max_new_tokens=6)
+
+
+@torch.no_grad()
+def test_memory_is_constant_over_a_long_stream(setup):
+    model, tok = setup
+    spec = FrameSpec(height=28, width=28)  # 1 token per frame keeps 1,000 frames fast
+    s = StreamSession(model, tok, frame=spec)
+    frame = _frames(1)[0]
+    sizes = {}
+    for i in range(1000):
+        s.push_frame(frame, i * 0.5)
+        if i + 1 in (10, 1000):
+            sizes[i + 1] = s.memory_bytes()
+    assert sizes[10] == sizes[1000]
+    assert s.clock.frames == [1000]
+
+
+def test_bad_input_keeps_state(setup):
+    model, tok = setup
+    s = StreamSession(model, tok, frame=SPEC)
+    s.push_frame(_frames(1)[0], 1.0)
+    before = [t.clone() for t in s.state.tensors()]
+    with pytest.raises(ValueError, match="uint8"):
+        s.push_frame(np.zeros((10, 10), dtype=np.uint8), 2.0)
+    with pytest.raises(ValueError, match="PIL image or a uint8 array"):
+        s.push_frame("not a frame", 2.0)
+    with pytest.raises(ValueError, match="must not go back"):
+        s.push_frame(_frames(1)[0], 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        s.ask("   ")
+    with pytest.raises(ValueError, match="multiples of 28"):
+        FrameSpec(height=30, width=28)
+    assert all(torch.equal(a, b) for a, b in zip(before, s.state.tensors()))
