@@ -28,8 +28,20 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x_BTC, *, state=None, mask_BT=None, cu_seqlens=None):
+    def forward(self, x_BTC, *, state=None, mask_BT=None, cu_seqlens=None, backend="torch"):
+        """(y, new state). The fast single-token step advances `state` in place and returns it."""
         w = self.weight[:, 0, :]
+        if backend == "fla":
+            from ..ops import short_conv_fast as fast
+
+            if cu_seqlens is not None:
+                return fast.short_conv_packed(x_BTC, w, cu_seqlens), None
+            if x_BTC.shape[1] == 1 and state is not None:
+                keep = None if mask_BT is None else mask_BT[:, 0]
+                return fast.short_conv_step(x_BTC, w, state, keep_B=keep), state
+            if mask_BT is None:
+                return fast.short_conv(x_BTC, w, state_BCW=state)
+            # padded prefill: the reference's pad handling
         if cu_seqlens is not None:
             return short_conv_packed(x_BTC, w, cu_seqlens), None
         return short_conv(x_BTC, w, state_BCW=state, mask_BT=mask_BT)
@@ -55,6 +67,7 @@ class GatedDeltaNet(nn.Module):
         self.v_conv1d = ShortConv(H * V, config.conv_size)
         self.o_norm = GatedRMSNorm(V, eps=config.norm_eps)
         self.o_proj = nn.Linear(H * V, D, bias=False)
+        self.backend = "torch"  # set by InfiniteVL.set_backend
 
     def forward(
         self,
@@ -67,29 +80,33 @@ class GatedDeltaNet(nn.Module):
         """Mixes tokens; updates `state` in place when given. Pad tokens (mask 0) leave it untouched."""
         B, T, _ = x_BTD.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        conv_kw = dict(mask_BT=mask_BT, cu_seqlens=cu_seqlens)
+        conv_kw = dict(mask_BT=mask_BT, cu_seqlens=cu_seqlens, backend=self.backend)
         q, cq = self.q_conv1d(self.q_proj(x_BTD), state=None if state is None else state.conv_q, **conv_kw)
         k, ck = self.k_conv1d(self.k_proj(x_BTD), state=None if state is None else state.conv_k, **conv_kw)
         v, cv = self.v_conv1d(self.v_proj(x_BTD), state=None if state is None else state.conv_v, **conv_kw)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
 
-        beta = self.b_proj(x_BTD).float().sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x_BTD).float() + self.dt_bias.float())
+        if self.backend == "fla":
+            from ..ops import fused
+
+            g, beta = fused.gdn_gates(self.a_proj(x_BTD), self.b_proj(x_BTD), self.A_log, self.dt_bias)
+        else:
+            beta = self.b_proj(x_BTD).float().sigmoid()
+            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x_BTD).float() + self.dt_bias.float())
         g, beta = gated_delta.mask_padding(g, beta, mask_BT)
 
-        rule = gated_delta.recurrent_gated_delta_rule if T == 1 else gated_delta.chunk_gated_delta_rule
-        o, final = rule(
+        o, final = gated_delta.gated_delta_rule(
             q, k, v, g, beta,
+            backend=self.backend,
             initial_state=None if state is None else state.recurrent,
             output_final_state=state is not None,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm=True,
         )
         if state is not None:
-            state.conv_q.copy_(cq)
-            state.conv_k.copy_(ck)
-            state.conv_v.copy_(cv)
-            state.recurrent.copy_(final)
+            for dst, src in ((state.conv_q, cq), (state.conv_k, ck), (state.conv_v, cv), (state.recurrent, final)):
+                if src is not dst:  # the fast decode step already advanced it in place
+                    dst.copy_(src)
         gate = self.g_proj(x_BTD).view(B, T, H, V)
         o = self.o_norm(o, gate).reshape(B, T, H * V)
         return self.o_proj(o)

@@ -12,6 +12,11 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.backend = "torch"  # set by InfiniteVL.set_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "fla":
+            from ..ops import fused
+
+            return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

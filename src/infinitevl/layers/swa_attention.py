@@ -25,6 +25,7 @@ class SlidingWindowAttention(nn.Module):
         self.k_proj = nn.Linear(D, G * self.head_dim, bias=True)
         self.v_proj = nn.Linear(D, G * self.head_dim, bias=True)
         self.o_proj = nn.Linear(H * self.head_dim, D, bias=False)
+        self.backend = "torch"  # set by InfiniteVL.set_backend
 
     def forward(
         self,
@@ -41,10 +42,23 @@ class SlidingWindowAttention(nn.Module):
         last window-1 real tokens into it. `seg_BT` keeps packed sequences apart."""
         B, T, _ = x_BTD.shape
         H, G, E = self.num_heads, self.num_kv_heads, self.head_dim
-        q = apply_rope(self.q_proj(x_BTD).view(B, T, H, E), cos_BTE, sin_BTE)
-        k = apply_rope(self.k_proj(x_BTD).view(B, T, G, E), cos_BTE, sin_BTE)
+        rope = apply_rope
+        if self.backend == "fla":
+            from ..ops import swa_fast
+
+            rope = swa_fast.apply_rope
+        q = rope(self.q_proj(x_BTD).view(B, T, H, E), cos_BTE, sin_BTE)
+        k = rope(self.k_proj(x_BTD).view(B, T, G, E), cos_BTE, sin_BTE)
         v = self.v_proj(x_BTD).view(B, T, G, E)
         valid = torch.ones(B, T, dtype=torch.bool, device=x_BTD.device) if mask_BT is None else mask_BT.bool()
+
+        if self.backend == "fla" and state is not None and T == 1 and seg_BT is None:
+            # Decode: read the ring in place, then write this token into it (see ops/swa_fast.py).
+            cur = tok_idx_BT[:, 0]
+            o = swa_fast.decode_attention(q[:, 0], k[:, 0], v[:, 0], state.keys, state.values, state.token_index,
+                                          cur, window=self.window, scale=E**-0.5)
+            swa_fast.ring_write_step(state, k[:, 0], v[:, 0], cur, keep_B=None if mask_BT is None else valid[:, 0])
+            return self.o_proj(o.reshape(B, T, H * E))
 
         if state is not None and seg_BT is not None:
             raise ValueError("packed sequences (cu_seqlens) are for stateless forwards: pass state=None")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..ops.backend import log, resolve_backend
 from ..ops.rope import VisionTokens, get_rope_index
 from . import checkpoint
 from .config import InfiniteVLConfig
@@ -54,6 +55,18 @@ class InfiniteVL(nn.Module):
         Path(path).mkdir(parents=True, exist_ok=True)
         self.config.save(path)
         checkpoint.save_weights(self, path, tied=self.config.text.tie_word_embeddings)
+
+    def set_backend(self, backend: str = "auto") -> str:
+        """Chooses the decoder's kernels once: 'torch' (the references), 'fla' (GPU fast paths) or 'auto'
+        (fla on CUDA when installed). Returns the resolved name. The vision tower always runs PyTorch."""
+        resolved = resolve_backend(backend, self.lm_head.weight.device)
+        for module in self.model.modules():
+            if hasattr(module, "backend"):
+                module.backend = resolved
+        if resolved != getattr(self, "_backend_logged", None):
+            log.info("infinitevl decoder backend: %s", resolved)
+            self._backend_logged = resolved
+        return resolved
 
     def new_state(self, batch_size: int) -> InferenceState:
         p = self.model.embed_tokens.weight

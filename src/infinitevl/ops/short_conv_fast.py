@@ -1,0 +1,104 @@
+"""Fast causal depthwise short convolution (GPU): same function and state layout as `short_conv.py`.
+
+Legend: B batch, T tokens, C channels, W kernel width, N packed sequences.
+
+- decode (T == 1): one Triton kernel reads the state [B, C, W-1] and the token, writes y, and shifts the
+  state in place (no allocation, no copy: safe inside a CUDA graph).
+- prefill (T > 1) and packed sequences: flash-linear-attention's `causal_conv1d` kernel. Its state is
+  [N, C, W] (the last W inputs); ours keeps the last W-1, so it goes in padded with one zero column
+  (the kernel never reads it) and comes back without its first column.
+Padding masks (`mask_BT`) are not handled here: the layer sends masked chunks to the reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_step_kernel(x_ptr, s_ptr, w_ptr, y_ptr, keep_ptr, C, stride_xb, W: tl.constexpr, BC: tl.constexpr,
+                      BW: tl.constexpr, ACTIVATION: tl.constexpr, HAS_KEEP: tl.constexpr):
+    i_c, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_c = i_c * BC + tl.arange(0, BC)
+    o_w = tl.arange(0, BW)
+    m_c = o_c < C
+    p_s = s_ptr + i_b * C * (W - 1) + o_c[:, None] * (W - 1)
+    # window = [state_0 .. state_{W-2}, x]: oldest first, the last tap multiplies the current token
+    b_x = tl.load(x_ptr + i_b * stride_xb + o_c, mask=m_c, other=0.0)
+    b_win = tl.load(p_s + o_w[None, :], mask=m_c[:, None] & (o_w < W - 1)[None, :], other=0.0)
+    b_win = tl.where((o_w == W - 1)[None, :], b_x[:, None], b_win)
+    b_wt = tl.load(w_ptr + o_c[:, None] * W + o_w[None, :], mask=m_c[:, None] & (o_w < W)[None, :], other=0.0)
+    b_y = tl.sum(b_win.to(tl.float32) * b_wt.to(tl.float32), 1)
+    if ACTIVATION:
+        # round like the reference (conv output in the activation dtype, then SiLU)
+        b_y = b_y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        b_y = b_y * tl.sigmoid(b_y)
+    tl.store(y_ptr + i_b * C + o_c, b_y.to(y_ptr.dtype.element_ty), mask=m_c)
+    # new state = window[1:]: read before any write of this program's rows, so in place is safe
+    b_new = tl.load(p_s + (o_w + 1)[None, :], mask=m_c[:, None] & (o_w + 1 < W - 1)[None, :], other=0.0)
+    b_new = tl.where((o_w == W - 2)[None, :], b_x[:, None].to(b_new.dtype), b_new)
+    m_store = m_c[:, None] & (o_w < W - 1)[None, :]
+    if HAS_KEEP:
+        # a padding token (keep 0) must not enter the state
+        m_store = m_store & (tl.load(keep_ptr + i_b) != 0)
+    tl.store(p_s + o_w[None, :], b_new, mask=m_store)
+
+
+def short_conv_step(
+    x_B1C: torch.Tensor,
+    weight_CW: torch.Tensor,
+    state_BCW: torch.Tensor,
+    *,
+    keep_B: torch.Tensor | None = None,
+    activation: bool = True,
+) -> torch.Tensor:
+    """One token per row: returns y [B, 1, C] and advances `state_BCW` ([B, C, W-1]) in place, except
+    for rows with keep_B == 0 (padding)."""
+    B, T, C = x_B1C.shape
+    W = weight_CW.shape[-1]
+    assert T == 1 and state_BCW.shape == (B, C, W - 1) and state_BCW.is_contiguous()
+    assert state_BCW.dtype == x_B1C.dtype, "the conv state is kept in the activation dtype"
+    assert x_B1C.stride(-1) == 1 and weight_CW.is_contiguous()
+    y = torch.empty(B, 1, C, dtype=x_B1C.dtype, device=x_B1C.device)
+    keep = None if keep_B is None else keep_B.to(torch.int8).contiguous()
+    BC = 256
+    _conv_step_kernel[(triton.cdiv(C, BC), B)](
+        x_B1C, state_BCW, weight_CW, y, keep, C, x_B1C.stride(0),
+        W=W, BC=BC, BW=triton.next_power_of_2(W), ACTIVATION=activation, HAS_KEEP=keep is not None,
+    )
+    return y
+
+
+def short_conv(
+    x_BTC: torch.Tensor,
+    weight_CW: torch.Tensor,
+    *,
+    state_BCW: torch.Tensor | None = None,
+    activation: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk of T tokens continuing from `state_BCW` (or zeros): (y [B,T,C], new state [B,C,W-1])."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    B, T, C = x_BTC.shape
+    W = weight_CW.shape[-1]
+    init = None if state_BCW is None else F.pad(state_BCW.to(x_BTC.dtype), (1, 0)).contiguous()
+    y, final = causal_conv1d(
+        x=x_BTC, weight=weight_CW.contiguous(), initial_state=init, output_final_state=True,
+        activation="silu" if activation else None,
+    )
+    return y, final[..., 1:].contiguous()
+
+
+def short_conv_packed(
+    x_1TC: torch.Tensor, weight_CW: torch.Tensor, cu_seqlens: torch.Tensor, *, activation: bool = True
+) -> torch.Tensor:
+    """Packed variable-length sequences (batch 1): no state crosses a boundary."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    y, _ = causal_conv1d(
+        x=x_1TC, weight=weight_CW.contiguous(), activation="silu" if activation else None,
+        cu_seqlens=cu_seqlens.to(device=x_1TC.device, dtype=torch.long),
+    )
+    return y
