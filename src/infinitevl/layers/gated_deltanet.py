@@ -89,11 +89,11 @@ class GatedDeltaNet(nn.Module):
         if self.backend == "fla":
             from ..ops import fused
 
-            g, beta = fused.gdn_gates(self.a_proj(x_BTD), self.b_proj(x_BTD), self.A_log, self.dt_bias)
+            g, beta = fused.gdn_gates(self.a_proj(x_BTD), self.b_proj(x_BTD), self.A_log, self.dt_bias, mask_BT=mask_BT)
         else:
             beta = self.b_proj(x_BTD).float().sigmoid()
             g = -self.A_log.float().exp() * F.softplus(self.a_proj(x_BTD).float() + self.dt_bias.float())
-        g, beta = gated_delta.mask_padding(g, beta, mask_BT)
+            g, beta = gated_delta.mask_padding(g, beta, mask_BT)
 
         o, final = gated_delta.gated_delta_rule(
             q, k, v, g, beta,

@@ -64,7 +64,8 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight_D: torch.Tensor, 
 
 
 @triton.jit
-def _gdn_gates_kernel(a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, g_ptr, beta_ptr, n, H, BLOCK: tl.constexpr):
+def _gdn_gates_kernel(a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, mask_ptr, g_ptr, beta_ptr, n, H, BLOCK: tl.constexpr,
+                      HAS_MASK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     h = offs % H
@@ -75,21 +76,35 @@ def _gdn_gates_kernel(a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, g_ptr, beta_ptr, n, 
     x = a + dt_bias
     # torch's softplus: linear above 20
     softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-    tl.store(g_ptr + offs, -tl.exp(A_log) * softplus, mask=m)
-    tl.store(beta_ptr + offs, tl.sigmoid(b), mask=m)
+    g = -tl.exp(A_log) * softplus
+    beta = tl.sigmoid(b)
+    if HAS_MASK:
+        # padding: no decay and no write, so the token leaves the state untouched (ops.gated_delta.mask_padding)
+        keep = tl.load(mask_ptr + offs // H, mask=m, other=0) != 0
+        g = tl.where(keep, g, 0.0)
+        beta = tl.where(keep, beta, 0.0)
+    tl.store(g_ptr + offs, g, mask=m)
+    tl.store(beta_ptr + offs, beta, mask=m)
 
 
 def gdn_gates(
-    a_BTH: torch.Tensor, b_BTH: torch.Tensor, A_log_H: torch.Tensor, dt_bias_H: torch.Tensor
+    a_BTH: torch.Tensor,
+    b_BTH: torch.Tensor,
+    A_log_H: torch.Tensor,
+    dt_bias_H: torch.Tensor,
+    *,
+    mask_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, beta), both float32 [B, T, H], from the raw a_proj / b_proj outputs."""
+    """(g, beta), both float32 [B, T, H], from the raw a_proj / b_proj outputs; zero where mask_BT is 0."""
     a, b = a_BTH.contiguous(), b_BTH.contiguous()
+    mask = None if mask_BT is None else mask_BT.contiguous()
     g = torch.empty(a.shape, dtype=torch.float32, device=a.device)
     beta = torch.empty_like(g)
     n, H = a.numel(), a.shape[-1]
     BLOCK = 1024
     if n:
-        _gdn_gates_kernel[(triton.cdiv(n, BLOCK),)](a, b, A_log_H, dt_bias_H, g, beta, n, H, BLOCK=BLOCK)
+        _gdn_gates_kernel[(triton.cdiv(n, BLOCK),)](a, b, A_log_H, dt_bias_H, mask, g, beta, n, H, BLOCK=BLOCK,
+                                                    HAS_MASK=mask is not None)
     return g, beta
 
 

@@ -62,7 +62,7 @@ def short_conv_step(
     assert state_BCW.dtype == x_B1C.dtype, "the conv state is kept in the activation dtype"
     assert x_B1C.stride(-1) == 1 and weight_CW.is_contiguous()
     y = torch.empty(B, 1, C, dtype=x_B1C.dtype, device=x_B1C.device)
-    keep = None if keep_B is None else keep_B.to(torch.int8).contiguous()
+    keep = None if keep_B is None else keep_B.contiguous()
     BC = 256
     _conv_step_kernel[(triton.cdiv(C, BC), B)](
         x_B1C, state_BCW, weight_CW, y, keep, C, x_B1C.stride(0),

@@ -145,7 +145,7 @@ def decode_attention(
     acc = torch.empty(B, H, NS, D, dtype=torch.float32, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_split_kernel[(NS, B * G)](
-        q, keys_BRGD, values_BRGD, token_index_BR, cur_idx_B, m, l, acc, R, G, H, window, scale, SPLIT,
+        q, keys_BRGD, values_BRGD, token_index_BR, cur_idx_B.contiguous(), m, l, acc, R, G, H, window, scale, SPLIT,
         REP=REP, BH=max(16, triton.next_power_of_2(REP)), D=D, BS=BS, NS=NS, PRECISION=precision,
     )
     o = torch.empty_like(q)
@@ -179,8 +179,8 @@ def ring_write_step(state, k_new_BGD: torch.Tensor, v_new_BGD: torch.Tensor, cur
     keys, values, idx = state.keys, state.values, state.token_index
     B, R, G, D = keys.shape
     assert keys.is_contiguous() and values.is_contiguous() and idx.is_contiguous()
-    cur = cur_idx_B.to(torch.long).contiguous()
-    keep = None if keep_B is None else keep_B.to(torch.int8).contiguous()
+    cur = cur_idx_B.contiguous()
+    keep = None if keep_B is None else keep_B.contiguous()
     _ring_write_kernel[(B * G,)](
         keys, values, idx, k_new_BGD.contiguous(), v_new_BGD.contiguous(), cur, keep, R, G,
         D=D, HAS_KEEP=keep is not None,

@@ -1,0 +1,277 @@
+"""Inference engine: chunked prefill on the explicit state, then decode steps captured whole (every layer,
+sampling and stop tracking) in one CUDA graph per batch bucket. On CPU the same steps run eagerly.
+
+Legend: B batch (requests), P bucket (B rounded up to a captured size), T prompt tokens, V vocab,
+S stop-token slots.
+
+Each bucket owns a `_Slot`: its InferenceState and the small tensors the decode step reads and writes
+(current token, done flags, stop ids, sampling parameters), allocated once, so that the step has
+static shapes and addresses. Rows B..P-1 of a bucket are idle: marked done, masked, never touched.
+A done row is masked like the reference loop (`generate.generate`) masks it: its state stays as it was
+after its last real token, and it emits `pad_token_id`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.infinitevl import InfiniteVL
+from ..model.state import InferenceState
+from .cuda_graph import CapturedStep, EagerStep
+from .generate import prefill as prefill_with_vision
+from .sampling import SamplingParams
+
+MAX_STOP_TOKENS = 16
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def sample_rows(
+    logits_PV: torch.Tensor, temperature_P: torch.Tensor, top_k_P: torch.Tensor, top_p_P: torch.Tensor
+) -> torch.Tensor:
+    """Per-row sampling with parameters held in tensors (so one captured graph serves any values),
+    without host syncs. temperature 0 = greedy, top_k 0 = off, top_p 1 = off. Same distribution as
+    `sampling.sample`: top-k, then top-p on what is left, then a draw (argmax of probs / Exponential(1))."""
+    P, V = logits_PV.shape
+    greedy = logits_PV.argmax(-1)
+    logits = logits_PV.float() / temperature_P.clamp(min=1e-5)[:, None]
+    sorted_l, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=logits.device)[None, :]
+    k = torch.where(top_k_P > 0, top_k_P, V)[:, None]
+    sorted_l = sorted_l.masked_fill(rank >= k, float("-inf"))
+    p = sorted_l.softmax(-1)
+    # drop a token when the tokens before it already reach top_p (the first always stays)
+    sorted_l = sorted_l.masked_fill((p.cumsum(-1) - p) >= top_p_P[:, None], float("-inf"))
+    probs = sorted_l.softmax(-1)
+    pick = (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
+    sampled = order.gather(-1, pick)[:, 0]
+    return torch.where(temperature_P == 0, greedy, sampled)
+
+
+@dataclass
+class _Slot:
+    state: InferenceState
+    tok: torch.Tensor  # [P] long: the token the next step feeds; the step writes the new token here
+    done: torch.Tensor  # [P] bool
+    live: torch.Tensor  # [P, 1] long: 1 where the row still generates (the step's attention mask)
+    stops: torch.Tensor  # [S] long, -1 = unused
+    pad: torch.Tensor  # [] long
+    temperature: torch.Tensor  # [P] float32
+    top_k: torch.Tensor  # [P] long
+    top_p: torch.Tensor  # [P] float32
+    steps: dict = field(default_factory=dict)  # "greedy" | "sample" -> captured (or eager) step
+
+
+@dataclass
+class Decoding:
+    """A generation in progress: the bucket it runs in and its first `rows.batch_size` rows."""
+
+    slot: _Slot
+    kind: str
+    rows: InferenceState
+    stops: torch.Tensor  # CPU, for the host-side stop check
+    first: torch.Tensor  # [B] the token sampled from the prefill logits
+
+
+def _rows(state: InferenceState, n: int) -> InferenceState:
+    """A state whose tensors are views of the first n rows of `state` (writes go through)."""
+    layers = [type(layer)(*[getattr(layer, f.name)[:n] for f in dataclasses.fields(layer)]) for layer in state.layers]
+    return InferenceState(layers=layers, seen=state.seen[:n], next_position=state.next_position[:n])
+
+
+class Engine:
+    """Generation over token ids on one model: `prefill` (chunks of any size, continuing a state),
+    `stream` (yields each new token column as it is produced) and `generate` (all of them)."""
+
+    def __init__(
+        self,
+        model: InfiniteVL,
+        *,
+        max_batch_size: int = 1,
+        backend: str = "auto",
+        cuda_graph: bool | None = None,
+        prefill_chunk_size: int = 8192,
+    ):
+        self.model = model.eval()
+        self.backend = model.set_backend(backend)
+        self.device = model.lm_head.weight.device
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
+        if max_batch_size < 1 or prefill_chunk_size < 1:
+            raise ValueError("max_batch_size and prefill_chunk_size must be >= 1")
+        self.cuda_graph = cuda_graph
+        self.prefill_chunk_size = prefill_chunk_size
+        sizes = {1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size}
+        self.buckets = sorted(sizes | {max_batch_size})
+        self._slots: dict[int, _Slot] = {}
+        self._pool = None
+
+    # ---- prefill ----
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        state: InferenceState,
+        attention_mask_BT: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+        **vision,
+    ) -> torch.Tensor:
+        """Feeds the tokens into `state` (continuing it) chunk by chunk; returns the last logits [B, V].
+        Text-only prompts are embedded per chunk, so memory stays bounded by the chunk at any length."""
+        chunk = chunk_size or self.prefill_chunk_size
+        ids = input_ids_BT.to(self.device)
+        mask = None if attention_mask_BT is None else attention_mask_BT.to(self.device)
+        if any(vision.get(k) is not None for k in VISION_KEYS):
+            # images may straddle chunk boundaries: positions and features are computed on the whole prompt
+            logits, _ = prefill_with_vision(self.model, ids, state=state, attention_mask_BT=mask, chunk_size=chunk,
+                                            **vision)
+            return logits
+        logits = None
+        for s in range(0, ids.shape[1], chunk):
+            m = None if mask is None else mask[:, s : s + chunk]
+            logits = self.model(ids[:, s : s + chunk], attention_mask=m, state=state, logits_to_keep=1)[:, -1]
+        return logits
+
+    # ---- decode ----
+    def bucket(self, batch_size: int) -> int:
+        for b in self.buckets:
+            if b >= batch_size:
+                return b
+        raise ValueError(f"batch of {batch_size} rows exceeds max_batch_size={self.buckets[-1]}: raise it")
+
+    @torch.no_grad()
+    def _step(self, slot: _Slot, kind: str) -> None:
+        """One decode step for every row of the bucket; reads and writes only the slot's tensors.
+        The model's text path for one token per row, without InfiniteVL.forward's input checks (host syncs)."""
+        model, state = self.model, slot.state
+        P = slot.tok.shape[0]
+        slot.live.copy_((~slot.done)[:, None])
+        x = model.model.embed_tokens(slot.tok[:, None])
+        positions = state.next_position.view(1, P, 1).expand(3, P, 1)
+        hidden = model.model(x, positions, mask_BT=slot.live, state=state)
+        state.seen.add_(slot.live[:, 0])
+        state.next_position.add_(slot.live[:, 0])
+        logits = model.lm_head(hidden[:, -1])
+        if kind == "greedy":
+            nxt = logits.argmax(-1)
+        else:
+            nxt = sample_rows(logits, slot.temperature, slot.top_k, slot.top_p)
+        nxt = torch.where(slot.done, slot.pad, nxt)
+        slot.done.logical_or_((nxt[:, None] == slot.stops[None, :]).any(-1))
+        slot.tok.copy_(nxt)
+
+    def _slot(self, P: int, kind: str) -> _Slot:
+        slot = self._slots.get(P)
+        if slot is None:
+            dev = self.device
+            slot = _Slot(
+                state=self.model.new_state(P),
+                tok=torch.zeros(P, dtype=torch.long, device=dev),
+                done=torch.ones(P, dtype=torch.bool, device=dev),
+                live=torch.zeros(P, 1, dtype=torch.long, device=dev),
+                stops=torch.full((MAX_STOP_TOKENS,), -1, dtype=torch.long, device=dev),
+                pad=torch.zeros((), dtype=torch.long, device=dev),
+                temperature=torch.zeros(P, dtype=torch.float32, device=dev),
+                top_k=torch.zeros(P, dtype=torch.long, device=dev),
+                top_p=torch.ones(P, dtype=torch.float32, device=dev),
+            )
+            self._slots[P] = slot
+        if kind not in slot.steps:
+            fn = lambda: self._step(slot, kind)  # noqa: E731
+            if self.cuda_graph:
+                # Capture on live rows so every kernel is recorded, then wipe what warm-up wrote.
+                slot.done.fill_(False)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                slot.steps[kind] = CapturedStep(fn, pool=self._pool)
+                slot.state.reset()
+                slot.done.fill_(True)
+            else:
+                slot.steps[kind] = EagerStep(fn)
+        return slot
+
+    @torch.no_grad()
+    def begin(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        sampling: SamplingParams = SamplingParams(),
+        stop_token_ids: Iterable[int] | None = None,
+        pad_token_id: int = 0,
+        attention_mask_BT: torch.Tensor | None = None,
+        state: InferenceState | None = None,
+        prefill_chunk_size: int | None = None,
+        **vision,
+    ) -> Decoding:
+        """Prefills the prompt into a bucket's state (continuing `state` when given: it is copied in) and
+        samples the first new token. Then call `step` for each further token."""
+        stops = sorted(set(stop_token_ids or []))
+        if len(stops) > MAX_STOP_TOKENS:
+            raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
+        B = input_ids_BT.shape[0]
+        if state is not None and state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} rows but the input has {B}")
+        kind = "greedy" if sampling.temperature == 0 else "sample"
+        slot = self._slot(self.bucket(B), kind)
+        slot.state.reset()
+        rows = _rows(slot.state, B)
+        if state is not None:
+            rows.copy_(state)
+        logits = self.prefill(input_ids_BT, state=rows, attention_mask_BT=attention_mask_BT,
+                              chunk_size=prefill_chunk_size, **vision)
+        slot.stops.fill_(-1)
+        if stops:
+            slot.stops[: len(stops)] = torch.tensor(stops, device=self.device)
+        slot.pad.fill_(pad_token_id)
+        slot.temperature.fill_(sampling.temperature)
+        slot.top_k.fill_(sampling.top_k)
+        slot.top_p.fill_(sampling.top_p)
+        first = sample_rows(logits, slot.temperature[:B], slot.top_k[:B], slot.top_p[:B])
+        slot.tok.zero_()
+        slot.tok[:B] = first
+        slot.done.fill_(True)
+        slot.done[:B] = (first[:, None] == slot.stops[None, :]).any(-1)
+        return Decoding(slot=slot, kind=kind, rows=rows, stops=torch.tensor(stops, dtype=torch.long),
+                        first=slot.tok[:B].clone())
+
+    def step(self, dec: Decoding) -> torch.Tensor:
+        """One more token for every row: [B] on the device (no host sync; read it when you need it)."""
+        dec.slot.steps[dec.kind]()
+        return dec.slot.tok[: dec.rows.batch_size]
+
+    @torch.no_grad()
+    def stream(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        max_new_tokens: int = 128,
+        state: InferenceState | None = None,
+        **kw,
+    ) -> Iterator[torch.Tensor]:
+        """Yields each new token column [B] (CPU long) as soon as it exists; stops when every row has
+        produced a stop token or after max_new_tokens. With `state`, the prompt continues it and, once the
+        stream is exhausted, `state` holds everything consumed (as with `generate.generate`).
+        Keyword arguments as for `begin`."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        dec = self.begin(input_ids_BT, state=state, **kw)
+        tok = dec.first.cpu()
+        done = torch.isin(tok, dec.stops)
+        yield tok
+        for _ in range(max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            tok = self.step(dec).cpu()
+            done |= torch.isin(tok, dec.stops)
+            yield tok
+        if state is not None:
+            state.copy_(dec.rows)
+
+    def generate(self, input_ids_BT: torch.Tensor, **kw) -> torch.Tensor:
+        """New tokens [B, N] (CPU long), N <= max_new_tokens; same arguments as `stream`."""
+        return torch.stack(list(self.stream(input_ids_BT, **kw)), dim=1)
