@@ -1,0 +1,180 @@
+"""Every fast op against its plain-PyTorch reference, on the GPU.
+
+fla's chunk kernel computes float32 matmuls in TF32 (unless TRITON_F32_DEFAULT=ieee): those comparisons
+use relative-error bounds that say so. Kernels without matmuls are held to float32 rounding.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infinitevl.layers.norm import GatedRMSNorm, RMSNorm
+from infinitevl.ops import gated_delta, short_conv, swa
+from infinitevl.ops.rope import apply_rope
+
+DEV = "cuda"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def gdn_inputs(B, T, H=4, K=128, V=256, dtype=torch.float32):
+    q = torch.randn(B, T, H, K, device=DEV, dtype=dtype)
+    k = torch.randn(B, T, H, K, device=DEV, dtype=dtype)
+    v = torch.randn(B, T, H, V, device=DEV, dtype=dtype)
+    g = F.logsigmoid(torch.randn(B, T, H, device=DEV)) * 0.3
+    beta = torch.rand(B, T, H, device=DEV)
+    return q, k, v, g, beta
+
+
+@pytest.mark.parametrize("T", [17, 64, 300])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fla_chunk_matches_reference(T, with_state):
+    from infinitevl.ops.gated_delta import fla
+
+    q, k, v, g, beta = gdn_inputs(2, T)
+    s0 = torch.randn(2, 4, 128, 256, device=DEV) * 0.1 if with_state else None
+    o, s = fla.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    o_r, s_r = gated_delta.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    assert s.dtype == torch.float32
+    assert rel(o, o_r) < 5e-3 and rel(s, s_r) < 5e-3, (rel(o, o_r), rel(s, s_r))
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_fla_recurrent_matches_reference(T):
+    from infinitevl.ops.gated_delta import fla
+
+    q, k, v, g, beta = gdn_inputs(3, T)
+    s0 = torch.randn(3, 4, 128, 256, device=DEV) * 0.1
+    o, s = fla.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    o_r, s_r = gated_delta.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    torch.testing.assert_close(o, o_r, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s, s_r, atol=1e-5, rtol=1e-4)
+
+
+def test_fla_varlen_equals_padded_batch_and_reference():
+    lens = [70, 5, 129]
+    q, k, v, g, beta = gdn_inputs(1, sum(lens))
+    cu = torch.tensor([0, 70, 75, 204], device=DEV)
+    s0 = torch.randn(3, 4, 128, 256, device=DEV) * 0.1
+    o, s = gated_delta.gated_delta_rule(q, k, v, g, beta, backend="fla", initial_state=s0, output_final_state=True,
+                                        cu_seqlens=cu)
+    o_r, s_r = gated_delta.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True,
+                                                  cu_seqlens=cu)
+    assert rel(o, o_r) < 5e-3 and rel(s, s_r) < 5e-3
+    # the same sequences as a right-padded batch: padding masked with g = beta = 0 is inert
+    Tm = max(lens)
+    pad = lambda x: torch.stack([F.pad(x[0, a:b], (0, 0) * (x.dim() - 2) + (0, Tm - (b - a))) for a, b in
+                                 zip(cu[:-1].tolist(), cu[1:].tolist())])
+    mask = torch.stack([torch.arange(Tm, device=DEV) < n for n in lens]).long()
+    gp, bp = gated_delta.mask_padding(pad(g), pad(beta), mask)
+    o_p, s_p = gated_delta.gated_delta_rule(pad(q), pad(k), pad(v), gp, bp, backend="fla", initial_state=s0,
+                                            output_final_state=True)
+    assert rel(s_p, s) < 1e-3
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        assert rel(o_p[i, : b - a], o[0, a:b]) < 1e-3
+
+
+def test_fla_bf16_inputs_keep_float32_state():
+    q, k, v, g, beta = gdn_inputs(2, 200, dtype=torch.bfloat16)
+    s0 = torch.randn(2, 4, 128, 256, device=DEV) * 0.1
+    o, s = gated_delta.gated_delta_rule(q, k, v, g, beta, backend="fla", initial_state=s0, output_final_state=True)
+    o_r, s_r = gated_delta.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert rel(o, o_r) < 2e-2 and rel(s, s_r) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 2, 3, 100])
+def test_short_conv_fast_matches_reference(dtype, T):
+    from infinitevl.ops import short_conv_fast
+
+    B, C, W = 2, 512, 4
+    x = torch.randn(B, T, C, device=DEV, dtype=dtype)
+    w = torch.randn(C, W, device=DEV, dtype=dtype) * 0.5
+    st = torch.randn(B, C, W - 1, device=DEV, dtype=dtype)
+    y_r, s_r = short_conv.short_conv(x, w, state_BCW=st)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    y, s = short_conv_fast.short_conv(x, w, state_BCW=st)
+    torch.testing.assert_close(y, y_r, **tol)
+    torch.testing.assert_close(s, s_r, atol=0, rtol=0)
+    if T == 1:
+        st2 = st.clone()
+        y1 = short_conv_fast.short_conv_step(x, w, st2)
+        torch.testing.assert_close(y1, y_r, **tol)
+        torch.testing.assert_close(st2, s_r, atol=0, rtol=0)
+        keep = torch.tensor([0, 1], device=DEV)
+        st3 = st.clone()
+        short_conv_fast.short_conv_step(x, w, st3, keep_B=keep)
+        assert torch.equal(st3[0], st[0]) and torch.equal(st3[1], s_r[1])
+
+
+def test_short_conv_packed_matches_reference():
+    from infinitevl.ops import short_conv_fast
+
+    x = torch.randn(1, 50, 256, device=DEV)
+    w = torch.randn(256, 4, device=DEV)
+    cu = torch.tensor([0, 3, 4, 50], device=DEV)
+    torch.testing.assert_close(short_conv_fast.short_conv_packed(x, w, cu), short_conv.short_conv_packed(x, w, cu),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_small_ops_match_layers(dtype):
+    from infinitevl.ops import fused, swa_fast
+
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}  # bf16: torch's default (1 ulp)
+    x = torch.randn(3, 5, 2048, device=DEV, dtype=dtype)
+    n = RMSNorm(2048, 1e-6).to(DEV, dtype)
+    torch.nn.init.normal_(n.weight)
+    torch.testing.assert_close(fused.rms_norm(x, n.weight, 1e-6), n(x), **tol)
+    x, gate = torch.randn(2, 3, 16, 256, device=DEV, dtype=dtype), torch.randn(2, 3, 16, 256, device=DEV, dtype=dtype)
+    gn = GatedRMSNorm(256, 1e-5).to(DEV, dtype)
+    torch.nn.init.normal_(gn.weight)
+    torch.testing.assert_close(fused.gated_rms_norm(x, gate, gn.weight, 1e-5), gn(x, gate), **tol)
+    a, b = torch.randn(2, 7, 16, device=DEV, dtype=dtype) * 8, torch.randn(2, 7, 16, device=DEV, dtype=dtype)
+    A_log, dt_bias = torch.rand(16, device=DEV, dtype=dtype) + 0.5, torch.randn(16, device=DEV, dtype=dtype)
+    mask = (torch.rand(2, 7, device=DEV) > 0.3).long()
+    g, beta = fused.gdn_gates(a, b, A_log, dt_bias, mask_BT=mask)
+    g_r = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    g_r, b_r = gated_delta.mask_padding(g_r, b.float().sigmoid(), mask)
+    torch.testing.assert_close(g, g_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(beta, b_r, atol=1e-6, rtol=1e-6)
+    u, v = torch.randn(4, 11008, device=DEV, dtype=dtype), torch.randn(4, 11008, device=DEV, dtype=dtype)
+    torch.testing.assert_close(fused.silu_mul(u, v), F.silu(u) * v, **tol)
+    q = torch.randn(2, 3, 16, 128, device=DEV, dtype=dtype)
+    cos, sin = torch.randn(2, 3, 128, device=DEV), torch.randn(2, 3, 128, device=DEV)
+    torch.testing.assert_close(swa_fast.apply_rope(q, cos, sin), apply_rope(q, cos, sin), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,R,cur", [(1, 8191, [20000]), (3, 31, [5, 31, 100])])
+def test_decode_attention_reads_ring_in_place(dtype, B, R, cur):
+    from types import SimpleNamespace
+
+    from infinitevl.ops import swa_fast
+
+    G, H, D, window = 2, 16, 128, R + 1
+    keys = torch.randn(B, R, G, D, device=DEV, dtype=dtype)
+    values = torch.randn(B, R, G, D, device=DEV, dtype=dtype)
+    idx = torch.full((B, R), -1, dtype=torch.long, device=DEV)
+    for b, c in enumerate(cur):
+        t = torch.arange(max(0, c - R), c, device=DEV)
+        idx[b, t % R] = t
+    cur_t = torch.tensor(cur, device=DEV)
+    q = torch.randn(B, H, D, device=DEV, dtype=dtype)
+    kn, vn = torch.randn(B, G, D, device=DEV, dtype=dtype), torch.randn(B, G, D, device=DEV, dtype=dtype)
+    o = swa_fast.decode_attention(q, kn, vn, keys, values, idx, cur_t, window=window, scale=D**-0.5)
+    K, V = torch.cat([keys, kn[:, None]], 1), torch.cat([values, vn[:, None]], 1)
+    KI = torch.cat([idx, cur_t[:, None]], 1)
+    mask = swa.window_mask(cur_t[:, None], KI, window, k_valid_BS=KI >= 0)
+    o_r = swa.sliding_window_attention(q[:, None], K, V, mask, scale=D**-0.5)[:, 0]
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(o, o_r, **tol)
+    ours = SimpleNamespace(keys=keys.clone(), values=values.clone(), token_index=idx.clone())
+    ref = SimpleNamespace(keys=keys.clone(), values=values.clone(), token_index=idx.clone())
+    swa_fast.ring_write_step(ours, kn, vn, cur_t)
+    swa.ring_write(ref, kn[:, None], vn[:, None], cur_t[:, None], torch.ones(B, 1, dtype=torch.bool, device=DEV))
+    assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
+    assert torch.equal(ours.token_index, ref.token_index)
