@@ -172,9 +172,11 @@ def ours_by_batch(model, engine, batches, prompt, steps, device, vocab):
 
 # ---------------------------------------------------------------- baseline (transformers)
 @torch.no_grad()
-def hf_decode(hf, ids, steps, device):
-    out = hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+def hf_prefill_decode(hf, ids, steps, device):
+    """(prefill seconds, median decode ms/step): transformers' own cache, eager steps."""
+    dt, out = wall(lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1), device)
     cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1)
+    del out
 
     def step():
         nonlocal cache, tok
@@ -183,7 +185,7 @@ def hf_decode(hf, ids, steps, device):
 
     ms = statistics.median(time_calls(step, steps, device))
     del cache
-    return ms
+    return dt, ms
 
 
 @torch.no_grad()
@@ -195,8 +197,8 @@ def baseline_by_context(hf, contexts, steps, device, vocab, max_ctx):
             continue
         ids = torch.randint(0, vocab, (1, ctx), device=device)
         try:
-            dt, _ = wall(lambda: hf(input_ids=ids, use_cache=False, logits_to_keep=1), device)
-            rows.append(dict(context=ctx, decode_ms=hf_decode(hf, ids, steps, device), prefill_tok_s=ctx / dt))
+            dt, ms = hf_prefill_decode(hf, ids, steps, device)
+            rows.append(dict(context=ctx, decode_ms=ms, prefill_tok_s=ctx / dt))
         except torch.OutOfMemoryError:
             rows.append(dict(context=ctx, decode_ms=None, note="out of memory"))
         if device.type == "cuda":
@@ -209,7 +211,7 @@ def baseline_by_batch(hf, batches, prompt, steps, device, vocab):
     rows = []
     for B in batches:
         ids = torch.randint(0, vocab, (B, prompt), device=device)
-        ms = hf_decode(hf, ids, steps, device)
+        _, ms = hf_prefill_decode(hf, ids, steps, device)
         rows.append(dict(batch=B, decode_ms=ms, tok_s=B * 1e3 / ms))
     return rows
 
@@ -280,6 +282,16 @@ def plot(res, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- main
+def section(fn, res):
+    """Runs one measurement; a failure is recorded (res['errors']) and the others still run."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a benchmark reports what broke and goes on
+        res.setdefault("errors", []).append(f"{type(e).__name__}: {e}")
+        print("ERROR:", res["errors"][-1], flush=True)
+        return []
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (seconds)")
@@ -313,7 +325,7 @@ def main(argv=None):
     print("gate:", res["gate"], flush=True)
     res["ours_by_context"] = ours_by_context(model, engine, contexts, steps, chunk, device, vocab)
     print("ours by context:", res["ours_by_context"], flush=True)
-    res["ours_by_batch"] = ours_by_batch(model, engine, batches, prompt, steps, device, vocab)
+    res["ours_by_batch"] = section(lambda: ours_by_batch(model, engine, batches, prompt, steps, device, vocab), res)
     print("ours by batch:", res["ours_by_batch"], flush=True)
     del engine, model
     if device.type == "cuda":
@@ -323,10 +335,11 @@ def main(argv=None):
     if not args.no_baseline:
         hf = build_baseline(args.tiny, device, dtype)
         res["baseline_params"] = n_params(hf)
-        res["baseline_by_context"] = baseline_by_context(hf, contexts, min(steps, 20), device, vocab,
-                                                         args.max_baseline_context)
+        res["baseline_by_context"] = section(lambda: baseline_by_context(
+            hf, contexts, min(steps, 20), device, vocab, args.max_baseline_context), res)
         print("baseline by context:", res["baseline_by_context"], flush=True)
-        res["baseline_by_batch"] = baseline_by_batch(hf, batches, prompt, min(steps, 20), device, vocab)
+        res["baseline_by_batch"] = section(lambda: baseline_by_batch(hf, batches, prompt, min(steps, 20), device,
+                                                                     vocab), res)
         del hf
 
     ours = {r["context"]: r for r in res["ours_by_context"]}
