@@ -50,3 +50,26 @@ def hf_teacher_dir(tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
         shutil.copy2(TINY_ASSET / name, out / name)
     return out
+
+
+def synthetic_task():
+    """tools/synthetic_task.py as a module (tools/ is not a package)."""
+    import importlib.util
+    import sys
+
+    if "synthetic_task" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("synthetic_task", ROOT / "tools/synthetic_task.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["synthetic_task"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["synthetic_task"]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic data set: 36 training records over all six tasks (6 videos), 12 test records."""
+    out = tmp_path_factory.mktemp("synth")
+    st = synthetic_task()
+    st.make_split(out, "train", 36, seed=0)
+    st.make_split(out, "test", 12, seed=0)
+    return out

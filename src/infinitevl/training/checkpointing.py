@@ -1,0 +1,124 @@
+"""Training checkpoints: written atomically, restored exactly.
+
+    <output_dir>/step-000120/   config.json + model.safetensors (a loadable model in the released
+                                format) + the tokenizer/processor files + trainer_state.pt
+                                (optimizer, scheduler, step, data position, per-rank RNG states)
+    <output_dir>/latest         the name of the newest complete checkpoint
+
+A checkpoint is written into `step-N.tmp/` and renamed when complete, and `latest` is replaced
+atomically afterwards, so a crash at any moment leaves the previous checkpoint usable. Model and
+optimizer states go through torch.distributed.checkpoint's state-dict API with full (unsharded)
+tensors, which works the same for a plain module, DDP and FSDP2.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
+
+from ..model.checkpoint import TIED_HEAD
+from .distributed import Dist, barrier, gather_objects
+from .student import copy_processor_files
+
+STATE_FILE = "trainer_state.pt"
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def full_model_state(wrapped: torch.nn.Module, *, prefix: str, tied: bool) -> dict[str, torch.Tensor]:
+    """Full float tensors of the submodule at `prefix` (e.g. "student."), on CPU (all ranks must call)."""
+    sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if tied:
+        out.pop(TIED_HEAD, None)
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def save(out_dir: Path, step: int, *, wrapped: torch.nn.Module, prefix: str, model_config, optimizer, scheduler,
+         trainer: dict[str, Any], d: Dist, init_dir: Path | None, keep_last: int) -> Path | None:
+    """Writes step-<step>/ (all ranks call; rank 0 writes). Returns the directory on rank 0."""
+    tied = model_config.text.tie_word_embeddings
+    weights = full_model_state(wrapped, prefix=prefix, tied=tied)
+    osd = get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rngs = gather_objects(rng_state(), d)
+    final = out_dir / f"step-{step:06d}"
+    if d.main:
+        tmp = out_dir / f"step-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model_config.save(tmp)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if init_dir is not None:
+            copy_processor_files(init_dir, tmp)
+        torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(), "trainer": trainer, "rng": rngs,
+                    "world": d.world}, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(out_dir / LATEST, final.name + "\n")
+        _prune(out_dir, keep_last)
+    barrier(d)
+    return final if d.main else None
+
+
+def _prune(out_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in out_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in done[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest(out_dir: Path) -> Path | None:
+    f = out_dir / LATEST
+    if not f.exists():
+        return None
+    p = out_dir / f.read_text().strip()
+    return p if (p / STATE_FILE).exists() and (p / "model.safetensors").exists() else None
+
+
+def load(path: Path, *, wrapped: torch.nn.Module, prefix: str, tied: bool, optimizer, scheduler,
+         d: Dist) -> dict[str, Any]:
+    """Restores model, optimizer, scheduler and this rank's RNG from `path`; returns the trainer dict."""
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    if state["world"] != d.world:
+        raise ValueError(
+            f"{path} was written by {state['world']} processes but this run has {d.world}: resume with the same "
+            f"number of processes (the data split and RNG states depend on it)")
+    weights = {prefix + k: v for k, v in load_file(str(path / "model.safetensors")).items()}
+    if tied:
+        weights[prefix + TIED_HEAD] = weights[prefix + "model.embed_tokens.weight"]
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(wrapped, weights, options=opts)
+    set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][d.rank])
+    return state["trainer"]

@@ -1,0 +1,231 @@
+"""The training loop shared by every stage.
+
+A stage supplies an *objective*: an nn.Module that holds the student as `.student` (the only
+registered submodule, so DDP/FSDP2 see exactly the trained model; a teacher is kept outside the
+parameter tree), and whose forward maps a PackedBatch to (summed loss, extra sums). `units(batch)`
+says what the sum runs over (target tokens, positions, token x channel). The loop divides by the
+units of the whole step (all micro-batches, all ranks), so packing, accumulation and the number of
+processes do not change the loss.
+
+Per step: accumulate over `grad_accum` rows under bf16 autocast, clip, AdamW, warmup + cosine.
+Checkpoints (see checkpointing.py) restore model, optimizer, scheduler, data position and RNG, so
+a resumed run continues with bitwise the same losses.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpointing
+from .distributed import Dist, all_sum, no_sync, wrap
+from .loader import RowLoader
+from .options import OptimConfig, RunConfig
+from .packing import PackedBatch
+from .params import count
+
+
+class Objective(nn.Module):
+    """Base for stage objectives: `student` is registered; subclasses implement forward and units."""
+
+    student: nn.Module
+
+    def units(self, batch: PackedBatch) -> int:
+        raise NotImplementedError
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.student.model.layers)
+
+
+def lr_lambda(total: int, warmup: int, kind: str, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * max(0.0, decay)
+    return f
+
+
+def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and cfg.weight_decay else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen (check `trainable`)")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final_step: int = 0
+    total_steps: int = 0
+    checkpoint: Path | None = None
+    stopped_early: bool = False
+
+
+class Trainer:
+    def __init__(self, objective: Objective, loader: RowLoader, *, run: RunConfig, optim: OptimConfig, d: Dist,
+                 model_config, init_dir: Path | None, extra_state: dict | None = None):
+        self.run, self.optim_cfg, self.d = run, optim, d
+        self.loader, self.model_config, self.init_dir = loader, model_config, init_dir
+        self.out = Path(run.output_dir)
+        self.extra_state = extra_state or {}
+        objective.student.model.gradient_checkpointing = run.gradient_checkpointing
+        objective.to(d.device).train()
+        strategy = run.parallel
+        if strategy == "auto":
+            strategy = "fsdp" if d.device.type == "cuda" else "ddp"
+        self.objective = objective
+        self.wrapped = wrap(objective, d, strategy, objective.shard_units())
+        self.optimizer = make_optimizer(self.wrapped, optim)
+        self.total = loader.total_steps(run.epochs)
+        if run.max_steps is not None:
+            self.total = min(self.total, run.max_steps)
+        if self.total < 1:
+            raise ValueError("the run has no optimizer step: add data, lower grad_accum/row_tokens, or raise epochs")
+        warmup = math.ceil(optim.warmup_ratio * self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total, warmup, optim.scheduler, optim.min_lr_ratio))
+        self.step = 0
+        self.trainable, self.n_params = count(objective.student)
+
+    # ---- state ----
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "loader": self.loader.state_dict(), "total": self.total,
+                "skipped": dict(self.loader.dataset.skipped), **self.extra_state}
+
+    def save(self) -> Path | None:
+        return checkpointing.save(
+            self.out, self.step, wrapped=self.wrapped, prefix="student.", model_config=self.model_config,
+            optimizer=self.optimizer, scheduler=self.scheduler, trainer=self._trainer_state(), d=self.d,
+            init_dir=self.init_dir, keep_last=self.run.keep_last)
+
+    def maybe_resume(self) -> bool:
+        ck = checkpointing.latest(self.out) if self.run.resume else None
+        if ck is None:
+            return False
+        st = checkpointing.load(ck, wrapped=self.wrapped, prefix="student.",
+                                tied=self.model_config.text.tie_word_embeddings, optimizer=self.optimizer,
+                                scheduler=self.scheduler, d=self.d)
+        if st["total"] != self.total:
+            raise ValueError(f"{ck} belongs to a run of {st['total']} steps but this config gives {self.total}: "
+                             f"resume with the same data and run settings, or use a new output_dir")
+        self.step = st["step"]
+        self.loader.load_state_dict(st["loader"])
+        self.loader.dataset.skipped.update(st.get("skipped", {}))
+        if self.d.main:
+            _truncate_log(self.out / "metrics.jsonl", self.step)
+        return True
+
+    # ---- one step ----
+    def _train_step(self) -> dict[str, Any]:
+        batches = [b.to(self.d.device) for b in self.loader.next_step()]
+        if all_sum(0 if batches else 1, self.d):
+            raise ValueError(f"step {self.step + 1}: every sample of a row failed to load on some rank "
+                             f"({dict(self.loader.dataset.skipped)} skipped so far): fix or drop the bad records")
+        units = all_sum(sum(self.objective.units(b) for b in batches), self.d)
+        if units == 0:
+            raise ValueError(f"step {self.step + 1} has nothing to learn from on any rank (no target tokens): "
+                             f"check the data (every sample needs an assistant answer)")
+        scale = self.d.world / units  # DDP/FSDP average gradients over ranks; undo that, divide by global units
+        loss_sum = 0.0
+        extras: dict[str, float] = {}
+        dev = self.d.device.type
+        for k, b in enumerate(batches):
+            with no_sync(self.wrapped, last=k == len(batches) - 1):
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.run.bf16):
+                    loss, extra = self.wrapped(b)
+                (loss * scale).backward()
+            loss_sum += float(loss.detach())
+            for key, v in extra.items():
+                extras[key] = extras.get(key, 0.0) + float(v)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = float("nan")
+        if self.optim_cfg.max_grad_norm > 0:
+            gn = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
+            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = all_sum(sum(b.num_tokens for b in batches), self.d)
+        rec = {"step": self.step, "epoch": self.loader.state.epoch, "loss": all_sum(loss_sum, self.d) / units,
+               "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "units": int(units)}
+        for key, v in extras.items():
+            rec[key] = all_sum(v, self.d) / units
+        return rec
+
+    def fit(self) -> TrainResult:
+        resumed = self.maybe_resume()
+        res = TrainResult(total_steps=self.total)
+        log = self.out / "metrics.jsonl"
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            print(f"[train] {self.n_params / 1e6:.2f}M params, {self.trainable / 1e6:.3f}M trainable, "
+                  f"{self.total} steps, {self.d.world} process(es) on {self.d.device}"
+                  + (f", resumed at step {self.step}" if resumed else ""), flush=True)
+        bar = None
+        if self.run.progress and self.d.main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True)
+        done_here = 0
+        t0 = time.time()
+        while self.step < self.total:
+            rec = self._train_step()
+            done_here += 1
+            rec["skipped"] = sum(self.loader.dataset.skipped.values())
+            rec["elapsed_s"] = round(time.time() - t0, 3)
+            res.history.append(rec)
+            if self.d.main:
+                if self.step % self.run.log_every == 0 or self.step == self.total:
+                    with open(log, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{rec['lr']:.2e}")
+            last = self.step == self.total
+            stop = self.run.stop_after is not None and done_here >= self.run.stop_after and not last
+            if last or stop or self.step % self.run.save_every == 0:
+                res.checkpoint = self.save()
+            if stop:
+                res.stopped_early = True
+                break
+        if bar is not None:
+            bar.close()
+        res.final_step = self.step
+        if self.step == self.total and self.d.main:
+            ck = checkpointing.latest(self.out)
+            final = self.out / "final"
+            tmp = self.out / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(ck, tmp, ignore=shutil.ignore_patterns(checkpointing.STATE_FILE))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            skipped = self.loader.dataset.skipped
+            if skipped:
+                print(f"[train] skipped bad samples: {skipped} (see {self.out / 'skipped.txt'})", flush=True)
+                (self.out / "skipped.txt").write_text("\n".join(self.loader.dataset.skip_log) + "\n")
+        return res
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drops log lines past `step` (written by the interrupted run after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))

@@ -1,0 +1,79 @@
+"""LoRA through PEFT on our model, and merging back into a plain checkpoint.
+
+`add_lora` injects adapters into the named linear layers of the decoder (PEFT's LoraConfig with a
+regex over module names) and freezes everything else; the returned module is still an `InfiniteVL`
+(PEFT swaps the targeted nn.Linear for LoRA layers in place). `merge_lora` folds W + (alpha/r) B A
+into each base weight and removes the adapters, giving a model whose state dict has exactly the
+released names again.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+
+from torch import nn
+
+from ..model.infinitevl import InfiniteVL
+from .params import expand
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    # Linear layers of the decoder that get adapters (module-name suffixes).
+    targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"])
+    also_train: list[str] = field(default_factory=list)  # parameter groups/patterns trained in full (params.py)
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not self.targets:
+            raise ValueError("lora.targets is empty: name at least one linear layer, e.g. q_proj")
+
+
+def target_regex(targets: list[str]) -> str:
+    return r"model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(targets) + r")"
+
+
+def add_lora(model: InfiniteVL, cfg: LoRAConfig) -> InfiniteVL:
+    """Injects LoRA adapters in place; only the adapters (and `also_train`) require grad afterwards."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    rx = re.compile(target_regex(cfg.targets))
+    if not any(rx.fullmatch(n) for n, _ in model.named_modules()):
+        raise ValueError(f"lora.targets {cfg.targets} match no decoder linear layer: use names such as q_proj, "
+                         f"o_proj, gate_proj")
+    peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=target_regex(cfg.targets), bias="none")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = inject_adapter_in_model(peft_cfg, model)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    if cfg.also_train:
+        pats = expand(model, cfg.also_train)
+        for n, p in model.named_parameters():
+            if any(fnmatch(n.replace(".base_layer", ""), q) for q in pats):
+                p.requires_grad_(True)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds every LoRA adapter into its base layer and puts the plain nn.Linear back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any("lora_" in n for n, _ in model.named_parameters())

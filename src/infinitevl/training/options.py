@@ -1,0 +1,125 @@
+"""Settings shared by every stage (optimizer, run) and YAML -> dataclass loading.
+
+A stage config is a dataclass whose fields are plain values or nested dataclasses; its YAML file
+mirrors it section by section. Unknown keys are errors (a typo must not silently train with a
+default), and `key.sub=value` overrides from the command line are applied on top.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + warmup + cosine decay (published: lr 2e-4, cosine, warmup ratio 0.01, no weight decay)."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.01
+    scheduler: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optim.scheduler must be cosine, linear or constant, got {self.scheduler!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class RunConfig:
+    """How a run executes. Effective batch = grad_accum x processes rows (published: 8 x 8 GPUs x 1 sample)."""
+
+    output_dir: str = "runs/stage"
+    epochs: float = 1.0
+    max_steps: int | None = None  # cap on the total number of optimizer steps
+    grad_accum: int = 8
+    bf16: bool = True  # autocast to bfloat16 (master weights and optimizer state stay float32)
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    save_every: int = 500  # steps; the last step is always saved
+    keep_last: int = 2  # checkpoints kept (0: all)
+    log_every: int = 10
+    resume: bool = True  # continue from output_dir/latest when it exists
+    stop_after: int | None = None  # end this invocation after that many steps (as if preempted)
+    parallel: str = "auto"  # auto (fsdp on GPUs, ddp on CPU) | ddp | fsdp | none
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.parallel not in ("auto", "ddp", "fsdp", "none"):
+            raise ValueError(f"run.parallel must be auto, ddp, fsdp or none, got {self.parallel!r}")
+        if self.epochs <= 0:
+            raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
+
+
+def _convert(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value, where=where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        for a in args:
+            if dataclasses.is_dataclass(a) and isinstance(value, dict):
+                return from_dict(a, value, where=where)
+        return _convert(args[0], value, where) if len(args) == 1 else value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_dict(cls: type[T], d: dict[str, Any], *, where: str = "config") -> T:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}: known keys are {sorted(names)}")
+    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in d.items()})
+
+
+def to_dict(obj) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def _set_path(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ValueError(f"override {dotted}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+def load(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+    """`cls` from a YAML file (or defaults) with `a.b=value` overrides (values parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from e
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"override {o!r} must look like section.key=value")
+        k, v = o.split("=", 1)
+        _set_path(raw, k.strip(), yaml.safe_load(v))
+    return from_dict(cls, raw, where=str(path or "config"))

@@ -1,0 +1,57 @@
+"""Stage 2: supervised fine-tuning on multimodal chat data.
+
+Next-token cross-entropy on the assistant tokens (summed, divided by the step's target tokens).
+Published trainable set: every parameter named like a GDN weight or q/k/v/o_proj, i.e. the GDN
+mixers plus the kept attention layers' projections (`trainable: [gdn, attention]`); the vision
+tower stays frozen. MLPs and the rest can be added through `trainable` (see params.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.infinitevl import InfiniteVL
+from .data import DataConfig
+from .loop import Objective, TrainResult
+from .losses import cross_entropy_sum
+from .options import OptimConfig, RunConfig
+from .packing import PackedBatch
+from .params import set_trainable
+from . import runner
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""  # an InfiniteVL checkpoint directory (e.g. the distill-e2e output's final/)
+    trainable: list[str] = field(default_factory=lambda: ["gdn", "attention"])
+    loss_chunk: int = 4096  # positions per chunk of the head + cross-entropy
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft"))
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("model is empty: set it to an InfiniteVL checkpoint directory")
+
+
+class CausalLMObjective(Objective):
+    def __init__(self, student: InfiniteVL, *, chunk: int = 4096):
+        super().__init__()
+        self.student = student
+        self.chunk = chunk
+
+    def units(self, batch: PackedBatch) -> int:
+        return batch.num_targets
+
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
+        hidden = self.student(**batch.model_inputs(), return_hidden=True)[0]
+        loss = cross_entropy_sum(hidden, self.student.lm_head.weight, batch.targets[0], chunk=self.chunk)
+        return loss, {}
+
+
+def run(cfg: SFTConfig, d=None) -> TrainResult:
+    model = InfiniteVL.from_pretrained(cfg.model).train()
+    set_trainable(model, cfg.trainable)
+    return runner.train(CausalLMObjective(model, chunk=cfg.loss_chunk), model_config=model.config, init_dir=cfg.model,
+                        data=cfg.data, optim=cfg.optim, run=cfg.run, d=d)

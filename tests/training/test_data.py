@@ -1,0 +1,123 @@
+"""Chat records -> tokens, labels and vision inputs; bad records give located errors or counted skips."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from infinitevl.training.data import (
+    IGNORE, BadSample, ChatDataset, DataConfig, chat_format_for, load_records, read_records,
+)
+from infinitevl.training.vision_inputs import VisionInputConfig, VisionInputs, load_frames, probe_video
+from infinitevl.model.config import InfiniteVLConfig
+
+from ..conftest import MEDIA
+from .conftest import TINY_ASSET
+
+
+@pytest.fixture(scope="module")
+def fmt():
+    cfg = InfiniteVLConfig.from_file(TINY_ASSET)
+    return chat_format_for(TINY_ASSET, cfg, DataConfig(max_tokens=4096, vision=VisionInputConfig(image_max_pixels=112 * 112)))
+
+
+def _write(tmp_path, records, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return p
+
+
+def test_tokens_match_the_chat_template_and_labels_cover_assistant_turns(fmt):
+    recs = read_records(MEDIA / "mllm_demo.json")
+    s = fmt.build(recs[0])
+    # Same ids as the chat template rendered as text, with each image pad expanded.
+    tok = fmt.tok
+    msgs = [{"role": "system", "content": "You are a helpful assistant."}] + [
+        {"role": m["role"], "content": m["content"].replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")}
+        for m in recs[0].messages]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    n_pad = [int(g.prod()) // 4 for g in s.image_grid_thw]
+    expanded, k = [], 0
+    for t in ids:
+        if t == fmt.image_id:
+            expanded += [t] * n_pad[k]
+            k += 1
+        else:
+            expanded.append(t)
+    assert s.input_ids.tolist() == expanded
+    # Labels: exactly the assistant answers followed by <|im_end|>\n.
+    lab = s.labels[s.labels != IGNORE]
+    want = "".join(m["content"] + "<|im_end|>\n" for m in recs[0].messages if m["role"] == "assistant")
+    assert tok.decode(lab) == want
+    assert s.pixel_values.shape[0] == int(s.image_grid_thw.prod(-1).sum())
+
+
+def test_video_record_and_patch_layout(fmt, synth_dir):
+    recs = [r for r in read_records(synth_dir / "train.jsonl") if r.videos]
+    s = fmt.build(recs[0])
+    assert s.video_grid_thw.tolist() == [[4, 8, 8]] and s.second_per_grid_ts.tolist() == [1.0]
+    assert int((s.input_ids == fmt.video_id).sum()) == 4 * 8 * 8 // 4
+    # Layout check against Qwen2-VL's video patchify written out independently.
+    vi = VisionInputs(VisionInputConfig(video_max_pixels=112 * 112))
+    info = probe_video(recs[0].videos[0], 2.0)
+    idx, fps = vi.frame_plan(info.frames, info.fps)
+    frames = load_frames(recs[0].videos[0], idx)
+    resized = torch.stack([vi._frame(images=[f], return_tensors="pt", do_resize=True)["pixel_values"]
+                           .view(8, 8, 3, 2, 14, 14)[..., 0, :, :].reshape(4, 4, 2, 2, 3, 14, 14)
+                           .permute(4, 0, 2, 5, 1, 3, 6).reshape(3, 112, 112) for f in frames])  # [F, C, H, W]
+    v = resized.view(4, 2, 3, 4, 2, 14, 4, 2, 14).permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(4 * 64, 3 * 2 * 14 * 14)
+    pixels, grid, _ = vi.video(frames, fps)
+    torch.testing.assert_close(pixels, v)
+
+
+def test_bad_records_are_located_or_counted(fmt, tmp_path, synth_dir):
+    img = str(next((synth_dir / "media/train").glob("*.png")))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    good = {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "Yo."}],
+            "images": [img]}
+    bad = [
+        {"messages": [{"role": "user", "content": "<image><image>Hi"}, {"role": "assistant", "content": "x"}],
+         "images": [img]},
+        {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "x"}],
+         "images": ["missing.png"]},
+        {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "x"}],
+         "images": ["corrupt.png"]},
+        {"messages": [{"role": "user", "content": "Hi " * 5000}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "Hi"}]},
+    ]
+    path = _write(tmp_path, [good] + bad)
+    recs = read_records(path)
+    for rec, reason, words in zip(recs[1:], ["placeholders", "media", "media", "too_long", "no_assistant"],
+                                  ["2 <image>", "not found", "cannot read image", "max_tokens", "no assistant"]):
+        with pytest.raises(BadSample, match=words) as e:
+            fmt.build(rec)
+        assert e.value.reason == reason and f"{path}:line {recs.index(rec) + 1}" in str(e.value)
+    with pytest.raises(BadSample, match="line 2"):
+        ChatDataset(recs, fmt, on_bad_sample="error")
+    ds = ChatDataset(recs, fmt, on_bad_sample="skip")
+    assert ds.skipped == {"placeholders": 1, "media": 2, "too_long": 1, "no_assistant": 1}
+    assert ds.lengths[0] is not None and ds.lengths[1:] == [None] * 5
+
+
+def test_truncated_image_found_at_load_time_is_skipped(fmt, tmp_path, synth_dir):
+    src = next((synth_dir / "media/train").glob("*.png")).read_bytes()
+    (tmp_path / "trunc.png").write_bytes(src[: len(src) // 2])  # header intact, data cut
+    rec = {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "x"}],
+           "images": ["trunc.png"]}
+    ds = ChatDataset(read_records(_write(tmp_path, [rec])), fmt, on_bad_sample="skip")
+    assert ds.lengths == [ds.lengths[0]] and ds.lengths[0] is not None
+    assert ds.get(0) is None and ds.skipped == {"media": 1}
+
+
+def test_sources_repeat_and_config_errors(tmp_path, synth_dir):
+    data = DataConfig(train=[str(synth_dir / "train.jsonl"), {"path": str(synth_dir / "test.jsonl"), "repeat": 1.5}])
+    assert len(load_records(data)) == 36 + 18
+    with pytest.raises(ValueError, match="on_bad_sample"):
+        DataConfig(on_bad_sample="ignore")
+    with pytest.raises(ValueError, match="does not exist"):
+        read_records(tmp_path / "nope.json")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_records(tmp_path / "x.json")
