@@ -145,7 +145,9 @@ def test_fused_small_ops_match_layers(dtype):
     torch.testing.assert_close(fused.silu_mul(u, v), F.silu(u) * v, **tol)
     q = torch.randn(2, 3, 16, 128, device=DEV, dtype=dtype)
     cos, sin = torch.randn(2, 3, 128, device=DEV), torch.randn(2, 3, 128, device=DEV)
-    torch.testing.assert_close(swa_fast.apply_rope(q, cos, sin), apply_rope(q, cos, sin), **tol)
+    # bf16: measured within one rounding of the larger product where the two products cancel
+    rope_tol = tol if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)
+    torch.testing.assert_close(swa_fast.apply_rope(q, cos, sin), apply_rope(q, cos, sin), **rope_tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
