@@ -39,11 +39,13 @@ def build_loader(data: DataConfig, tokenizer_dir: str | Path, model_config, run:
 def train(objective: Objective, *, model_config, init_dir: str | Path, data: DataConfig, optim: OptimConfig,
           run: RunConfig, d: distributed.Dist | None = None, extra_state: dict | None = None,
           cpu_student: Callable[[], nn.Module] | None = None,
-          finalize: Callable[[nn.Module], nn.Module] | None = None) -> TrainResult:
+          finalize: Callable[[nn.Module], nn.Module] | None = None,
+          save: Callable[[nn.Module, Path], None] | None = None) -> TrainResult:
     """Trains `objective` and, when the run completes, exports `<output_dir>/final`.
 
     cpu_student builds an empty CPU module shaped like objective.student (for the export);
-    finalize turns it into a plain InfiniteVL (e.g. merges LoRA)."""
+    finalize turns it into a plain InfiniteVL (e.g. merges LoRA); save writes it (default
+    `save_pretrained`, the released InfiniteVL format)."""
     d = d or distributed.init(run.device)
     torch.manual_seed(run.seed)
     loader = build_loader(data, init_dir, model_config, run, d)
@@ -52,12 +54,13 @@ def train(objective: Objective, *, model_config, init_dir: str | Path, data: Dat
     result = trainer.fit()
     if result.final_step == result.total_steps:
         export_final(trainer, Path(run.output_dir) / "final", init_dir=Path(init_dir),
-                     cpu_student=cpu_student or (lambda: InfiniteVL(model_config)), finalize=finalize)
+                     cpu_student=cpu_student or (lambda: InfiniteVL(model_config)), finalize=finalize,
+                     save=save or (lambda m, p: m.save_pretrained(p)))
     return result
 
 
 def export_final(trainer: Trainer, out: Path, *, init_dir: Path, cpu_student: Callable[[], nn.Module],
-                 finalize: Callable[[nn.Module], nn.Module] | None) -> None:
+                 finalize: Callable[[nn.Module], nn.Module] | None, save: Callable[[nn.Module, Path], None]) -> None:
     tied = trainer.model_config.text.tie_word_embeddings
     state = full_model_state(trainer.wrapped, prefix="student.", tied=False)  # all ranks take part
     if not trainer.d.main:
@@ -72,7 +75,7 @@ def export_final(trainer: Trainer, out: Path, *, init_dir: Path, cpu_student: Ca
         model = finalize(model)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save(model, tmp)
     copy_processor_files(init_dir, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -1,6 +1,9 @@
 """Stage 2: supervised fine-tuning on multimodal chat data.
 
 Next-token cross-entropy on the assistant tokens (summed, divided by the step's target tokens).
+The model may also be a transformers Qwen2.5-VL checkpoint: it is then trained in our code as an
+all-attention model and written back in its own format (how the tiny task's teacher is trained).
+
 Published trainable set: every parameter named like a GDN weight or q/k/v/o_proj, i.e. the GDN
 mixers plus the kept attention layers' projections (`trainable: [gdn, attention]`); the vision
 tower stays frozen. MLPs and the rest can be added through `trainable` (see params.py).
@@ -18,12 +21,13 @@ from .losses import cross_entropy_sum
 from .options import OptimConfig, RunConfig
 from .packing import PackedBatch
 from .params import set_trainable
+from .student import is_qwen2_5_vl, load_teacher, save_teacher
 from . import runner
 
 
 @dataclass
 class SFTConfig:
-    model: str = ""  # an InfiniteVL checkpoint directory (e.g. the distill-e2e output's final/)
+    model: str = ""  # an InfiniteVL checkpoint directory (e.g. distill-e2e's final/) or a Qwen2.5-VL one
     trainable: list[str] = field(default_factory=lambda: ["gdn", "attention"])
     loss_chunk: int = 4096  # positions per chunk of the head + cross-entropy
     data: DataConfig = field(default_factory=DataConfig)
@@ -51,7 +55,8 @@ class CausalLMObjective(Objective):
 
 
 def run(cfg: SFTConfig, d=None) -> TrainResult:
-    model = InfiniteVL.from_pretrained(cfg.model).train()
-    set_trainable(model, cfg.trainable)
+    qwen = is_qwen2_5_vl(cfg.model)
+    model = load_teacher(cfg.model).requires_grad_(True) if qwen else InfiniteVL.from_pretrained(cfg.model)
+    set_trainable(model.train(), cfg.trainable)
     return runner.train(CausalLMObjective(model, chunk=cfg.loss_chunk), model_config=model.config, init_dir=cfg.model,
-                        data=cfg.data, optim=cfg.optim, run=cfg.run, d=d)
+                        data=cfg.data, optim=cfg.optim, run=cfg.run, d=d, save=save_teacher if qwen else None)

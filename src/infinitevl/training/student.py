@@ -59,8 +59,10 @@ class StudentSpec:
 # ---------------------------------------------------------------- teacher
 
 
-def teacher_config(d: dict[str, Any], *, where: str = "config.json") -> InfiniteVLConfig:
-    """Our config for a transformers Qwen2.5-VL config dict: all layers attention, unbounded window."""
+def teacher_config(d: dict[str, Any], *, where: str = "config.json", sliding_window: int | None = None
+                   ) -> InfiniteVLConfig:
+    """Our config for a transformers Qwen2.5-VL config dict: all layers attention, with a window of
+    max_position_embeddings (full attention for any input the teacher accepts) unless given."""
     if d.get("model_type") not in TEACHER_MODEL_TYPES:
         raise ValueError(
             f"{where} has model_type {d.get('model_type')!r}; the teacher must be a transformers Qwen2.5-VL "
@@ -80,7 +82,7 @@ def teacher_config(d: dict[str, Any], *, where: str = "config.json") -> Infinite
     if vrope.get("rope_theta", 10000.0) != 10000.0:
         raise ValueError(f"{where}: vision rope_theta {vrope['rope_theta']} is not supported (Qwen2.5-VL uses 10000)")
     n_layers = text["num_hidden_layers"]
-    window = max(int(text.get("max_position_embeddings") or 0), 1 << 20)
+    window = sliding_window or int(text.get("max_position_embeddings") or 32768)
     tc = TextConfig(
         vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
         num_hidden_layers=n_layers, num_attention_heads=text["num_attention_heads"],
@@ -104,13 +106,23 @@ def teacher_config(d: dict[str, Any], *, where: str = "config.json") -> Infinite
     )
 
 
-def load_teacher(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu") -> InfiniteVL:
-    """A transformers Qwen2.5-VL checkpoint directory as an (all-attention) InfiniteVL, in eval mode."""
+def is_qwen2_5_vl(path: str | Path) -> bool:
+    """Whether a checkpoint directory holds a transformers Qwen2.5-VL model (rather than an InfiniteVL)."""
+    f = Path(path) / "config.json"
+    if not f.exists():
+        raise ValueError(f"no config.json in {path}: point at a checkpoint directory")
+    return json.loads(f.read_text()).get("model_type") in TEACHER_MODEL_TYPES
+
+
+def load_teacher(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu",
+                 sliding_window: int | None = None) -> InfiniteVL:
+    """A transformers Qwen2.5-VL checkpoint directory as an (all-attention) InfiniteVL, in eval mode.
+    `sliding_window` bounds the attention (and an inference state's ring buffer) when set."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ValueError(f"no config.json in {path}: point the teacher at a transformers Qwen2.5-VL checkpoint directory")
-    config = teacher_config(json.loads(cfg_file.read_text()), where=str(cfg_file))
+    config = teacher_config(json.loads(cfg_file.read_text()), where=str(cfg_file), sliding_window=sliding_window)
     with torch.device("meta"):
         model = InfiniteVL(config)
     model = model.to_empty(device=device).to(dtype)

@@ -1,0 +1,116 @@
+"""`infinitevl train <stage>` and `infinitevl convert`.
+
+    infinitevl train distill-layer --config configs/distill_layer.yaml [--set run.epochs=2 ...]
+    infinitevl train distill-e2e   --config configs/distill_e2e.yaml
+    infinitevl train sft           --config configs/sft.yaml
+    infinitevl train long-sft      --config configs/long_sft.yaml
+    infinitevl convert --teacher Qwen2.5-VL-3B-Instruct/ --out student-init/
+
+The same command runs in one process (CPU or one GPU) or under torchrun for several:
+    torchrun --nproc_per_node 8 -m infinitevl.cli_train train sft --config configs/sft.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from .training import options
+
+# stage name -> (module path, config class name); imported lazily so `--help` stays fast.
+STAGES = {
+    "distill-layer": ("infinitevl.training.distill_layer", "DistillLayerConfig"),
+    "distill-e2e": ("infinitevl.training.distill_e2e", "DistillE2EConfig"),
+    "sft": ("infinitevl.training.sft", "SFTConfig"),
+    "long-sft": ("infinitevl.training.long_sft", "LongSFTConfig"),
+}
+
+
+def _stage(name: str):
+    import importlib
+
+    mod_name, cls_name = STAGES[name]
+    mod = importlib.import_module(mod_name)
+    return mod, getattr(mod, cls_name)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Runs one training stage; returns the process exit code (0 done, 3 stopped early by run.stop_after)."""
+    ap = argparse.ArgumentParser(prog="infinitevl train", description="Train one stage of the InfiniteVL recipe.")
+    ap.add_argument("stage", choices=sorted(STAGES), help="which stage to run")
+    ap.add_argument("--config", help="YAML file mirroring the stage's config dataclass (see configs/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set run.epochs=2 --set data.max_tokens=4096 (repeatable)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    args = ap.parse_args(argv)
+    mod, cls = _stage(args.stage)
+    try:
+        cfg = options.load(cls, args.config, args.overrides)
+    except (ValueError, TypeError) as e:
+        ap.error(str(e))
+    if args.print_config:
+        print(json.dumps(asdict(cfg), indent=2))
+        return 0
+    import torch.distributed as torch_dist
+
+    from .training import distributed
+
+    owned = not torch_dist.is_initialized()  # a caller that started the process group keeps it
+    d = distributed.init(cfg.run.device)
+    try:
+        result = mod.run(cfg, d=d)
+    finally:
+        if owned:
+            distributed.shutdown(d)
+    if d.main:
+        last = result.history[-1] if result.history else {}
+        print(json.dumps({"stage": args.stage, "step": result.final_step, "total_steps": result.total_steps,
+                          "loss": last.get("loss"), "stopped_early": result.stopped_early,
+                          "output_dir": cfg.run.output_dir}))
+    return 3 if result.stopped_early else 0
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    """Teacher (transformers Qwen2.5-VL checkpoint dir) -> student init (InfiniteVL checkpoint dir)."""
+    from .training.student import StudentSpec, convert
+
+    d = StudentSpec()
+    ap = argparse.ArgumentParser(
+        prog="infinitevl convert",
+        description="Turn a transformers Qwen2.5-VL checkpoint into an InfiniteVL initialisation: layers i with "
+                    "i %% attention_every != 0 become Gated DeltaNet (mimic init), everything else is copied.")
+    ap.add_argument("--teacher", required=True, help="transformers Qwen2.5-VL checkpoint directory")
+    ap.add_argument("--out", required=True, help="output directory (InfiniteVL released format)")
+    ap.add_argument("--attention-every", type=int, default=d.attention_every)
+    ap.add_argument("--sliding-window", type=int, default=d.sliding_window)
+    ap.add_argument("--norm-eps", type=float, default=d.norm_eps, help="epsilon of the GDN output norm")
+    ap.add_argument("--linear-head-dim", type=int, default=None, help="default: the teacher's head dim")
+    ap.add_argument("--num-linear-heads", type=int, default=None, help="default: the teacher's attention heads")
+    ap.add_argument("--no-mimic-init", action="store_true", help="keep the plain GDN init")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    spec = StudentSpec(attention_every=args.attention_every, sliding_window=args.sliding_window,
+                       norm_eps=args.norm_eps, linear_head_dim=args.linear_head_dim,
+                       num_linear_heads=args.num_linear_heads, mimic_init=not args.no_mimic_init, seed=args.seed)
+    try:
+        student = convert(args.teacher, args.out, spec)
+    except ValueError as e:
+        ap.error(str(e))
+    kinds = student.config.text.layer_types
+    print(f"wrote {args.out}: {kinds.count('linear_attention')} GDN + {kinds.count('sliding_attention')} "
+          f"sliding-window layers (window {spec.sliding_window})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m infinitevl.cli_train {train,convert} ...` (for torchrun, which needs a module or script)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "convert"):
+        print("usage: python -m infinitevl.cli_train {train,convert} ...", file=sys.stderr)
+        return 2
+    return train_main(argv[1:]) if argv[0] == "train" else convert_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
