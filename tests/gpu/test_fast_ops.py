@@ -143,6 +143,7 @@ def test_fused_small_ops_match_layers(dtype):
     torch.testing.assert_close(beta, b_r, atol=1e-6, rtol=1e-6)
     u, v = torch.randn(4, 11008, device=DEV, dtype=dtype), torch.randn(4, 11008, device=DEV, dtype=dtype)
     torch.testing.assert_close(fused.silu_mul(u, v), F.silu(u) * v, **tol)
+    torch.testing.assert_close(fused.silu_mul_fused(torch.cat([u, v], -1)), F.silu(u) * v, **tol)
     q = torch.randn(2, 3, 16, 128, device=DEV, dtype=dtype)
     cos, sin = torch.randn(2, 3, 128, device=DEV), torch.randn(2, 3, 128, device=DEV)
     # bf16: measured within one rounding of the larger product where the two products cancel

@@ -34,6 +34,21 @@ def test_engine_matches_reference_loop_with_stops_and_padding(model):
     assert got.tolist() == want.tolist()
 
 
+def test_fused_projections_change_nothing(model):
+    import copy
+
+    ids, mask = _prompt()
+    want = generate(model, ids, attention_mask_BT=mask, max_new_tokens=8)
+    fused = copy.deepcopy(model)
+    got = Engine(fused, max_batch_size=4, backend="torch", fuse_projections=True).generate(
+        ids, attention_mask_BT=mask, max_new_tokens=8)
+    assert fused.model.layers[1].self_attn.in_proj is not None
+    assert got.tolist() == want.tolist()
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[k], v, atol=0, rtol=0)
+
+
 def test_stream_yields_columns_and_continues_state(model):
     ids, _ = _prompt(B=2, T=40)
     st_ref, st = model.new_state(2), model.new_state(2)

@@ -93,9 +93,14 @@ class Engine:
         backend: str = "auto",
         cuda_graph: bool | None = None,
         prefill_chunk_size: int = 8192,
+        fuse_projections: bool | None = None,
     ):
+        """cuda_graph / fuse_projections: None = on with the fast GPU backend. Fusing rebinds the decoder's
+        projection weights as views of fused tensors (see InfiniteVL.fuse_projections)."""
         self.model = model.eval()
         self.backend = model.set_backend(backend)
+        if fuse_projections or (fuse_projections is None and self.backend == "fla"):
+            model.fuse_projections()
         self.device = model.lm_head.weight.device
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
@@ -131,10 +136,14 @@ class Engine:
             logits, _ = prefill_with_vision(self.model, ids, state=state, attention_mask_BT=mask, chunk_size=chunk,
                                             **vision)
             return logits
+        # Chunk boundaries sit at multiples of `chunk` in the stream (not in this call), so a prompt fed over
+        # several calls reuses the same few shapes (kernel plans and autotuning are per shape).
+        T, start = ids.shape[1], int(state.seen.max())
+        bounds = [0] + [b - start for b in range((start // chunk + 1) * chunk, start + T, chunk)] + [T]
         logits = None
-        for s in range(0, ids.shape[1], chunk):
-            m = None if mask is None else mask[:, s : s + chunk]
-            logits = self.model(ids[:, s : s + chunk], attention_mask=m, state=state, logits_to_keep=1)[:, -1]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            m = None if mask is None else mask[:, s:e]
+            logits = self.model(ids[:, s:e], attention_mask=m, state=state, logits_to_keep=1)[:, -1]
         return logits
 
     # ---- decode ----

@@ -68,6 +68,14 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = GatedRMSNorm(V, eps=config.norm_eps)
         self.o_proj = nn.Linear(H * V, D, bias=False)
         self.backend = "torch"  # set by InfiniteVL.set_backend
+        self.in_proj = None  # FusedLinears after fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Inference: q, k, v, g, a, b in one matmul (see layers/fuse.py)."""
+        from .fuse import FusedLinears
+
+        if self.in_proj is None:
+            self.in_proj = FusedLinears([self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj])
 
     def forward(
         self,
@@ -80,19 +88,24 @@ class GatedDeltaNet(nn.Module):
         """Mixes tokens; updates `state` in place when given. Pad tokens (mask 0) leave it untouched."""
         B, T, _ = x_BTD.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        if self.in_proj is not None:
+            q_in, k_in, v_in, g_in, a_in, b_in = self.in_proj(x_BTD)
+        else:
+            q_in, k_in, v_in = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+            g_in, a_in, b_in = self.g_proj(x_BTD), self.a_proj(x_BTD), self.b_proj(x_BTD)
         conv_kw = dict(mask_BT=mask_BT, cu_seqlens=cu_seqlens, backend=self.backend)
-        q, cq = self.q_conv1d(self.q_proj(x_BTD), state=None if state is None else state.conv_q, **conv_kw)
-        k, ck = self.k_conv1d(self.k_proj(x_BTD), state=None if state is None else state.conv_k, **conv_kw)
-        v, cv = self.v_conv1d(self.v_proj(x_BTD), state=None if state is None else state.conv_v, **conv_kw)
+        q, cq = self.q_conv1d(q_in, state=None if state is None else state.conv_q, **conv_kw)
+        k, ck = self.k_conv1d(k_in, state=None if state is None else state.conv_k, **conv_kw)
+        v, cv = self.v_conv1d(v_in, state=None if state is None else state.conv_v, **conv_kw)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
 
         if self.backend == "fla":
             from ..ops import fused
 
-            g, beta = fused.gdn_gates(self.a_proj(x_BTD), self.b_proj(x_BTD), self.A_log, self.dt_bias, mask_BT=mask_BT)
+            g, beta = fused.gdn_gates(a_in, b_in, self.A_log, self.dt_bias, mask_BT=mask_BT)
         else:
-            beta = self.b_proj(x_BTD).float().sigmoid()
-            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x_BTD).float() + self.dt_bias.float())
+            beta = b_in.float().sigmoid()
+            g = -self.A_log.float().exp() * F.softplus(a_in.float() + self.dt_bias.float())
             g, beta = gated_delta.mask_padding(g, beta, mask_BT)
 
         o, final = gated_delta.gated_delta_rule(
@@ -107,6 +120,6 @@ class GatedDeltaNet(nn.Module):
             for dst, src in ((state.conv_q, cq), (state.conv_k, ck), (state.conv_v, cv), (state.recurrent, final)):
                 if src is not dst:  # the fast decode step already advanced it in place
                     dst.copy_(src)
-        gate = self.g_proj(x_BTD).view(B, T, H, V)
+        gate = g_in.view(B, T, H, V)
         o = self.o_norm(o, gate).reshape(B, T, H * V)
         return self.o_proj(o)

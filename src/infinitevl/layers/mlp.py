@@ -13,10 +13,23 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.backend = "torch"  # set by InfiniteVL.set_backend
+        self.gate_up = None  # FusedLinears after fuse_projections()
+
+    def fuse_projections(self) -> None:
+        from .fuse import FusedLinears
+
+        if self.gate_up is None:
+            self.gate_up = FusedLinears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "fla":
             from ..ops import fused
 
+            if self.gate_up is not None:
+                gu = torch.nn.functional.linear(x, self.gate_up.weight, self.gate_up.bias)
+                return self.down_proj(fused.silu_mul_fused(gu))
             return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

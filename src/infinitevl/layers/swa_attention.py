@@ -26,6 +26,14 @@ class SlidingWindowAttention(nn.Module):
         self.v_proj = nn.Linear(D, G * self.head_dim, bias=True)
         self.o_proj = nn.Linear(H * self.head_dim, D, bias=False)
         self.backend = "torch"  # set by InfiniteVL.set_backend
+        self.qkv = None  # FusedLinears after fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Inference: q, k, v in one matmul (see layers/fuse.py)."""
+        from .fuse import FusedLinears
+
+        if self.qkv is None:
+            self.qkv = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -47,9 +55,13 @@ class SlidingWindowAttention(nn.Module):
             from ..ops import swa_fast
 
             rope = swa_fast.apply_rope
-        q = rope(self.q_proj(x_BTD).view(B, T, H, E), cos_BTE, sin_BTE)
-        k = rope(self.k_proj(x_BTD).view(B, T, G, E), cos_BTE, sin_BTE)
-        v = self.v_proj(x_BTD).view(B, T, G, E)
+        if self.qkv is not None:
+            q_in, k_in, v_in = self.qkv(x_BTD)
+        else:
+            q_in, k_in, v_in = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        q = rope(q_in.view(B, T, H, E), cos_BTE, sin_BTE)
+        k = rope(k_in.view(B, T, G, E), cos_BTE, sin_BTE)
+        v = v_in.view(B, T, G, E)
         valid = torch.ones(B, T, dtype=torch.bool, device=x_BTD.device) if mask_BT is None else mask_BT.bool()
 
         if self.backend == "fla" and state is not None and T == 1 and seg_BT is None:

@@ -68,6 +68,13 @@ class InfiniteVL(nn.Module):
             self._backend_logged = resolved
         return resolved
 
+    def fuse_projections(self) -> None:
+        """Inference only: each decoder layer's sibling projections become one matmul (weights turn into views
+        of one tensor; same values and names, no extra memory). Save checkpoints from an unfused model."""
+        for module in self.model.modules():
+            if module is not self.model and hasattr(module, "fuse_projections"):
+                module.fuse_projections()
+
     def new_state(self, batch_size: int) -> InferenceState:
         p = self.model.embed_tokens.weight
         return InferenceState.allocate(self.config.text, batch_size, dtype=p.dtype, device=p.device)

@@ -41,12 +41,13 @@ def rms_norm(x: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tenso
 
 
 @triton.jit
-def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, y_ptr, D, eps, BD: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, y_ptr, NH, stride_g, D, eps, BD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # (token, head)
     cols = tl.arange(0, BD)
     m = cols < D
     x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    # the gate may be a column slice of a fused projection: token rows `stride_g` apart, heads contiguous
+    g = tl.load(g_ptr + (row // NH) * stride_g + (row % NH) * D + cols, mask=m, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
     y = x * rstd * w * (g * tl.sigmoid(g))
@@ -54,23 +55,29 @@ def _gated_rms_norm_kernel(x_ptr, g_ptr, w_ptr, y_ptr, D, eps, BD: tl.constexpr)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
-    D = x.shape[-1]
+    """x, gate [..., H, D]; the gate's heads must be contiguous, its tokens may be strided."""
+    D, NH = x.shape[-1], x.shape[-2]
     assert gate.shape == x.shape
-    x2, g2 = x.reshape(-1, D).contiguous(), gate.reshape(-1, D).contiguous()
+    x2 = x.reshape(-1, D).contiguous()
+    g3 = gate.reshape(-1, NH, D)
+    if g3.stride(-1) != 1 or g3.stride(-2) != D:
+        g3 = g3.contiguous()
     y = torch.empty_like(x2)
     if x2.shape[0]:
-        _gated_rms_norm_kernel[(x2.shape[0],)](x2, g2, weight_D, y, D, eps, BD=triton.next_power_of_2(D))
+        _gated_rms_norm_kernel[(x2.shape[0],)](x2, g3, weight_D, y, NH, g3.stride(0), D, eps,
+                                               BD=triton.next_power_of_2(D))
     return y.view(x.shape)
 
 
 @triton.jit
-def _gdn_gates_kernel(a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, mask_ptr, g_ptr, beta_ptr, n, H, BLOCK: tl.constexpr,
-                      HAS_MASK: tl.constexpr):
+def _gdn_gates_kernel(a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, mask_ptr, g_ptr, beta_ptr, n, H, stride_a, stride_b,
+                      BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     h = offs % H
-    a = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tok = offs // H
+    a = tl.load(a_ptr + tok * stride_a + h, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + tok * stride_b + h, mask=m, other=0.0).to(tl.float32)
     A_log = tl.load(A_log_ptr + h, mask=m, other=0.0).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + h, mask=m, other=0.0).to(tl.float32)
     x = a + dt_bias
@@ -95,16 +102,20 @@ def gdn_gates(
     *,
     mask_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, beta), both float32 [B, T, H], from the raw a_proj / b_proj outputs; zero where mask_BT is 0."""
-    a, b = a_BTH.contiguous(), b_BTH.contiguous()
+    """(g, beta), both float32 [B, T, H], from the raw a_proj / b_proj outputs (heads contiguous, tokens may
+    be strided); zero where mask_BT is 0."""
+    H = a_BTH.shape[-1]
+    a, b = a_BTH.reshape(-1, H), b_BTH.reshape(-1, H)
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
     mask = None if mask_BT is None else mask_BT.contiguous()
-    g = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    g = torch.empty(a_BTH.shape, dtype=torch.float32, device=a.device)
     beta = torch.empty_like(g)
-    n, H = a.numel(), a.shape[-1]
+    n = g.numel()
     BLOCK = 1024
     if n:
-        _gdn_gates_kernel[(triton.cdiv(n, BLOCK),)](a, b, A_log_H, dt_bias_H, mask, g, beta, n, H, BLOCK=BLOCK,
-                                                    HAS_MASK=mask is not None)
+        _gdn_gates_kernel[(triton.cdiv(n, BLOCK),)](a, b, A_log_H, dt_bias_H, mask, g, beta, n, H, a.stride(0),
+                                                    b.stride(0), BLOCK=BLOCK, HAS_MASK=mask is not None)
     return g, beta
 
 
@@ -116,6 +127,31 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
     s = (g * tl.sigmoid(g)).to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + offs, (s * u).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _silu_mul_fused_kernel(gu_ptr, y_ptr, n, I, stride_gu, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    row, col = offs // I, offs % I
+    g = tl.load(gu_ptr + row * stride_gu + col, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + I + col, mask=m, other=0.0).to(tl.float32)
+    s = (g * tl.sigmoid(g)).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + offs, (s * u).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up where gate_up = [gate | up] along the last dim (one fused projection)."""
+    I2 = gate_up.shape[-1]
+    I = I2 // 2
+    gu = gate_up.reshape(-1, I2)
+    gu = gu if gu.stride(-1) == 1 else gu.contiguous()
+    y = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype, device=gate_up.device)
+    n = y.numel()
+    BLOCK = 2048
+    if n:
+        _silu_mul_fused_kernel[(triton.cdiv(n, BLOCK),)](gu, y, n, I, gu.stride(0), BLOCK=BLOCK)
+    return y
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, NH, D: tl.constexpr, HALF: tl.constexpr):
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, NH, stride_x, D: tl.constexpr, HALF: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # one (b, t, head) row
     bt = row // NH
     d = tl.arange(0, D)
-    x = tl.load(x_ptr + row * D + d).to(tl.float32)
+    # x may be a column slice of a fused projection: tokens `stride_x` apart, heads contiguous
+    p_x = x_ptr + bt * stride_x + (row % NH) * D
+    x = tl.load(p_x + d).to(tl.float32)
     rot_src = tl.where(d < HALF, d + HALF, d - HALF)
-    xr = tl.load(x_ptr + row * D + rot_src).to(tl.float32)
+    xr = tl.load(p_x + rot_src).to(tl.float32)
     xr = tl.where(d < HALF, -xr, xr)  # rotate_half
     dt = y_ptr.dtype.element_ty
     c = tl.load(cos_ptr + bt * D + d).to(dt).to(tl.float32)
@@ -38,12 +40,14 @@ def apply_rope(x_BTHD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tenso
     """Same as ops.rope.apply_rope, in one kernel."""
     B, T, NH, D = x_BTHD.shape
     assert D % 2 == 0 and D == triton.next_power_of_2(D), "head dim must be a power of two"
-    x = x_BTHD.contiguous()
+    x = x_BTHD.reshape(B * T, NH, D)
+    if x.stride(-1) != 1 or x.stride(-2) != D:
+        x = x.contiguous()
     cos, sin = cos_BTD.contiguous(), sin_BTD.contiguous()
     assert cos.shape == (B, T, D)
-    y = torch.empty_like(x)
-    if x.numel():
-        _rope_kernel[(B * T * NH,)](x, cos, sin, y, NH, D=D, HALF=D // 2)
+    y = torch.empty(B, T, NH, D, dtype=x_BTHD.dtype, device=x_BTHD.device)
+    if y.numel():
+        _rope_kernel[(B * T * NH,)](x, cos, sin, y, NH, x.stride(0), D=D, HALF=D // 2)
     return y
 
 
