@@ -77,8 +77,16 @@ def _convert(tp, value, where: str):
             if dataclasses.is_dataclass(a) and isinstance(value, dict):
                 return from_dict(a, value, where=where)
         return _convert(args[0], value, where) if len(args) == 1 else value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
+    if tp is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{where} must be an integer, got {value!r}") from None
     return value
 
 
