@@ -1,0 +1,289 @@
+"""Reading images and videos for the model, with errors that say what is wrong and what to do.
+
+Legend: T frames, H height, W width.
+
+- `load_image`: a PIL image, a local path, `file://...`, `data:image/...;base64,...` or an http(s) URL -> RGB PIL image.
+- `load_video`: a video file (PyAV) -> frames sampled at `fps` (uint8 [T, H, W, 3]) and the rate they represent.
+- `process_vision_info`: chat `messages` -> (images, videos), like `qwen_vl_utils.process_vision_info` (same
+  message format and the same resize / frame-count rules), without torchvision.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# The rules of qwen_vl_utils (the reference preprocessing of Qwen2.5-VL and the released InfiniteVL).
+PATCH_FACTOR = 28  # patch_size 14 * spatial merge 2
+IMAGE_MIN_TOKENS, IMAGE_MAX_TOKENS = 4, 16384
+VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS = 128, 768
+VIDEO_TOTAL_TOKENS = int(128000 * 0.9)  # the whole video's budget: 90% of a 128K context
+DEFAULT_FPS, FRAME_FACTOR, MIN_FRAMES, MAX_FRAMES = 2.0, 2, 4, 768
+MAX_ASPECT_RATIO = 200
+URL_TIMEOUT_S = 30
+
+
+class MediaError(ValueError):
+    """An image or video that cannot be used: missing, unreadable, corrupt, or of the wrong type."""
+
+
+# ---- images ----
+def load_image(source: Any) -> Image.Image:
+    """An RGB PIL image from a PIL image, a path, `file://`, `data:image/...;base64,` or an http(s) URL.
+    Transparent pixels are composited on white (as qwen_vl_utils does)."""
+    if isinstance(source, Image.Image):
+        return _to_rgb(source)
+    if isinstance(source, Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise MediaError(
+            f"an image must be a PIL.Image, a path, a file:// or data: URI or an http(s) URL; got {type(source).__name__}"
+        )
+    if source.startswith("data:"):
+        head, sep, payload = source.partition("base64,")
+        if not sep or not head.startswith("data:image"):
+            raise MediaError("a data URI image must look like 'data:image/<format>;base64,<data>'")
+        try:
+            data = base64.b64decode(payload, validate=False)
+        except ValueError as e:
+            raise MediaError(f"the data URI image is not valid base64: {e}") from e
+        return _decode_image(io.BytesIO(data), "the data URI image")
+    if source.startswith(("http://", "https://")):
+        return _decode_image(io.BytesIO(_fetch_url(source)), source)
+    path = Path(source[len("file://"):] if source.startswith("file://") else source)
+    if not path.is_file():
+        raise MediaError(f"image file not found: {path} (check the path; URLs must start with http:// or https://)")
+    return _decode_image(path, str(path))
+
+
+def _decode_image(fp, name: str) -> Image.Image:
+    try:
+        with Image.open(fp) as img:
+            img.load()  # decode now: PIL is lazy and a truncated file would only fail later
+            return _to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise MediaError(f"cannot decode {name} as an image ({e}): the file is corrupt, truncated or not an image") from e
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGBA":
+        out = Image.new("RGB", img.size, (255, 255, 255))
+        out.paste(img, mask=img.split()[3])
+        return out
+    return img.convert("RGB")
+
+
+def _fetch_url(url: str) -> bytes:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            return response.read()
+    except OSError as e:
+        raise MediaError(f"cannot download {url}: {e}; download it and pass the local path") from e
+
+
+# ---- videos ----
+def load_video(
+    source: str | Path,
+    fps: float = DEFAULT_FPS,
+    max_frames: int | None = None,
+    *,
+    min_frames: int = MIN_FRAMES,
+    as_pil: bool = False,
+) -> tuple[np.ndarray | list[Image.Image], float]:
+    """Frames sampled uniformly at about `fps` and the rate they represent: (uint8 [T, H, W, 3] or T PIL
+    images, fps_used). T is even (the vision tower pairs frames), at least `min_frames` when the video has that
+    many, at most `max_frames`; the frame choice is qwen_vl_utils' (`linspace(0, total - 1, T).round()`)."""
+    import av
+
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if max_frames is not None and max_frames < FRAME_FACTOR:
+        raise ValueError(f"max_frames must be >= {FRAME_FACTOR} (frames are used in pairs), got {max_frames}")
+    if isinstance(source, Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise MediaError(f"a video must be a path to a video file; got {type(source).__name__}")
+    if source.startswith(("http://", "https://")):
+        raise MediaError(f"video URLs are not fetched: download {source} and pass the local path")
+    path = Path(source[len("file://"):] if source.startswith("file://") else source)
+    if not path.is_file():
+        raise MediaError(f"video file not found: {path}")
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            native_fps = float(stream.average_rate or stream.base_rate or 0)
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+            if total < 1 or native_fps <= 0:
+                raise MediaError(f"{path} reports no frames or no frame rate: re-encode it (e.g. ffmpeg -i in out.mp4)")
+            n = _frame_count(total, native_fps, fps, min_frames=min_frames, max_frames=max_frames)
+            wanted = np.linspace(0, total - 1, n).round().astype(int)
+            container.seek(0)
+            frames = _decode_frames(container, stream, wanted)
+    except av.error.FFmpegError as e:
+        raise MediaError(f"cannot decode video {path} ({e}): the file is corrupt, truncated or in an unsupported "
+                         f"format; re-encode it (e.g. ffmpeg -i in.mp4 -c:v libx264 out.mp4)") from e
+    if len(frames) < n:
+        raise MediaError(f"video {path} ended after {len(frames)} of the {n} sampled frames (of {total} announced): "
+                         f"the file is truncated or corrupt; re-encode it")
+    fps_used = n / total * native_fps
+    if as_pil:
+        return [Image.fromarray(f) for f in frames], fps_used
+    return np.stack(frames), fps_used
+
+
+def _frame_count(total: int, native_fps: float, fps: float, *, min_frames: int, max_frames: int | None) -> int:
+    lo = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
+    hi = (min(MAX_FRAMES, total) if max_frames is None else max_frames) // FRAME_FACTOR * FRAME_FACTOR
+    n = min(max(total / native_fps * fps, lo), hi, total)
+    n = int(n // FRAME_FACTOR * FRAME_FACTOR)
+    if n < FRAME_FACTOR:
+        raise MediaError(f"the video has {total} frame(s); at least {FRAME_FACTOR} are needed")
+    return n
+
+
+def _decode_frames(container, stream, wanted: np.ndarray) -> list[np.ndarray]:
+    stream.thread_type = "AUTO"
+    frames: list[np.ndarray] = []
+    k, last = 0, int(wanted[-1])
+    for index, frame in enumerate(container.decode(stream)):
+        if index > last:
+            break
+        if index == wanted[k]:
+            rgb = frame.to_ndarray(format="rgb24")
+            # linspace may pick one frame twice for short videos
+            while k < len(wanted) and wanted[k] == index:
+                frames.append(rgb)
+                k += 1
+    return frames
+
+
+# ---- chat messages ----
+def smart_resize(height: int, width: int, *, factor: int = PATCH_FACTOR, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor`, with the pixel count within [min_pixels, max_pixels]
+    and the aspect ratio kept as well as possible (the Qwen2-VL rule)."""
+    if min(height, width) < 1:
+        raise MediaError(f"an image of size {width}x{height} has no pixels")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise MediaError(f"aspect ratio {max(height, width) / min(height, width):.0f} is above {MAX_ASPECT_RATIO}: "
+                         f"crop or pad the image")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def vision_items(messages: list[dict] | list[list[dict]]) -> list[dict]:
+    """The image/video content items of one conversation (or a batch of them), in order."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    conversations = [messages] if isinstance(messages[0], dict) else messages
+    items = []
+    for conversation in conversations:
+        for message in conversation:
+            if not isinstance(message, dict) or "content" not in message:
+                raise ValueError(f"each message must be a dict with 'role' and 'content', got {message!r:.80}")
+            content = message["content"]
+            if isinstance(content, list):
+                items.extend(c for c in content if isinstance(c, dict) and _kind(c) is not None)
+    return items
+
+
+def _kind(item: dict) -> str | None:
+    if "image" in item or "image_url" in item or item.get("type") in ("image", "image_url"):
+        return "image"
+    if "video" in item or item.get("type") == "video":
+        return "video"
+    return None
+
+
+def fetch_image(item: dict) -> Image.Image:
+    """One `{"type": "image", "image": ...}` item -> a PIL image resized to multiples of 28 (honours
+    `min_pixels`, `max_pixels`, `resized_height` + `resized_width`)."""
+    src = item.get("image", item.get("image_url"))
+    if isinstance(src, dict):  # OpenAI style {"image_url": {"url": ...}}
+        src = src.get("url")
+    if src is None:
+        raise ValueError(f"image item without an 'image' value: {item!r:.80}")
+    img = load_image(src)
+    if "resized_height" in item and "resized_width" in item:
+        h, w = smart_resize(item["resized_height"], item["resized_width"], min_pixels=0, max_pixels=2**62)
+    else:
+        h, w = smart_resize(img.height, img.width,
+                            min_pixels=item.get("min_pixels", IMAGE_MIN_TOKENS * PATCH_FACTOR**2),
+                            max_pixels=item.get("max_pixels", IMAGE_MAX_TOKENS * PATCH_FACTOR**2))
+    return img.resize((w, h), Image.Resampling.BICUBIC) if (w, h) != img.size else img
+
+
+def fetch_video(item: dict) -> tuple[np.ndarray, float]:
+    """One `{"type": "video", "video": ...}` item -> (uint8 frames [T, H, W, 3] resized to multiples of 28,
+    fps of the sampled frames). `video` is a path or a list of frame images; honours `fps`, `min_frames`,
+    `max_frames`, `min_pixels`, `max_pixels`, `total_pixels`, `resized_height` + `resized_width`."""
+    src = item.get("video")
+    if isinstance(src, (list, tuple)):
+        if not src:
+            raise ValueError("a video given as a list of frames needs at least one frame")
+        frames = [np.asarray(load_image(f)) for f in src]
+        if len({f.shape for f in frames}) != 1:
+            raise MediaError("the frames of one video must all have the same size")
+        if len(frames) % FRAME_FACTOR:
+            frames.append(frames[-1])  # frames are used in pairs: repeat the last one
+        frames_THWC, fps_used = np.stack(frames), float(item.get("sample_fps", DEFAULT_FPS))
+    elif isinstance(src, (str, Path)):
+        frames_THWC, fps_used = load_video(src, fps=item.get("fps", DEFAULT_FPS), max_frames=item.get("max_frames"),
+                                           min_frames=item.get("min_frames", MIN_FRAMES))
+    else:
+        raise MediaError(f"a video must be a path or a list of frames; got {type(src).__name__}")
+    T, H, W = frames_THWC.shape[:3]
+    min_pixels = item.get("min_pixels", VIDEO_MIN_TOKENS * PATCH_FACTOR**2)
+    total_pixels = item.get("total_pixels", VIDEO_TOTAL_TOKENS * PATCH_FACTOR**2)
+    max_pixels = max(min(VIDEO_MAX_TOKENS * PATCH_FACTOR**2, total_pixels / T * FRAME_FACTOR), int(min_pixels * 1.05))
+    max_pixels = min(item.get("max_pixels", max_pixels), max_pixels)
+    if "resized_height" in item and "resized_width" in item:
+        h, w = smart_resize(item["resized_height"], item["resized_width"], min_pixels=0, max_pixels=2**62)
+    else:
+        h, w = smart_resize(H, W, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (h, w) != (H, W):
+        frames_THWC = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC))
+                                for f in frames_THWC])
+    return frames_THWC, fps_used
+
+
+def process_vision_info(
+    messages: list[dict] | list[list[dict]], *, return_video_kwargs: bool = False
+) -> tuple[list[Image.Image] | None, list[np.ndarray] | None] | tuple[
+        list[Image.Image] | None, list[np.ndarray] | None, dict[str, Any]]:
+    """(images, videos) of the chat `messages`, in order, ready for the processor. With
+    `return_video_kwargs`, also {"video_metadata": [{"fps": ..., "total_num_frames": ...}, ...]}: pass it to the
+    processor (`processor(..., **video_kwargs)`) so `second_per_grid_ts` uses the rate of the sampled frames
+    (transformers' own video processor assumes 24 fps for bare frames)."""
+    images: list[Image.Image] = []
+    videos: list[np.ndarray] = []
+    metadata: list[dict[str, Any]] = []
+    for item in vision_items(messages):
+        if _kind(item) == "image":
+            images.append(fetch_image(item))
+        else:
+            frames, fps_used = fetch_video(item)
+            videos.append(frames)
+            metadata.append({"fps": fps_used, "total_num_frames": len(frames)})
+    out = (images or None, videos or None)
+    if return_video_kwargs:
+        return (*out, {"video_metadata": metadata} if metadata else {})
+    return out
