@@ -1,0 +1,267 @@
+"""The transformers edge: the released model card snippet on a saved tiny checkpoint with the real tokenizer,
+HF generate == our generate, left padding, the Auto classes, the parity fixture through AutoModelForCausalLM."""
+import json
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+import infinitevl
+from infinitevl import InfiniteVL
+from infinitevl.hf import InferenceStateCache, InfiniteVLForConditionalGeneration, InfiniteVLHFConfig
+from infinitevl.inference import generate as our_generate
+from infinitevl.media import process_vision_info as our_process_vision_info
+from infinitevl.model.config import InfiniteVLConfig, TextConfig, VisionConfig
+
+from .conftest import MEDIA, QWEN_TOKENIZER, REFERENCE_TINY
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+EOS = 151645
+
+
+def tiny_qwen_vocab_config() -> InfiniteVLConfig:
+    """Smaller than preset('tiny') but with Qwen2.5-VL's vocabulary and token ids, so the real tokenizer fits."""
+    return InfiniteVLConfig(
+        text=TextConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3], sliding_window=16,
+                        num_linear_heads=2, num_linear_key_value_heads=2, linear_head_dim=16, norm_eps=1e-6),
+        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
+                            out_hidden_size=64, fullatt_block_indexes=[1]),
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A released-format directory: config.json + model.safetensors + the Qwen2.5-VL tokenizer/processor files."""
+    d = tmp_path_factory.mktemp("tiny-qwen-vocab")
+    torch.manual_seed(0)
+    model = InfiniteVL(tiny_qwen_vocab_config())
+    with torch.no_grad():  # larger random weights than the default init, so greedy decoding is not one token repeated
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(d)
+    for f in QWEN_TOKENIZER.iterdir():
+        if f.suffix in (".json", ".txt", ".jinja"):
+            shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def card(checkpoint):
+    """The model card's loading lines, verbatim."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.bfloat16, device_map="auto")
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def fp32(checkpoint):
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), AutoProcessor.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def qwen_process_vision_info():
+    """qwen_vl_utils.process_vision_info. It imports torchvision at module level; without torchvision (our CPU
+    install) a minimal stub stands in during that import, providing only the names it touches at import time and
+    on the image path (its video path needs the real torchvision: videos go through infinitevl.media here). The
+    stub is removed from sys.modules afterwards."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        stub = types.ModuleType("torchvision")
+        stub.__version__ = "0.0.0"
+        stub.io = types.ModuleType("torchvision.io")
+        stub.transforms = types.ModuleType("torchvision.transforms")
+        stub.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
+        stub.transforms.functional = types.ModuleType("torchvision.transforms.functional")
+        with pytest.MonkeyPatch.context() as mp:
+            for name, module in {"torchvision": stub, "torchvision.io": stub.io,
+                                 "torchvision.transforms": stub.transforms,
+                                 "torchvision.transforms.functional": stub.transforms.functional}.items():
+                mp.setitem(sys.modules, name, module)
+            from qwen_vl_utils import process_vision_info
+            return process_vision_info
+    from qwen_vl_utils import process_vision_info
+    return process_vision_info
+
+
+PROMPTS = {
+    "text": [{"type": "text", "text": "Write a haiku about constant memory."}],
+    "image": [{"type": "image", "image": str(MEDIA / "1.jpg")}, {"type": "text", "text": "Describe this image."}],
+    "two_images": [{"type": "image", "image": str(MEDIA / "1.jpg")}, {"type": "image", "image": str(MEDIA / "2.jpg")},
+                   {"type": "text", "text": "What differs between these two pictures?"}],
+    "video": [{"type": "video", "video": str(MEDIA / "1.mp4"), "fps": 1.0, "max_pixels": 28 * 28 * 16},
+              {"type": "text", "text": "What happens in this video?"}],
+}
+
+
+def _vision(inputs) -> dict:
+    return {k: inputs[k] for k in VISION_KEYS if k in inputs}
+
+
+@pytest.mark.parametrize("case", list(PROMPTS))
+def test_model_card_snippet(card, qwen_process_vision_info, case):
+    model, processor = card
+    assert isinstance(model, InfiniteVLForConditionalGeneration) and model.dtype == torch.bfloat16
+    messages = [{"role": "user", "content": PROMPTS[case]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    video_kwargs = {}
+    if case == "video":  # qwen_vl_utils' video reader needs torchvision: our loader, same message format
+        image_inputs, video_inputs, video_kwargs = our_process_vision_info(messages, return_video_kwargs=True)
+    else:
+        image_inputs, video_inputs = qwen_process_vision_info(messages)
+    inputs = processor(text=[text], images=image_inputs, videos=video_inputs, padding=True, return_tensors="pt",
+                       **video_kwargs).to(model.device)
+    generated_ids = model.generate(**inputs, max_new_tokens=6)
+
+    prompt = inputs["input_ids"]
+    assert torch.equal(generated_ids[:, : prompt.shape[1]], prompt) and generated_ids.shape[1] > prompt.shape[1]
+    new = generated_ids[:, prompt.shape[1]:]
+    ours = our_generate(model.core, prompt, max_new_tokens=6, stop_token_ids=[EOS], **_vision(inputs))
+    assert new.tolist() == ours[:, : new.shape[1]].tolist()
+    assert isinstance(processor.batch_decode(new, skip_special_tokens=True)[0], str)
+    if case == "video":
+        assert inputs["second_per_grid_ts"].tolist() == pytest.approx([2 / video_kwargs["video_metadata"][0]["fps"]])
+
+
+def test_left_padded_batch_equals_each_prompt_alone(fp32):
+    model, processor = fp32
+    processor.tokenizer.padding_side = "left"
+    small_image = [{"type": "image", "image": str(MEDIA / "1.jpg"), "max_pixels": 28 * 28 * 8},
+                   {"type": "text", "text": "Describe this image."}]
+    conversations = [[{"role": "user", "content": small_image}],
+                     [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]]
+    texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    images, _ = our_process_vision_info(conversations[0])
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"][1] == 0).any(), "the second prompt must be padded"
+    together = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    T = batch["input_ids"].shape[1]
+    for row, (text, imgs) in enumerate(((texts[0], images), (texts[1], None))):
+        alone = processor(text=[text], images=imgs, return_tensors="pt")
+        single = model.generate(**alone, max_new_tokens=6, do_sample=False)
+        assert together[row, T:].tolist() == single[0, alone["input_ids"].shape[1]:].tolist()
+
+
+def test_generate_without_cache_and_beam_search(fp32):
+    model, processor = fp32
+    inputs = processor(text=["<|im_start|>user\nCount to five.<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    cached = model.generate(**inputs, max_new_tokens=5)
+    uncached = model.generate(**inputs, max_new_tokens=5, use_cache=False)  # full recompute every step
+    assert cached.tolist() == uncached.tolist()
+    beams = model.generate(**inputs, max_new_tokens=4, num_beams=2, do_sample=False)
+    assert beams.shape == (1, inputs["input_ids"].shape[1] + 4)
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(**inputs, pixel_values=torch.zeros(4, 1176), image_grid_thw=torch.tensor([[1, 2, 2]]),
+                       num_beams=2)
+
+
+def test_forward_cache_continuation_and_loss(fp32):
+    model, _ = fp32
+    ids = torch.randint(0, 151000, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    full = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert full.past_key_values is None
+    first = model(input_ids=ids[:, :15], attention_mask=mask[:, :15])
+    assert isinstance(first.past_key_values, InferenceStateCache) and first.past_key_values.get_seq_length() == 15
+    rest = model(input_ids=ids[:, 15:], attention_mask=mask, past_key_values=first.past_key_values)  # HF-style mask
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1)[mask.bool()], full.logits[mask.bool()],
+                               atol=1e-4, rtol=1e-4)
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    want = torch.nn.functional.cross_entropy(full.logits[:, :-1].reshape(-1, full.logits.shape[-1]),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, want)
+    out.loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
+def test_auto_classes_and_released_names(checkpoint):
+    for auto in (AutoModelForImageTextToText, AutoModel):
+        model = auto.from_pretrained(checkpoint)
+        assert isinstance(model, InfiniteVLForConditionalGeneration) and model.dtype == torch.float32  # "auto"
+    stored = set(load_file(str(checkpoint / "model.safetensors")))
+    assert set(model.state_dict()) == stored | {"lm_head.weight"}
+    assert model.lm_head.weight is model.model.embed_tokens.weight is model.core.model.embed_tokens.weight
+    config = AutoConfig.from_pretrained(checkpoint)
+    assert isinstance(config, InfiniteVLHFConfig) and config.to_core() == tiny_qwen_vocab_config()
+    random_init = AutoModelForCausalLM.from_config(config)
+    assert set(random_init.state_dict()) == set(model.state_dict())
+
+
+def test_save_pretrained_round_trip(fp32, tmp_path):
+    model, _ = fp32
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "infinite_vl"
+
+
+def test_released_config_layouts(tmp_path):
+    released = {  # the released 4B config.json (flat text fields, nested vision_config), keys as published
+        "attn_implementation": "flash_attention_2", "architectures": ["InfiniteVLQwen2_5_VLForConditionalGeneration"],
+        "auto_map": {"AutoConfig": "configuration_infinitevl.InfiniteVLConfig"}, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 2048,
+        "image_token_id": 151655, "initializer_range": 0.02, "intermediate_size": 11008,
+        "max_position_embeddings": 128000, "max_window_layers": 70, "model_type": "infinite_vl",
+        "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+        "rope_theta": 1000000.0, "sliding_window": 8192, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.50.0", "use_cache": False, "use_sliding_window": True, "video_token_id": 151656,
+        "vision_config": {"depth": 32, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu",
+                          "hidden_size": 1280, "in_channels": 3, "in_chans": 3, "intermediate_size": 3420,
+                          "model_type": "infinite_vl", "num_heads": 16, "out_hidden_size": 2048, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2,
+                          "tokens_per_second": 2, "torch_dtype": "bfloat16", "window_size": 112},
+        "vision_end_token_id": 151653, "vision_start_token_id": 151652, "vision_token_id": 151654,
+        "vocab_size": 151936,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(released))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.to_core() == infinitevl.preset("4b") and config.dtype == torch.bfloat16 and config.use_cache
+    assert config.layer_types[:4] == ["sliding_attention"] + ["linear_attention"] * 3
+    config.save_pretrained(tmp_path / "saved")
+    assert InfiniteVLConfig.from_file(tmp_path / "saved") == infinitevl.preset("4b")
+    nested = AutoConfig.from_pretrained(REFERENCE_TINY / "model")  # text fields nested under text_config
+    assert nested.to_core() == InfiniteVLConfig.from_file(REFERENCE_TINY / "model")
+    with pytest.raises(ValueError, match="vision_config"):
+        InfiniteVLHFConfig(hidden_size=8)
+
+
+def test_from_pretrained_dtype_device_and_bad_arguments(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="bfloat16", device_map={"": "cpu"})
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    with pytest.raises(ValueError, match="load_in_8bit"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, load_in_8bit=True)
+    with pytest.raises(ValueError, match="dtype"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, dtype="int8")
+    with pytest.raises(ValueError, match="several devices"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"visual": "cpu", "model": "meta"})
+
+
+@pytest.fixture(scope="module")
+def parity():
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE_TINY / "model")
+    return model, load_file(str(REFERENCE_TINY / "cases.safetensors"))
+
+
+@pytest.mark.parametrize("case", ["text", "image", "video", "two_images"])
+def test_parity_fixture_through_auto_model(parity, case):
+    model, cases = parity
+    vision = {k: cases[f"{case}.{k}"] for k in VISION_KEYS if f"{case}.{k}" in cases}
+    with torch.no_grad():
+        logits = model(input_ids=cases[f"{case}.input_ids"], **vision).logits
+    diff = (logits - cases[f"{case}.logits"]).abs()
+    assert diff.max() < 5e-2 and diff.mean() < 2e-3, (case, diff.max().item(), diff.mean().item())
+    if case == "image":  # greedy tokens too (all cases are checked on the core in tests/model/test_parity.py)
+        ids = cases[f"{case}.input_ids"]
+        got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, **vision)
+        assert got.tolist() == cases[f"{case}.generated"].tolist()
