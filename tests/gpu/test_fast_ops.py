@@ -181,3 +181,34 @@ def test_decode_attention_reads_ring_in_place(dtype, B, R, cur):
     swa.ring_write(ref, kn[:, None], vn[:, None], cur_t[:, None], torch.ones(B, 1, dtype=torch.bool, device=DEV))
     assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
     assert torch.equal(ours.token_index, ref.token_index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_step3_add_norm_and_gemv(dtype):
+    from infinitevl.ops import fused, short_conv_fast
+    from infinitevl.ops.gemv import gemv
+
+    B, W, Cs = 3, 4, [2048, 2048, 4096]
+    full = torch.randn(B, 1, 9000, device=DEV, dtype=dtype)
+    xs = [full[..., :2048], full[..., 2048:4096], full[..., 4096:8192]]
+    ws = [torch.randn(C, W, device=DEV, dtype=dtype) for C in Cs]
+    sts = [torch.randn(B, C, W - 1, device=DEV, dtype=dtype) for C in Cs]
+    refs = [short_conv.short_conv(x, w, state_BCW=s) for x, w, s in zip(xs, ws, sts)]
+    new = [s.clone() for s in sts]
+    keep = torch.tensor([1, 0, 1], device=DEV)
+    ys = short_conv_fast.short_conv_step3(xs, ws, new, keep_B=keep)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for y, (y_r, s_r), s_new, s_old in zip(ys, refs, new, sts):
+        torch.testing.assert_close(y, y_r, **tol)
+        assert torch.equal(s_new[[0, 2]], s_r[[0, 2]]) and torch.equal(s_new[1], s_old[1])
+    x, h = torch.randn(5, 2048, device=DEV, dtype=dtype), torch.randn(5, 2048, device=DEV, dtype=dtype)
+    n = RMSNorm(2048, 1e-6).to(DEV, dtype)
+    torch.nn.init.normal_(n.weight)
+    s, y = fused.add_rms_norm(x, h, n.weight, 1e-6)
+    assert torch.equal(s, x + h)
+    torch.testing.assert_close(y, n(x + h), **({} if dtype == torch.bfloat16 else tol))
+    for N, K in [(12320, 2048), (2048, 4096), (1000, 300)]:
+        w, b = torch.randn(N, K, device=DEV, dtype=dtype) * 0.05, torch.randn(N, device=DEV, dtype=dtype)
+        xv = torch.randn(1, 1, K, device=DEV, dtype=dtype)
+        ref = F.linear(xv.double(), w.double(), b.double())
+        assert rel(gemv(xv, w, b), ref) < (1e-5 if dtype == torch.float32 else 5e-3)

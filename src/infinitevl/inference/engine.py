@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layers.fuse import linear
 from ..model.infinitevl import InfiniteVL
 from ..model.state import InferenceState
 from .cuda_graph import CapturedStep, EagerStep
@@ -165,7 +166,7 @@ class Engine:
         hidden = model.model(x, positions, mask_BT=slot.live, state=state)
         state.seen.add_(slot.live[:, 0])
         state.next_position.add_(slot.live[:, 0])
-        logits = model.lm_head(hidden[:, -1])
+        logits = linear(hidden[:, -1], model.lm_head.weight, backend=self.backend)
         if kind == "greedy":
             nxt = logits.argmax(-1)
         else:

@@ -9,7 +9,17 @@ one storage, save checkpoints from an unfused model (safetensors refuses shared 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "torch"):
+    """F.linear, or on the fast backend the Triton GEMV when x is a single row (batch-1 decode)."""
+    if backend == "fla" and x.is_cuda and x.numel() == weight.shape[1] and weight.is_contiguous():
+        from ..ops.gemv import gemv
+
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class FusedLinears:
@@ -29,5 +39,9 @@ class FusedLinears:
                 lin.bias = nn.Parameter(self.bias[off : off + n], requires_grad=False)
             off += n
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+    def project(self, x: torch.Tensor, *, backend: str = "torch") -> torch.Tensor:
+        """The fused output [..., sum(out)]."""
+        return linear(x, self.weight, self.bias, backend=backend)
+
+    def __call__(self, x: torch.Tensor, *, backend: str = "torch") -> list[torch.Tensor]:
+        return list(self.project(x, backend=backend).split(self.sizes, dim=-1))

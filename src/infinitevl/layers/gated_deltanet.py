@@ -17,6 +17,7 @@ from ..model.config import TextConfig
 from ..model.state import GDNState
 from ..ops import gated_delta
 from ..ops.short_conv import short_conv, short_conv_packed
+from .fuse import linear
 from .norm import GatedRMSNorm
 
 
@@ -89,14 +90,25 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x_BTD.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         if self.in_proj is not None:
-            q_in, k_in, v_in, g_in, a_in, b_in = self.in_proj(x_BTD)
+            q_in, k_in, v_in, g_in, a_in, b_in = self.in_proj(x_BTD, backend=self.backend)
         else:
             q_in, k_in, v_in = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
             g_in, a_in, b_in = self.g_proj(x_BTD), self.a_proj(x_BTD), self.b_proj(x_BTD)
-        conv_kw = dict(mask_BT=mask_BT, cu_seqlens=cu_seqlens, backend=self.backend)
-        q, cq = self.q_conv1d(q_in, state=None if state is None else state.conv_q, **conv_kw)
-        k, ck = self.k_conv1d(k_in, state=None if state is None else state.conv_k, **conv_kw)
-        v, cv = self.v_conv1d(v_in, state=None if state is None else state.conv_v, **conv_kw)
+        if self.backend == "fla" and T == 1 and state is not None and cu_seqlens is None:
+            # decode: the three short convs in one kernel, states advanced in place
+            from ..ops import short_conv_fast
+
+            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+            cq, ck, cv = state.conv_q, state.conv_k, state.conv_v
+            q, k, v = short_conv_fast.short_conv_step3(
+                (q_in, k_in, v_in), tuple(c.weight[:, 0, :] for c in convs), (cq, ck, cv),
+                keep_B=None if mask_BT is None else mask_BT[:, 0],
+            )
+        else:
+            conv_kw = dict(mask_BT=mask_BT, cu_seqlens=cu_seqlens, backend=self.backend)
+            q, cq = self.q_conv1d(q_in, state=None if state is None else state.conv_q, **conv_kw)
+            k, ck = self.k_conv1d(k_in, state=None if state is None else state.conv_k, **conv_kw)
+            v, cv = self.v_conv1d(v_in, state=None if state is None else state.conv_v, **conv_kw)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
 
         if self.backend == "fla":
@@ -122,4 +134,4 @@ class GatedDeltaNet(nn.Module):
                     dst.copy_(src)
         gate = g_in.view(B, T, H, V)
         o = self.o_norm(o, gate).reshape(B, T, H * V)
-        return self.o_proj(o)
+        return linear(o, self.o_proj.weight, backend=self.backend)

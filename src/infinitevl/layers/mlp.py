@@ -26,8 +26,7 @@ class SwiGLU(nn.Module):
             from ..ops import fused
 
             if self.gate_up is not None:
-                gu = torch.nn.functional.linear(x, self.gate_up.weight, self.gate_up.bias)
-                return self.down_proj(fused.silu_mul_fused(gu))
+                return self.down_proj(fused.silu_mul_fused(self.gate_up.project(x, backend=self.backend)))
             return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
         if self.gate_up is not None:
             gate, up = self.gate_up(x)

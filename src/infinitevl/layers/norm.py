@@ -23,6 +23,15 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
+    def add_and_norm(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + h, norm(x + h)): a residual add and the next norm (one kernel on the fast backend)."""
+        if self.backend == "fla":
+            from ..ops import fused
+
+            return fused.add_rms_norm(x, h, self.weight, self.eps)
+        s = x + h
+        return s, self(s)
+
 
 class GatedRMSNorm(nn.Module):
     """rmsnorm(x) * weight * silu(gate), normalised over the last dim (one head's values)."""

@@ -12,6 +12,7 @@ from torch import nn
 from ..model.config import TextConfig
 from ..model.state import SWAState
 from ..ops.rope import apply_rope
+from .fuse import linear
 from ..ops.swa import ring_write, sliding_window_attention, window_mask
 
 
@@ -56,7 +57,7 @@ class SlidingWindowAttention(nn.Module):
 
             rope = swa_fast.apply_rope
         if self.qkv is not None:
-            q_in, k_in, v_in = self.qkv(x_BTD)
+            q_in, k_in, v_in = self.qkv(x_BTD, backend=self.backend)
         else:
             q_in, k_in, v_in = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         q = rope(q_in.view(B, T, H, E), cos_BTE, sin_BTE)
@@ -70,7 +71,7 @@ class SlidingWindowAttention(nn.Module):
             o = swa_fast.decode_attention(q[:, 0], k[:, 0], v[:, 0], state.keys, state.values, state.token_index,
                                           cur, window=self.window, scale=E**-0.5)
             swa_fast.ring_write_step(state, k[:, 0], v[:, 0], cur, keep_B=None if mask_BT is None else valid[:, 0])
-            return self.o_proj(o.reshape(B, T, H * E))
+            return linear(o.reshape(B, T, H * E), self.o_proj.weight, backend=self.backend)
 
         if state is not None and seg_BT is not None:
             raise ValueError("packed sequences (cu_seqlens) are for stateless forwards: pass state=None")

@@ -36,8 +36,8 @@ class DecoderLayer(nn.Module):
             h = self.self_attn(h, state=state, mask_BT=mask, cu_seqlens=cu_seqlens)
         else:
             h = self.self_attn(h, cos, sin, tok_idx_BT=tok_idx, mask_BT=mask, state=state, seg_BT=seg)
-        x_BTD = x_BTD + h
-        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        x_BTD, h = self.post_attention_layernorm.add_and_norm(x_BTD, h)
+        return x_BTD + self.mlp(h)
 
 
 class TextDecoder(nn.Module):

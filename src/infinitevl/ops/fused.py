@@ -6,6 +6,7 @@ Legend: N rows (tokens, or tokens x heads), D row width, H heads.
 Each computes the same function as the PyTorch code in `layers/` it stands in for, rounding where that
 code rounds (so bf16 results agree to the last bit or one ulp):
 - `rms_norm`        RMSNorm.forward:       weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)
+- `add_rms_norm`    RMSNorm.add_and_norm:  the residual add x + h, then rms_norm of it
 - `gated_rms_norm`  GatedRMSNorm.forward:  (x32 * rsqrt(mean(x32^2) + eps) * w32 * silu(gate32)).to(dtype)
 - `gdn_gates`       GatedDeltaNet's gates: g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b)
 - `silu_mul`        SwiGLU's inner product: silu(gate) * up
@@ -38,6 +39,34 @@ def rms_norm(x: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tenso
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, weight_D, y, x2.stride(0), D, eps, BD=triton.next_power_of_2(D))
     return y.view(*x.shape[:-1], D)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, D, eps, BD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BD)
+    m = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    s = (x + h).to(s_ptr.dtype.element_ty)  # the residual stream, rounded as `x + h` would be
+    tl.store(s_ptr + row * D + cols, s, mask=m)
+    s = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, 0) / D + eps)
+    sn = (s * rstd).to(s_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * D + cols, (w * sn).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight_D: torch.Tensor, eps: float):
+    """(x + h, rms_norm(x + h)) in one pass."""
+    D = x.shape[-1]
+    assert x.shape == h.shape and x.dtype == h.dtype
+    x2, h2 = x.reshape(-1, D).contiguous(), h.reshape(-1, D).contiguous()
+    s = torch.empty_like(x2)
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight_D.dtype), device=x.device)
+    if x2.shape[0]:
+        _add_rms_norm_kernel[(x2.shape[0],)](x2, h2, weight_D, s, y, D, eps, BD=triton.next_power_of_2(D))
+    return s.view(x.shape), y.view(x.shape)
 
 
 @triton.jit

@@ -71,6 +71,59 @@ def short_conv_step(
     return y
 
 
+@triton.jit
+def _conv_step3_kernel(x0, x1, x2, s0, s1, s2, w0, w1, w2, y0, y1, y2, keep_ptr, C0, C1, C2, sx0, sx1, sx2,
+                       W: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr, ACTIVATION: tl.constexpr,
+                       HAS_KEEP: tl.constexpr):
+    # programs [0, nb0) serve the first conv, [nb0, nb0 + nb1) the second, the rest the third
+    i_c, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    nb0, nb1 = tl.cdiv(C0, BC), tl.cdiv(C1, BC)
+    if i_c < nb0:
+        x_ptr, s_ptr, w_ptr, y_ptr, C, blk, stride_xb = x0, s0, w0, y0, C0, i_c, sx0
+    elif i_c < nb0 + nb1:
+        x_ptr, s_ptr, w_ptr, y_ptr, C, blk, stride_xb = x1, s1, w1, y1, C1, i_c - nb0, sx1
+    else:
+        x_ptr, s_ptr, w_ptr, y_ptr, C, blk, stride_xb = x2, s2, w2, y2, C2, i_c - nb0 - nb1, sx2
+    o_c = blk * BC + tl.arange(0, BC)
+    o_w = tl.arange(0, BW)
+    m_c = o_c < C
+    p_s = s_ptr + i_b * C * (W - 1) + o_c[:, None] * (W - 1)
+    b_x = tl.load(x_ptr + i_b * stride_xb + o_c, mask=m_c, other=0.0)
+    b_win = tl.load(p_s + o_w[None, :], mask=m_c[:, None] & (o_w < W - 1)[None, :], other=0.0)
+    b_win = tl.where((o_w == W - 1)[None, :], b_x[:, None], b_win)
+    b_wt = tl.load(w_ptr + o_c[:, None] * W + o_w[None, :], mask=m_c[:, None] & (o_w < W)[None, :], other=0.0)
+    b_y = tl.sum(b_win.to(tl.float32) * b_wt.to(tl.float32), 1)
+    if ACTIVATION:
+        b_y = b_y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        b_y = b_y * tl.sigmoid(b_y)
+    tl.store(y_ptr + i_b * C + o_c, b_y.to(y_ptr.dtype.element_ty), mask=m_c)
+    b_new = tl.load(p_s + (o_w + 1)[None, :], mask=m_c[:, None] & (o_w + 1 < W - 1)[None, :], other=0.0)
+    b_new = tl.where((o_w == W - 2)[None, :], b_x[:, None].to(b_new.dtype), b_new)
+    m_store = m_c[:, None] & (o_w < W - 1)[None, :]
+    if HAS_KEEP:
+        m_store = m_store & (tl.load(keep_ptr + i_b) != 0)
+    tl.store(p_s + o_w[None, :], b_new, mask=m_store)
+
+
+def short_conv_step3(xs, weights, states, *, keep_B: torch.Tensor | None = None, activation: bool = True):
+    """`short_conv_step` for three convs at once (GDN's q, k, v): one launch instead of three.
+    xs: three [B, 1, C_i] (rows may be strided), weights [C_i, W], states [B, C_i, W-1] advanced in place."""
+    B = xs[0].shape[0]
+    W = weights[0].shape[-1]
+    Cs = [x.shape[-1] for x in xs]
+    for x, w, s, C in zip(xs, weights, states, Cs):
+        assert x.shape == (B, 1, C) and x.stride(-1) == 1 and w.shape == (C, W)
+        assert w.is_contiguous() and s.shape == (B, C, W - 1) and s.is_contiguous() and s.dtype == x.dtype
+    ys = [torch.empty(B, 1, C, dtype=xs[0].dtype, device=xs[0].device) for C in Cs]
+    keep = None if keep_B is None else keep_B.contiguous()
+    BC = 256
+    grid = (sum(triton.cdiv(C, BC) for C in Cs), B)
+    _conv_step3_kernel[grid](*xs, *states, *weights, *ys, keep, *Cs, *(x.stride(0) for x in xs),
+                             W=W, BC=BC, BW=triton.next_power_of_2(W), ACTIVATION=activation,
+                             HAS_KEEP=keep is not None)
+    return ys
+
+
 def short_conv(
     x_BTC: torch.Tensor,
     weight_CW: torch.Tensor,
