@@ -196,13 +196,16 @@ def test_auto_classes_and_released_names(checkpoint):
     assert set(random_init.state_dict()) == set(model.state_dict())
 
 
-def test_save_pretrained_round_trip(fp32, tmp_path):
-    model, _ = fp32
+def test_save_pretrained_round_trip(card, tmp_path):
+    model, _ = card  # bfloat16
     model.save_pretrained(tmp_path)
-    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)  # dtype "auto": the saved dtype
+    assert again.dtype == torch.bfloat16
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "infinite_vl"
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "infinite_vl" and saved["dtype"] == "bfloat16"
+    assert InfiniteVLConfig.from_file(tmp_path) == tiny_qwen_vocab_config()
 
 
 def test_released_config_layouts(tmp_path):

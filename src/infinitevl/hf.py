@@ -256,10 +256,14 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return model.eval()
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
-        """Released layout: config.json + model.safetensors (tied embeddings not stored twice) + generation_config."""
+        """Released layout: config.json (with dtype) + model.safetensors (tied embeddings stored once) +
+        generation_config.json."""
         if kwargs.get("push_to_hub"):
             raise ValueError("push_to_hub is not supported here: save, then upload the directory with huggingface_hub")
         self.core.save_pretrained(save_directory)
+        # The same file plus "dtype", so that dtype="auto" reloads in the dtype the weights were saved in.
+        self.config.dtype = self.dtype
+        self.config.to_json_file(Path(save_directory) / "config.json")
         self.generation_config.save_pretrained(save_directory)
 
     # ---- forward ----
