@@ -86,19 +86,23 @@ def test_bad_records_are_located_or_counted(fmt, tmp_path, synth_dir):
          "images": ["corrupt.png"]},
         {"messages": [{"role": "user", "content": "Hi " * 5000}, {"role": "assistant", "content": "x"}]},
         {"messages": [{"role": "user", "content": "Hi"}]},
+        {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "x"}], "images": [3]},
+        {"messages": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
     ]
     path = _write(tmp_path, [good] + bad)
     recs = read_records(path)
-    for rec, reason, words in zip(recs[1:], ["placeholders", "media", "media", "too_long", "no_assistant"],
-                                  ["2 <image>", "not found", "cannot read image", "max_tokens", "no assistant"]):
+    for rec, reason, words in zip(recs[1:], ["placeholders", "media", "media", "too_long", "no_assistant", "format",
+                                             "format"],
+                                  ["2 <image>", "not found", "cannot read image", "max_tokens", "no assistant",
+                                   "path strings", "message 0 must be"]):
         with pytest.raises(BadSample, match=words) as e:
             fmt.build(rec)
         assert e.value.reason == reason and f"{path}:line {recs.index(rec) + 1}" in str(e.value)
     with pytest.raises(BadSample, match="line 2"):
         ChatDataset(recs, fmt, on_bad_sample="error")
     ds = ChatDataset(recs, fmt, on_bad_sample="skip")
-    assert ds.skipped == {"placeholders": 1, "media": 2, "too_long": 1, "no_assistant": 1}
-    assert ds.lengths[0] is not None and ds.lengths[1:] == [None] * 5
+    assert ds.skipped == {"placeholders": 1, "media": 2, "too_long": 1, "no_assistant": 1, "format": 2}
+    assert ds.lengths[0] is not None and ds.lengths[1:] == [None] * 7
 
 
 def test_truncated_image_found_at_load_time_is_skipped(fmt, tmp_path, synth_dir):

@@ -60,6 +60,7 @@ class Record:
     images: list[Path]
     videos: list[Path | list[Path]]
     where: str
+    problem: str | None = None  # a structural defect found while reading (reported when the record is built)
 
 
 def read_records(path: str | Path, *, media_dir: str | Path | None = None) -> list[Record]:
@@ -80,26 +81,27 @@ def read_records(path: str | Path, *, media_dir: str | Path | None = None) -> li
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {e}") from e
 
-    def resolve(p):
-        if isinstance(p, list):
-            return [resolve(q) for q in p]
+    def resolve(p, nested=True):
+        if isinstance(p, list) and nested:
+            return [resolve(q, False) for q in p]
         if not isinstance(p, str):
-            raise TypeError
+            raise TypeError(f"media entries must be path strings (a video may be a list of frame paths), got {p!r}")
         return Path(p) if Path(p).is_absolute() else base / p
 
     records = []
     for i, r in raw:
         where = f"{path}:{'line' if path.suffix == '.jsonl' else 'record'} {i + 1 if path.suffix == '.jsonl' else i}"
         if not isinstance(r, dict) or not isinstance(r.get("messages"), list):
-            records.append(Record([], [], [], where))  # reported as bad when built
+            records.append(Record([], [], [], where, "a record must be {'messages': [...], 'images': [...], "
+                                                     "'videos': [...]}"))
             continue
         try:
-            images = [resolve(p) for p in r.get("images") or []]
+            images = [resolve(p, False) for p in r.get("images") or []]
             videos = [resolve(p) for p in r.get("videos") or []]
-        except TypeError:
-            images, videos = [], []
-            r = {"messages": None}
-        records.append(Record(r["messages"] or [], images, videos, where))
+        except TypeError as e:
+            records.append(Record([], [], [], where, str(e)))
+            continue
+        records.append(Record(r["messages"], images, videos, where))
     return records
 
 
@@ -143,6 +145,8 @@ class ChatFormat:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _check(self, rec: Record) -> None:
+        if rec.problem:
+            raise BadSample(rec.where, rec.problem, "format")
         msgs = rec.messages
         if not msgs:
             raise BadSample(rec.where, "no messages (expected {'messages': [{'role': ..., 'content': ...}], ...})",
