@@ -114,3 +114,15 @@ def test_backend_choice_and_errors(model):
         Engine(model, cuda_graph=True)
     with pytest.raises(ValueError, match="max_batch_size"):
         Engine(model, max_batch_size=2, backend="torch").bucket(3)
+
+
+def test_fused_model_can_be_cast_after_fusing(model):
+    import copy
+
+    ids, _ = _prompt(B=1, T=20)
+    fused = copy.deepcopy(model)
+    fused.fuse_projections()
+    fused.double()
+    assert fused.model.layers[1].self_attn.in_proj.weight.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).float(), model(ids), atol=1e-4, rtol=1e-4)

@@ -23,21 +23,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class FusedLinears:
-    """The concatenated weight [sum(out), in] (and bias) of several nn.Linear, and how to split its output."""
+    """The concatenated weight [sum(out), in] (and bias) of several nn.Linear, and how to split its output.
 
-    def __init__(self, linears: list[nn.Linear]):
+    The fused tensors are non-persistent buffers of `owner` (named `{name}_weight`, `{name}_bias`), so
+    `.to()` / `.cuda()` / dtype casts move them with the model and state_dict() keeps the released names.
+    A cast after fusing converts the views and the buffer separately: values stay equal, storage is no longer
+    shared (fuse after placing the model to keep the memory saving)."""
+
+    def __init__(self, owner: nn.Module, name: str, linears: list[nn.Linear]):
         with torch.no_grad():
-            self.weight = torch.cat([lin.weight for lin in linears])
+            weight = torch.cat([lin.weight for lin in linears])
             has_bias = [lin.bias is not None for lin in linears]
             assert all(has_bias) or not any(has_bias), "fuse only projections that all have (or lack) a bias"
-            self.bias = torch.cat([lin.bias for lin in linears]) if all(has_bias) else None
+            bias = torch.cat([lin.bias for lin in linears]) if all(has_bias) else None
+        self.owner, self.name = owner, name
+        owner.register_buffer(f"{name}_weight", weight, persistent=False)
+        owner.register_buffer(f"{name}_bias", bias, persistent=False)
         self.sizes = [lin.out_features for lin in linears]
         off = 0
         for lin, n in zip(linears, self.sizes):
-            lin.weight = nn.Parameter(self.weight[off : off + n], requires_grad=False)
-            if self.bias is not None:
-                lin.bias = nn.Parameter(self.bias[off : off + n], requires_grad=False)
+            lin.weight = nn.Parameter(weight[off : off + n], requires_grad=False)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias[off : off + n], requires_grad=False)
             off += n
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.owner, f"{self.name}_weight")
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.owner, f"{self.name}_bias")
 
     def project(self, x: torch.Tensor, *, backend: str = "torch") -> torch.Tensor:
         """The fused output [..., sum(out)]."""

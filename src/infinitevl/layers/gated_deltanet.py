@@ -76,7 +76,8 @@ class GatedDeltaNet(nn.Module):
         from .fuse import FusedLinears
 
         if self.in_proj is None:
-            self.in_proj = FusedLinears([self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj])
+            projs = [self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj]
+            self.in_proj = FusedLinears(self, "in_proj", projs)
 
     def forward(
         self,

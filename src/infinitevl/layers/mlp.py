@@ -19,7 +19,7 @@ class SwiGLU(nn.Module):
         from .fuse import FusedLinears
 
         if self.gate_up is None:
-            self.gate_up = FusedLinears([self.gate_proj, self.up_proj])
+            self.gate_up = FusedLinears(self, "gate_up", [self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "fla":

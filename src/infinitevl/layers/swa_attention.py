@@ -34,7 +34,7 @@ class SlidingWindowAttention(nn.Module):
         from .fuse import FusedLinears
 
         if self.qkv is None:
-            self.qkv = FusedLinears([self.q_proj, self.k_proj, self.v_proj])
+            self.qkv = FusedLinears(self, "qkv", [self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
