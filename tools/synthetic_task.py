@@ -37,7 +37,7 @@ COLOURS = {
     "purple": (140, 40, 180), "orange": (250, 140, 0), "white": (250, 250, 250), "black": (10, 10, 10),
 }
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
-WORDS = ["CAT", "DOG", "SUN", "BOX", "CAR", "HAT", "PEN", "CUP"]
+WORDS = ["CAT", "DOG", "SUN", "BOX", "HAT", "PEN", "MAP", "JAR"]  # distinct first letters
 NUMBERS = ["zero", "one", "two", "three", "four", "five"]
 TASKS = ("shape", "colour", "count", "text", "describe", "video")
 QUESTIONS = {
@@ -80,7 +80,7 @@ def canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
 
 def single_shape(rng: random.Random, shape: str, colour: str) -> Image.Image:
     img, d = canvas()
-    r = rng.uniform(20, 34)
+    r = rng.uniform(24, 36)
     cx, cy = rng.uniform(r + 2, SIZE - r - 2), rng.uniform(r + 2, SIZE - r - 2)
     draw_shape(d, shape, cx, cy, r, COLOURS[colour])
     return img

@@ -6,6 +6,9 @@ Steps (each skipped when its output exists, so the script can be re-run after an
 the training steps themselves resume from their last checkpoint):
   data      tools/synthetic_task.py: 30000 train / 300 val / 600 test records
   init      a random transformers Qwen2.5-VL in the tiny shape (the tiny tokenizer's ids)
+  vision    pretrain its (tiny, from-scratch) vision tower on fresh synthetic images with classification
+            heads for shape / colour / count / word: a 64-wide ViT learns shapes far too slowly through
+            the language loss alone (32% shape accuracy after 3 epochs of SFT). Written into the teacher init.
   teacher   `infinitevl train sft` on it, all-attention, everything trainable (configs/tiny/teacher_sft.yaml)
   convert   `infinitevl convert`: layers 1-3, 5-7 -> GDN (mimic init), window 64
   layer     `infinitevl train distill-layer` (configs/tiny/distill_layer.yaml)
@@ -27,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs/tiny"
-STEPS = ("data", "init", "teacher", "convert", "layer", "e2e", "sft", "eval")
+STEPS = ("data", "init", "vision", "teacher", "convert", "layer", "e2e", "sft", "eval")
 
 
 def _tool(name: str):
@@ -66,6 +69,74 @@ def teacher_init(out: Path, seed: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     mtm.write_tokenizer_files(tok, out)
+
+
+def pretrain_vision(init_dir: Path, out_dir: Path, *, steps: int = 3000, batch: int = 32, lr: float = 2e-3,
+                    seed: int = 0) -> dict:
+    """Multi-task classification on the pooled output of the teacher's vision tower + merger."""
+    import random
+
+    from torch import nn
+
+    from infinitevl.training.student import load_teacher, save_teacher, copy_processor_files
+    from infinitevl.training.vision_inputs import VisionInputConfig, VisionInputs
+
+    st = _tool("synthetic_task")
+    teacher = load_teacher(init_dir)
+    vis = teacher.visual.train().requires_grad_(True)
+    D = teacher.config.vision.out_hidden_size
+    heads = nn.ModuleDict({"shape": nn.Linear(2 * D, len(st.SHAPES)), "colour": nn.Linear(2 * D, len(st.COLOURS)),
+                           "count": nn.Linear(2 * D, 5), "word": nn.Linear(2 * D, len(st.WORDS))})
+    params = list(vis.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / 100) * 0.5 * (1 + torch.cos(torch.tensor(k / steps * 3.14159)).item()))
+    vi = VisionInputs(VisionInputConfig(image_max_pixels=200704))
+    rng = random.Random(f"vision-{seed}")
+    colours = list(st.COLOURS)
+    hits: dict[str, list[int]] = {k: [] for k in heads}
+    t0 = time.time()
+    for k in range(steps):
+        pixels, labels = [], []
+        for _ in range(batch):
+            kind = rng.choice(["single", "single", "count", "word"])
+            shape, colour = rng.randrange(len(st.SHAPES)), rng.randrange(len(colours))
+            if kind == "single":
+                img, lab = st.single_shape(rng, st.SHAPES[shape], colours[colour]), {"shape": shape, "colour": colour}
+            elif kind == "count":
+                n = rng.randint(1, 5)
+                img = st.many_shapes(rng, n, st.SHAPES[shape], colours[colour])
+                lab = {"count": n - 1, "shape": shape, "colour": colour}
+            else:
+                w = rng.randrange(len(st.WORDS))
+                img, lab = st.word_image(rng, st.WORDS[w]), {"word": w}
+            px, grid = vi.image(img)
+            pixels.append(px)
+            labels.append(lab)
+        grid = torch.tensor([list(grid)] * batch)
+        feats = vis(torch.cat(pixels), grid).view(batch, -1, D)
+        pooled = torch.cat([feats.mean(1), feats.amax(1)], -1)
+        loss = 0.0
+        for name, head in heads.items():
+            rows = [i for i, lab in enumerate(labels) if name in lab]
+            if rows:
+                logits = head(pooled[rows])
+                target = torch.tensor([labels[i][name] for i in rows])
+                loss = loss + nn.functional.cross_entropy(logits, target)
+                hits[name] += (logits.argmax(-1) == target).tolist()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (k + 1) % 100 == 0:
+            acc = {n: round(sum(v[-400:]) / max(1, len(v[-400:])), 3) for n, v in hits.items()}
+            print(f"vision step {k + 1}/{steps} loss {float(loss):.3f} recent accuracy {acc} ({time.time() - t0:.0f} s)",
+                  flush=True)
+    teacher.visual.eval().requires_grad_(False)
+    save_teacher(teacher, out_dir)
+    copy_processor_files(init_dir, out_dir)
+    return {n: sum(v[-400:]) / max(1, len(v[-400:])) for n, v in hits.items()}
 
 
 def _train(stage: str, config: str, sets: list[str]) -> None:
@@ -124,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
 
     step("data", lambda: _tool("synthetic_task").main(["--out", str(w / "data")]), w / "data/test.jsonl")
     step("init", lambda: teacher_init(w / "teacher-init"), w / "teacher-init/config.json")
-    step("teacher", lambda: _train("sft", "teacher_sft.yaml", [f"model={w}/teacher-init", *full,
+    step("vision", lambda: pretrain_vision(w / "teacher-init", w / "teacher-vision"), w / "teacher-vision/config.json")
+    step("teacher", lambda: _train("sft", "teacher_sft.yaml", [f"model={w}/teacher-vision", *full,
                                                                f"run.output_dir={w}/teacher"]), w / "teacher/final")
     from infinitevl.cli_train import convert_main
     step("convert", lambda: convert_main(["--teacher", str(w / "teacher/final"), "--out", str(w / "student-init"),

@@ -125,3 +125,31 @@ def test_sources_repeat_and_config_errors(tmp_path, synth_dir):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_records(tmp_path / "x.json")
+
+
+def test_training_inputs_equal_the_inference_processor(fmt, synth_dir):
+    """What the model is trained on is what `AutoProcessor` (the `infinitevl generate` path) feeds it."""
+    import infinitevl  # noqa: F401  (registers the processor classes)
+    from transformers import AutoProcessor
+
+    from infinitevl.media import load_image, load_video
+
+    proc = AutoProcessor.from_pretrained(str(TINY_ASSET))
+    recs = read_records(synth_dir / "test.jsonl")
+    for rec in (next(r for r in recs if r.images), next(r for r in recs if r.videos)):
+        s, _ = fmt.prompt(rec)
+        question = rec.messages[0]["content"].replace("<image>", "").replace("<video>", "")
+        content = ([{"type": "image", "image": str(p)} for p in rec.images]
+                   + [{"type": "video", "video": str(p)} for p in rec.videos] + [{"type": "text", "text": question}])
+        text = proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                        add_generation_prompt=True)
+        kw, videos = {}, None
+        if rec.videos:
+            frames, kw["fps"] = load_video(str(rec.videos[0]), fps=2.0)
+            videos = [frames]
+        out = proc(text=[text], images=[load_image(str(p)) for p in rec.images] or None, videos=videos,
+                   return_tensors="pt", **kw)
+        assert out["input_ids"][0].tolist() == s.input_ids.tolist()
+        for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            if getattr(s, k) is not None:
+                torch.testing.assert_close(torch.as_tensor(out[k]).to(getattr(s, k).dtype), getattr(s, k))
