@@ -135,4 +135,6 @@ class GatedDeltaNet(nn.Module):
                     dst.copy_(src)
         gate = g_in.view(B, T, H, V)
         o = self.o_norm(o, gate).reshape(B, T, H * V)
-        return linear(o, self.o_proj.weight, backend=self.backend)
+        if self.backend == "fla" and T == 1:  # decode: the Triton GEMV on the plain weight
+            return linear(o, self.o_proj.weight, backend=self.backend)
+        return self.o_proj(o)  # a module call, so wrappers (LoRA adapters, hooks) apply
