@@ -79,32 +79,31 @@ def canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
 
 
 def single_shape(rng: random.Random, shape: str, colour: str) -> Image.Image:
+    """One large shape near the centre (a 64-wide ViT learns little position invariance from this much data)."""
     img, d = canvas()
-    r = rng.uniform(24, 36)
-    cx, cy = rng.uniform(r + 2, SIZE - r - 2), rng.uniform(r + 2, SIZE - r - 2)
-    draw_shape(d, shape, cx, cy, r, COLOURS[colour])
+    r = rng.uniform(30, 38)
+    draw_shape(d, shape, SIZE / 2 + rng.uniform(-6, 6), SIZE / 2 + rng.uniform(-6, 6), r, COLOURS[colour])
     return img
 
 
 def many_shapes(rng: random.Random, n: int, shape: str, colour: str) -> Image.Image:
+    """n small shapes, each in its own cell of a 4x4 grid of 28-pixel cells (one LLM token per cell)."""
     img, d = canvas()
-    placed: list[tuple[float, float]] = []
-    r = 11.0
-    while len(placed) < n:
-        cx, cy = rng.uniform(r + 2, SIZE - r - 2), rng.uniform(r + 2, SIZE - r - 2)
-        if all((cx - x) ** 2 + (cy - y) ** 2 > (2 * r + 6) ** 2 for x, y in placed):
-            placed.append((cx, cy))
-            draw_shape(d, shape, cx, cy, r, COLOURS[colour])
+    cell = SIZE // 4
+    for k in rng.sample(range(16), n):
+        cx, cy = (k % 4 + 0.5) * cell + rng.uniform(-2, 2), (k // 4 + 0.5) * cell + rng.uniform(-2, 2)
+        draw_shape(d, shape, cx, cy, 10, COLOURS[colour])
     return img
 
 
 def word_image(rng: random.Random, word: str) -> Image.Image:
+    """A word in large letters near the centre."""
     img, d = canvas()
-    font = ImageFont.load_default(size=rng.randint(30, 38))
+    font = ImageFont.load_default(size=rng.randint(34, 38))
     colour = rng.choice(["white", "black", "yellow"])
     l, t, rgt, b = d.textbbox((0, 0), word, font=font)
-    x = rng.uniform(2 - l, SIZE - 2 - rgt)
-    y = rng.uniform(2 - t, SIZE - 2 - b)
+    x = (SIZE - (rgt - l)) / 2 - l + rng.uniform(-4, 4)
+    y = (SIZE - (b - t)) / 2 - t + rng.uniform(-4, 4)
     d.text((x, y), word, fill=COLOURS[colour], font=font)
     return img
 

@@ -131,8 +131,10 @@ def pretrain_vision(init_dir: Path, out_dir: Path, *, steps: int = 3000, batch: 
         sched.step()
         if (k + 1) % 100 == 0:
             acc = {n: round(sum(v[-400:]) / max(1, len(v[-400:])), 3) for n, v in hits.items()}
-            print(f"vision step {k + 1}/{steps} loss {float(loss):.3f} recent accuracy {acc} ({time.time() - t0:.0f} s)",
+            print(f"vision step {k + 1}/{steps} loss {float(loss.detach()):.3f} recent accuracy {acc} ({time.time() - t0:.0f} s)",
                   flush=True)
+            if min(acc.values()) >= 0.99:  # every head is right on the last ~400 fresh images of its kind
+                break
     teacher.visual.eval().requires_grad_(False)
     save_teacher(teacher, out_dir)
     copy_processor_files(init_dir, out_dir)
