@@ -1,0 +1,150 @@
+"""Command line: one dispatch dict of subcommand -> function.
+
+    infinitevl generate [--model DIR] [--image PATH ...] [--video PATH] --prompt "..."
+    infinitevl generate --messages chat.json          (the model card's `messages` list, as JSON)
+    infinitevl stream VIDEO [--model DIR] --ask 30s:"What is happening?" [--fps 2]
+    infinitevl train {distill-layer, distill-e2e, sft, long-sft} --config configs/<stage>.yaml
+    infinitevl convert --teacher QWEN2.5-VL-DIR --out STUDENT-DIR
+
+With no --model, the small model shipped in the package answers (no network needed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-infinitevl"
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _load(model_dir: Path, device: str, dtype: torch.dtype):
+    from transformers import AutoProcessor
+
+    from . import InfiniteVL
+
+    model = InfiniteVL.from_pretrained(model_dir, dtype=dtype, device=device)
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    return model, processor
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory (default: shipped tiny model)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def cmd_generate(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="infinitevl generate", description="Answer a prompt about images/videos.")
+    _common(ap)
+    ap.add_argument("--image", type=str, action="append", default=[], help="image path (repeatable)")
+    ap.add_argument("--video", type=str, action="append", default=[], help="video path (repeatable)")
+    ap.add_argument("--fps", type=float, default=2.0, help="video sampling rate")
+    ap.add_argument("--prompt", help="the question / instruction")
+    ap.add_argument("--messages", help="a JSON file with a chat message list (the model card / qwen_vl_utils format)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of plain text")
+    args = ap.parse_args(argv)
+    if args.messages is not None:
+        if args.prompt or args.image or args.video:
+            ap.error("--messages replaces --prompt/--image/--video: give one or the other")
+        try:
+            messages = json.loads(Path(args.messages).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--messages {args.messages}: cannot read a JSON chat message list ({e})") from None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError(f"--messages {args.messages}: expected a JSON list of {{'role', 'content'}} messages")
+    elif not args.prompt:
+        ap.error("give --prompt (or --messages FILE)")
+    else:
+        content = [{"type": "image", "image": p} for p in args.image]
+        content += [{"type": "video", "video": p, "fps": args.fps} for p in args.video]
+        messages = [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
+
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    model, processor = _load(args.model, device, _dtype(args.dtype, device))
+    return _answer(model, processor, messages, args, device)
+
+
+def _answer(model, processor, messages: list[dict], args, device: str) -> int:
+    """The same chat `messages` format as the library API and qwen_vl_utils: media decoded by
+    infinitevl.media, tokens expanded by the checkpoint's processor, answered by infinitevl.inference."""
+    from .inference import SamplingParams, generate
+    from .media import process_vision_info
+
+    images, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt", **video_kwargs)
+    vision = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()
+              if k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
+    eos = model.config.eos_token_id
+    stops = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    t0 = time.perf_counter()
+    new = generate(model, inputs["input_ids"].to(device), max_new_tokens=args.max_new_tokens,
+                   sampling=SamplingParams(args.temperature, args.top_k, args.top_p), stop_token_ids=stops, **vision)
+    elapsed = time.perf_counter() - t0
+    tokens = [t for t in new[0].tolist() if t not in stops]
+    answer = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"answer": answer, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                          "new_tokens": len(tokens), "seconds": round(elapsed, 3)}))
+    else:
+        print(answer)
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .cli_train import train_main
+
+    return train_main(argv)
+
+
+def cmd_convert(argv: list[str]) -> int:
+    from .cli_train import convert_main
+
+    return convert_main(argv)
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "train": cmd_train,
+    "convert": cmd_convert,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        asked = not argv or argv[0] in ("-h", "--help")
+        names = ", ".join(COMMANDS)
+        print(f"usage: infinitevl {{{names}}} ...\n\n{__doc__}", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

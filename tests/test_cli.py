@@ -1,0 +1,68 @@
+"""`infinitevl generate`: the README's run command (shipped model, no network), media, messages files, errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from infinitevl import cli
+
+from .conftest import MEDIA
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_generate_with_shipped_model_image(capsys):
+    rc, out, _ = _run(["generate", "--image", str(MEDIA / "1.jpg"), "--prompt", "Describe the image.",
+                       "--max-new-tokens", "4", "--json"], capsys)
+    assert rc == 0
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["prompt_tokens"] > 20 and 1 <= line["new_tokens"] <= 4
+
+
+def test_generate_video_and_two_images(capsys):
+    rc, out, _ = _run(["generate", "--image", str(MEDIA / "2.jpg"), "--image", str(MEDIA / "3.jpg"),
+                       "--video", str(MEDIA / "1.mp4"), "--fps", "1", "--prompt", "What changed?",
+                       "--max-new-tokens", "2", "--json"], capsys)
+    assert rc == 0
+    one = json.loads(out.strip().splitlines()[-1])
+    rc, out, _ = _run(["generate", "--image", str(MEDIA / "2.jpg"), "--prompt", "What changed?",
+                       "--max-new-tokens", "2", "--json"], capsys)
+    assert one["prompt_tokens"] > json.loads(out.strip().splitlines()[-1])["prompt_tokens"]
+
+
+def test_messages_file_equals_flags(tmp_path, capsys):
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(MEDIA / "1.jpg")},
+                                         {"type": "text", "text": "Describe the image."}]}]
+    (tmp_path / "m.json").write_text(json.dumps(msgs))
+    rc, a, _ = _run(["generate", "--messages", str(tmp_path / "m.json"), "--max-new-tokens", "5", "--json"], capsys)
+    rc2, b, _ = _run(["generate", "--image", str(MEDIA / "1.jpg"), "--prompt", "Describe the image.",
+                      "--max-new-tokens", "5", "--json"], capsys)
+    a, b = json.loads(a.strip()), json.loads(b.strip())
+    assert rc == rc2 == 0 and (a["answer"], a["prompt_tokens"]) == (b["answer"], b["prompt_tokens"])
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    rc, _, err = _run(["generate", "--image", str(bad), "--prompt", "hi"], capsys)
+    assert rc == 2 and "broken.jpg" in err
+    rc, _, err = _run(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi"], capsys)
+    assert rc == 2 and "nowhere" in err
+    (tmp_path / "m.json").write_text("{not json")
+    rc, _, err = _run(["generate", "--messages", str(tmp_path / "m.json")], capsys)
+    assert rc == 2 and "m.json" in err
+    with pytest.raises(SystemExit):
+        cli.main(["generate"])  # neither --prompt nor --messages: argparse usage error
+    assert cli.main(["frobnicate"]) == 2
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "infinitevl.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "generate" in out.stdout
