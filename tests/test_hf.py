@@ -97,6 +97,9 @@ PROMPTS = {
                    {"type": "text", "text": "What differs between these two pictures?"}],
     "video": [{"type": "video", "video": str(MEDIA / "1.mp4"), "fps": 1.0, "max_pixels": 28 * 28 * 16},
               {"type": "text", "text": "What happens in this video?"}],
+    "image_and_video": [{"type": "image", "image": str(MEDIA / "3.jpg"), "max_pixels": 28 * 28 * 64},
+                        {"type": "video", "video": str(MEDIA / "3.mp4"), "fps": 1.0, "max_pixels": 28 * 28 * 16},
+                        {"type": "text", "text": "Does the picture appear in the video?"}],
 }
 
 
@@ -111,7 +114,7 @@ def test_model_card_snippet(card, qwen_process_vision_info, case):
     messages = [{"role": "user", "content": PROMPTS[case]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     video_kwargs = {}
-    if case == "video":  # qwen_vl_utils' video reader needs torchvision: our loader, same message format
+    if "video" in case:  # qwen_vl_utils' video reader needs torchvision: our loader, same message format
         image_inputs, video_inputs, video_kwargs = our_process_vision_info(messages, return_video_kwargs=True)
     else:
         image_inputs, video_inputs = qwen_process_vision_info(messages)
@@ -125,7 +128,7 @@ def test_model_card_snippet(card, qwen_process_vision_info, case):
     ours = our_generate(model.core, prompt, max_new_tokens=6, stop_token_ids=[EOS], **_vision(inputs))
     assert new.tolist() == ours[:, : new.shape[1]].tolist()
     assert isinstance(processor.batch_decode(new, skip_special_tokens=True)[0], str)
-    if case == "video":
+    if "video" in case:
         assert inputs["second_per_grid_ts"].tolist() == pytest.approx([2 / video_kwargs["video_metadata"][0]["fps"]])
 
 
