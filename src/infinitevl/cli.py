@@ -89,7 +89,8 @@ def cmd_generate(argv: list[str]) -> int:
 def _answer(model, processor, messages: list[dict], args, device: str) -> int:
     """The same chat `messages` format as the library API and qwen_vl_utils: media decoded by
     infinitevl.media, tokens expanded by the checkpoint's processor, answered by infinitevl.inference."""
-    from .inference import SamplingParams, generate
+    from .inference import SamplingParams
+    from .inference.engine import Engine
     from .media import process_vision_info
 
     images, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True)
@@ -99,17 +100,28 @@ def _answer(model, processor, messages: list[dict], args, device: str) -> int:
               if k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
     eos = model.config.eos_token_id
     stops = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    # The engine is the fast path: fla kernels + the decode step in a CUDA graph on a GPU, eager on CPU.
+    engine = Engine(model, max_batch_size=1)
     t0 = time.perf_counter()
-    new = generate(model, inputs["input_ids"].to(device), max_new_tokens=args.max_new_tokens,
-                   sampling=SamplingParams(args.temperature, args.top_k, args.top_p), stop_token_ids=stops, **vision)
+    tokens: list[int] = []
+    shown = ""
+    for col in engine.stream(inputs["input_ids"], max_new_tokens=args.max_new_tokens,
+                             sampling=SamplingParams(args.temperature, args.top_k, args.top_p),
+                             stop_token_ids=stops, **vision):
+        if int(col[0]) in stops:
+            break
+        tokens.append(int(col[0]))
+        if not args.json:  # stream the answer as it is produced
+            text_so_far = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+            print(text_so_far[len(shown):], end="", flush=True)
+            shown = text_so_far
     elapsed = time.perf_counter() - t0
-    tokens = [t for t in new[0].tolist() if t not in stops]
     answer = processor.tokenizer.decode(tokens, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"answer": answer, "prompt_tokens": int(inputs["input_ids"].shape[1]),
                           "new_tokens": len(tokens), "seconds": round(elapsed, 3)}))
     else:
-        print(answer)
+        print()
     return 0
 
 
