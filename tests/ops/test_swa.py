@@ -1,7 +1,7 @@
 import torch
 
 from infinitevl.model.state import SWAState
-from infinitevl.ops.swa import ring_write, sliding_window_attention, window_mask
+from infinitevl.ops.swa import ring_write, ring_write_last, sliding_window_attention, window_mask
 
 
 def _naive(q, k, v, window):
@@ -49,3 +49,19 @@ def test_ring_write_keeps_last_slots():
     ring_write(st, torch.full((1, 1, 1, 2), 9.0), torch.full((1, 1, 1, 2), 9.0), torch.tensor([[8]]),
                torch.tensor([[False]]))
     assert torch.equal(st.keys, before)
+
+
+def test_ring_write_last_equals_masked_write():
+    """The shape-only write (capturable chunk path) == the general write keeping the last R tokens."""
+    R, B, G, D = 5, 2, 2, 3
+    for T in (3, 5, 9):
+        start = torch.tensor([0, 4])
+        idx = start[:, None] + torch.arange(T)[None]
+        k, v = torch.randn(B, T, G, D), torch.randn(B, T, G, D)
+        a, b = (SWAState(keys=torch.randn(B, R, G, D), values=torch.randn(B, R, G, D),
+                         token_index=torch.full((B, R), -1, dtype=torch.long)) for _ in range(2))
+        b.keys.copy_(a.keys), b.values.copy_(a.values)
+        ring_write(a, k, v, idx, idx > idx[:, -1:] - R)
+        ring_write_last(b, k, v, idx)
+        for x, y in ((a.keys, b.keys), (a.values, b.values), (a.token_index, b.token_index)):
+            assert torch.equal(x, y)

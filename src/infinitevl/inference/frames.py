@@ -71,16 +71,23 @@ def frames_to_tensor(frames) -> torch.Tensor:
     return frames
 
 
-def preprocess_frames(frames_BHWC: torch.Tensor, spec: FrameSpec, *, dtype=torch.float32) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> pixel patches [B * N, P] in the processor's layout."""
+def clip_stats(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP mean and std as [1, 3, 1, 1] tensors on `device` (make them once for a captured step)."""
+    return (torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))
+
+
+def preprocess_frames(frames_BHWC: torch.Tensor, spec: FrameSpec, *, dtype=torch.float32,
+                      stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> pixel patches [B * N, P] in the processor's layout. `stats`: `clip_stats`
+    made beforehand (inside a CUDA graph no host tensor may be copied to the device)."""
     B = frames_BHWC.shape[0]
     x = frames_BHWC.permute(0, 3, 1, 2).float()
     if x.shape[-2:] != (spec.height, spec.width):
         x = F.interpolate(x, size=(spec.height, spec.width), mode="bicubic", align_corners=False, antialias=True)
         x = x.round().clamp(0, 255)
     x = x / 255.0
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = stats if stats is not None else clip_stats(x.device)
     x = (x - mean) / std
     return patchify(x[:, None].expand(B, spec.temporal_patch_size, 3, spec.height, spec.width), spec).to(dtype)
 

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from ..model.infinitevl import InfiniteVL
 from ..model.state import InferenceState
-from .frames import FrameSpec, frames_to_tensor, preprocess_frames
+from .frame_step import FrameStep
+from .frames import FrameSpec, frames_to_tensor
 from .generate import generate
 from .sampling import SamplingParams
 
@@ -66,13 +67,22 @@ class StreamSession:
     """`batch_size` independent streams stepped together (one launch per batch of frames)."""
 
     def __init__(self, model: InfiniteVL, tokenizer, *, frame: FrameSpec = FrameSpec(), batch_size: int = 1,
-                 system_prefix: str = SYSTEM_PREFIX):
+                 system_prefix: str = SYSTEM_PREFIX, backend: str = "auto", cuda_graph: bool | None = None,
+                 capture_sizes: list[tuple[int, int]] | None = None):
+        """backend: the decoder's kernels ('auto' = fast on a GPU). cuda_graph (None = on a CUDA device): the
+        frame step is captured per input frame size in `capture_sizes` (default: the frame spec's size);
+        other sizes run eagerly. The session owns the model's backend choice (like the Engine)."""
         self.model, self.tokenizer, self.frame = model, tokenizer, frame
         cfg = model.config
         vc = cfg.vision
         if (frame.patch_size, frame.merge_size, frame.temporal_patch_size) != (
                 vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size):
             raise ValueError("the frame spec's patch/merge/temporal sizes must equal the model's vision config")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.backend = model.set_backend(backend)
+        if self.backend == "fla":
+            model.fuse_projections()
         self.tokens_per_second = vc.tokens_per_second
         self.device = model.model.embed_tokens.weight.device
         self.state = model.new_state(batch_size)
@@ -80,7 +90,9 @@ class StreamSession:
         prefix = self._encode(system_prefix)
         self._feed_text(prefix.expand(batch_size, -1))
         self.clock.block_start = self.state.next_position.tolist()
-        self._frame_hw = self._frame_positions()
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        self.step = FrameStep(model, self.state, frame, cuda_graph=cuda_graph, capture_sizes=capture_sizes)
 
     # ---- frames ----
     @property
@@ -98,7 +110,10 @@ class StreamSession:
         """One frame per stream (list of B images, or uint8 [B, H, W, 3]) with B timestamps in seconds."""
         frames = frames_to_tensor(images if not isinstance(images, (list, tuple)) else list(images))
         B = self.batch_size
-        ts = [float(t) for t in (timestamps if isinstance(timestamps, (list, tuple)) else [timestamps])]
+        try:
+            ts = [float(t) for t in (timestamps if isinstance(timestamps, (list, tuple)) else [timestamps])]
+        except (TypeError, ValueError):
+            raise ValueError(f"timestamps must be numbers of seconds, got {timestamps!r:.80}") from None
         if frames.shape[0] != B or len(ts) != B:
             raise ValueError(f"give exactly one frame and one timestamp per stream ({B}); got "
                              f"{frames.shape[0]} frames, {len(ts)} timestamps")
@@ -107,32 +122,21 @@ class StreamSession:
                 raise ValueError(f"timestamp {t} of stream {b} must be a finite number of seconds >= 0")
             if self.clock.last_ts[b] is not None and t < self.clock.last_ts[b]:
                 raise ValueError(f"timestamps must not go back: stream {b} got {t} after {self.clock.last_ts[b]}")
-        pixels = preprocess_frames(frames.to(self.device), self.frame, dtype=self.model.visual.patch_embed.proj.weight.dtype)
-        position_ids = self._positions_for(ts)
-        ids = torch.full((B, self.frame.tokens_per_frame), self.model.config.video_token_id, device=self.device)
-        grid = torch.tensor([self.frame.grid_thw] * B)
-        embeds = self.model.embed(ids, pixel_values_videos=pixels, video_grid_thw=grid)
-        self.model(inputs_embeds=embeds, position_ids=position_ids, state=self.state, logits_to_keep=1)
+        self.step(frames, self._position_base(ts))
         for b, t in enumerate(ts):
             if self.clock.block_t0[b] is None:
                 self.clock.block_t0[b] = t
             self.clock.last_ts[b] = t
             self.clock.frames[b] += 1
 
-    def _frame_positions(self) -> torch.Tensor:
-        _, gh, gw = self.frame.grid_thw
-        m = self.frame.merge_size
-        hh = torch.arange(gh // m).repeat_interleave(gw // m)
-        ww = torch.arange(gw // m).repeat(gh // m)
-        return torch.stack([torch.zeros_like(hh), hh, ww])  # [3, N]
-
-    def _positions_for(self, ts: list[float]) -> torch.Tensor:
-        rows = []
+    def _position_base(self, ts: list[float]) -> torch.Tensor:
+        """[3, B] long: M-RoPE (t, h, w) offsets of each stream's next frame; the step adds the frame grid."""
+        base = []
         for b, t in enumerate(ts):
             t0 = t if self.clock.block_t0[b] is None else self.clock.block_t0[b]
-            rel = torch.tensor([math.floor((t - t0) * self.tokens_per_second), 0, 0])[:, None]
-            rows.append(self._frame_hw + rel + self.clock.block_start[b])
-        return torch.stack(rows, dim=1).to(self.device)  # [3, B, N]
+            start = self.clock.block_start[b]
+            base.append([start + math.floor((t - t0) * self.tokens_per_second), start, start])
+        return torch.tensor(base, dtype=torch.long).T
 
     # ---- questions ----
     def ask(self, question: str, *, stream: int = 0, max_new_tokens: int = 64,

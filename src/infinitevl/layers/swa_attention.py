@@ -13,7 +13,7 @@ from ..model.config import TextConfig
 from ..model.state import SWAState
 from ..ops.rope import apply_rope
 from .fuse import linear
-from ..ops.swa import ring_write, sliding_window_attention, window_mask
+from ..ops.swa import ring_write, ring_write_last, sliding_window_attention, window_mask
 
 
 class SlidingWindowAttention(nn.Module):
@@ -85,7 +85,10 @@ class SlidingWindowAttention(nn.Module):
         mask = window_mask(tok_idx_BT, k_idx, self.window, k_valid_BS=k_valid, q_seg_BT=seg_BT, k_seg_BS=seg_BT)
         o = sliding_window_attention(q, keys, values, mask, scale=E**-0.5)
 
-        if state is not None:
+        if state is not None and mask_BT is None and T > 1:
+            # no padding: the last R tokens, chosen by shape (capturable; streaming frames take this path)
+            ring_write_last(state, k, v, tok_idx_BT)
+        elif state is not None:
             # Keep only what a later query can still see: the last R real tokens of each row.
             R = state.token_index.shape[1]
             last = (tok_idx_BT.masked_fill(~valid, -1)).amax(dim=1, keepdim=True)

@@ -10,6 +10,8 @@ Parameter names match the released checkpoints (`visual.patch_embed.proj.weight`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,15 +42,17 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
-    def forward(self, x_NE, cos_NF, sin_NF, seg_N):
-        N, E = x_NE.shape
-        q, k, v = self.qkv(x_NE).view(N, 3, self.num_heads, -1).unbind(1)
-        cos, sin = cos_NF[:, None].float(), sin_NF[:, None].float()
+    def forward(self, x_GSE, cos_SF, sin_SF, mask_GSS=None):
+        """Attention inside each of the G groups of S patches (under `mask_GSS` when given);
+        cos/sin broadcast against [..., S, F]."""
+        *lead, S, E = x_GSE.shape
+        q, k, v = self.qkv(x_GSE).view(*lead, S, 3, self.num_heads, -1).unbind(-3)
+        cos, sin = cos_SF[..., None, :].float(), sin_SF[..., None, :].float()
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        mask = (seg_N[:, None] == seg_N[None, :])[None]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-        return self.proj(o.transpose(0, 1).reshape(N, E))
+        mask = None if mask_GSS is None else mask_GSS[..., None, :, :]
+        o = F.scaled_dot_product_attention(q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3), attn_mask=mask)
+        return self.proj(o.transpose(-2, -3).reshape(*lead, S, E))
 
 
 class VisionBlock(nn.Module):
@@ -59,8 +63,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, seg):
-        x = x + self.attn(self.norm1(x), cos, sin, seg)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -112,11 +116,68 @@ class VisionTransformer(nn.Module):
         idx = (order[:, None] * m * m + torch.arange(m * m, device=device)).flatten()
         x, cos, sin = x[idx], cos[idx], sin[idx]
         frame_N, window_N = frame_N[idx], window_N[idx]
+        masks = {True: frame_N[:, None] == frame_N[None, :], False: window_N[:, None] == window_N[None, :]}
+        x = x[None]
         for i, block in enumerate(self.blocks):
-            seg = frame_N if i in cfg.fullatt_block_indexes else window_N
-            x = block(x, cos, sin, seg)
-        merged = self.merger(x)
+            x = block(x, cos, sin, masks[i in cfg.fullatt_block_indexes][None])
+        merged = self.merger(x[0])
         return merged[torch.argsort(order)]
+
+    def frame_layout(self, height_patches: int, width_patches: int, device) -> "FrameLayout":
+        """Everything `forward_frames` needs for frames of one size, computed once (on the host, then moved)."""
+        cfg = self.config
+        m = cfg.spatial_merge_size
+        if height_patches % m or width_patches % m:
+            raise ValueError(f"frame grids must be multiples of spatial_merge_size {m}, got {height_patches}x{width_patches}")
+        pos_N2, _, window_N, order = _layout(torch.tensor([[1, height_patches, width_patches]]), m,
+                                             cfg.window_size // m // cfg.patch_size)
+        inv_freq = rope_inv_freq(cfg.head_dim // 2, 10000.0)
+        freqs = (pos_N2[..., None].float() * inv_freq).flatten(1)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        idx = (order[:, None] * m * m + torch.arange(m * m)).flatten()
+        window_N = window_N[idx]
+        sizes = torch.bincount(window_N)
+        uniform = bool((sizes == sizes[0]).all())
+        return FrameLayout(
+            patch_order=idx.to(device), token_restore=torch.argsort(order).to(device),
+            cos=emb.cos()[idx].to(device), sin=emb.sin()[idx].to(device),
+            windows=len(sizes) if uniform else 0,
+            window_mask=None if uniform else (window_N[:, None] == window_N[None, :]).to(device),
+        )
+
+    def forward_frames(self, pixels_P: torch.Tensor, layout: "FrameLayout") -> torch.Tensor:
+        """B frames of one size (pixels [B * n, P] in processor order) -> merged features [B * M, D].
+        Each frame is one image of the batch: attention never crosses frames, windows are a batch
+        dimension when they tile the frame evenly, and nothing here syncs with the host (capturable)."""
+        n = layout.patch_order.shape[0]
+        x = self.patch_embed(pixels_P)
+        E = x.shape[-1]
+        x = x.view(-1, n, E)[:, layout.patch_order]  # window by window
+        B = x.shape[0]
+        nw = layout.windows
+        cos_w, sin_w = (t.view(nw, n // nw, -1) for t in (layout.cos, layout.sin)) if nw else (None, None)
+        for i, block in enumerate(self.blocks):
+            if i in self.config.fullatt_block_indexes:
+                x = block(x, layout.cos, layout.sin)
+            elif nw:
+                x = block(x.view(B, nw, n // nw, E), cos_w, sin_w).view(B, n, E)
+            else:
+                x = block(x, layout.cos, layout.sin, layout.window_mask)
+        merged = self.merger(x.reshape(B * n, E))
+        return merged.view(B, -1, merged.shape[-1])[:, layout.token_restore].reshape(-1, merged.shape[-1])
+
+
+@dataclass
+class FrameLayout:
+    """Per frame size: patch gather order (window by window), inverse order of the merged tokens, rotary
+    cos/sin in window order, and how windows group (`windows` equal ones, or a mask when they differ)."""
+
+    patch_order: torch.Tensor  # [n]
+    token_restore: torch.Tensor  # [M]
+    cos: torch.Tensor  # [n, F]
+    sin: torch.Tensor  # [n, F]
+    windows: int  # 0 when the windows are not all the same size
+    window_mask: torch.Tensor | None  # [n, n] bool
 
 
 def _layout(grid_thw: torch.Tensor, m: int, win: int):

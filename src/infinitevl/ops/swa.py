@@ -82,3 +82,19 @@ def ring_write(
     keys[b, slot_BT[b, t]] = new_k_BTGD[b, t]
     values[b, slot_BT[b, t]] = new_v_BTGD[b, t]
     idx[b, slot_BT[b, t]] = new_idx_BT[b, t]
+
+
+def ring_write_last(state, new_k_BTGD: torch.Tensor, new_v_BTGD: torch.Tensor, new_idx_BT: torch.Tensor) -> None:
+    """`ring_write` for a chunk without padding: the last min(T, R) tokens of every row, by shapes alone
+    (no host sync, so a chunk of a fixed size can be captured in a CUDA graph). Consecutive token indices
+    fill distinct slots."""
+    keys, values, idx = state.keys, state.values, state.token_index
+    B, R = idx.shape
+    T = new_idx_BT.shape[1]
+    if T > R:
+        new_k_BTGD, new_v_BTGD, new_idx_BT = new_k_BTGD[:, -R:], new_v_BTGD[:, -R:], new_idx_BT[:, -R:]
+    slot_BT = new_idx_BT.remainder(R)
+    rows = torch.arange(B, device=keys.device)[:, None]
+    keys[rows, slot_BT] = new_k_BTGD.to(keys.dtype)
+    values[rows, slot_BT] = new_v_BTGD.to(values.dtype)
+    idx[rows, slot_BT] = new_idx_BT
