@@ -77,3 +77,27 @@ def test_bad_shapes_raise_value_error():
         recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(1, 3, 8, 12))
     with pytest.raises(ValueError, match="batch size 1"):
         chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 37]))
+
+
+def test_packed_chunk_groups_by_length_forward_and_backward():
+    """Packed sequences of different chunk counts (run as padded groups) == each sequence alone, grads too."""
+    lens = [5, 19, 1, 11, 17, 8, 16]
+    q, k, v, g, beta = (x.requires_grad_() for x in _inputs(B=1, T=sum(lens)))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    s0 = torch.randn(len(lens), 3, 8, 12, dtype=torch.float64, requires_grad=True)
+    o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu,
+                                  chunk_size=8)
+    w_o, w_s = torch.randn_like(o), torch.randn_like(s)
+    grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), (q, k, v, g, beta, s0))
+    outs, finals = [], []
+    for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        o_n, s_n = recurrent_gated_delta_rule(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
+                                              initial_state=s0[n : n + 1], output_final_state=True)
+        outs.append(o_n)
+        finals.append(s_n)
+    o_ref, s_ref = torch.cat(outs, 1), torch.cat(finals)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(s, s_ref)
+    ref = torch.autograd.grad((o_ref * w_o).sum() + (s_ref * w_s).sum(), (q, k, v, g, beta, s0))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
