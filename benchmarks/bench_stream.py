@@ -1,0 +1,360 @@
+"""Streaming benchmark: frames/s of StreamSession's captured frame step, InfiniteVL 4B shape (random bf16 weights).
+
+    python benchmarks/bench_stream.py --out out/stream              # GPU: the full run (~4 min on an H100)
+    python benchmarks/bench_stream.py --tiny --out out/stream-tiny  # CPU: tiny shapes, seconds
+
+Synthetic frames (random uint8 on the host, as a decoder would hand them over; no PyAV needed). Order:
+1. correctness gate: CUDA-graph replay == eager on a few frames (states and an answer) and the fast kernels
+   against the reference kernels (eager, plain PyTorch);
+2. single stream at --frame-size (448x448 = 256 visual tokens per frame) over --frames frames (10,000), FPS
+   and GPU memory per window of --window frames (500), timed with CUDA events after a warm-up;
+3. aggregate FPS with --streams concurrent streams (8 and 32): one batched replay per step, median of
+   per-step CUDA-event times;
+4. where the time goes: the vision tower (+ merger) and the LLM prefill captured separately.
+Prints a table, writes results.json and stream.png under --out and ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from infinitevl import InfiniteVL, preset  # noqa: E402
+from infinitevl.inference.cuda_graph import CapturedStep, EagerStep  # noqa: E402
+from infinitevl.inference.frames import FrameSpec, frames_to_tensor, preprocess_frames  # noqa: E402
+from infinitevl.inference.streaming import StreamSession  # noqa: E402
+
+
+class ByteTokenizer:
+    """Just enough tokenizer for a session on random weights: UTF-8 bytes as ids 10..265, the chat's special
+    tokens at the top of the vocabulary."""
+
+    NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+    def __init__(self, vocab: int):
+        self.special = {name: vocab - 1 - i for i, name in enumerate(self.NAMES)}
+        self.pattern = re.compile("(" + "|".join(re.escape(n) for n in self.NAMES) + ")")
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        ids = []
+        for part in self.pattern.split(text):
+            ids.extend([self.special[part]] if part in self.special else [b + 10 for b in part.encode()])
+        return {"input_ids": ids}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i - 10 for i in ids if 10 <= i < 266).decode(errors="replace")
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.special.get(token, -1)
+
+
+# ---------------------------------------------------------------- helpers
+def build(tiny: bool, device, dtype) -> InfiniteVL:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = InfiniteVL(preset("tiny" if tiny else "4b"))
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpu_mem(device) -> tuple[float | None, float | None]:
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+
+
+class Clock:
+    """CUDA events on the GPU (no sync until read), perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b)
+        return (b - a) * 1e3
+
+
+def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.float(), y.float()
+    return float((x - y).norm() / y.norm().clamp(min=1e-12))
+
+
+def state_err(a, b) -> float:
+    return max(rel_err(x, y) for x, y in zip(a.tensors(), b.tensors()) if x.dtype != torch.long)
+
+
+def long_equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()) if x.dtype == torch.long)
+
+
+# ---------------------------------------------------------------- 1. gate
+@torch.no_grad()
+def gate(model, tok, spec, frames, device) -> dict:
+    res = {}
+    n = len(frames)
+    ref = StreamSession(model, tok, frame=spec, backend="torch", cuda_graph=False)
+    for i, f in enumerate(frames[:2]):
+        ref.push_frame(f, i * 0.5)
+    ref_state = ref.state.clone()
+    del ref
+    eager = StreamSession(model, tok, frame=spec, cuda_graph=False)
+    for i, f in enumerate(frames[:2]):
+        eager.push_frame(f, i * 0.5)
+    res["fast_vs_reference_rel_err"] = state_err(eager.state, ref_state)
+    res["fast_vs_reference_ok"] = res["fast_vs_reference_rel_err"] < 5e-2 and long_equal(eager.state, ref_state)
+    del ref_state
+    for i, f in enumerate(frames[2:], start=2):
+        eager.push_frame(f, i * 0.5)
+    graph = StreamSession(model, tok, frame=spec, cuda_graph=device.type == "cuda")
+    for i, f in enumerate(frames):
+        graph.push_frame(f, i * 0.5)
+    res["graph_vs_eager_rel_err"] = state_err(graph.state, eager.state)
+    res["graph_vs_eager_ok"] = res["graph_vs_eager_rel_err"] < 1e-2 and long_equal(graph.state, eager.state)
+    a, b = (s.ask("What is happening?", max_new_tokens=8) for s in (graph, eager))
+    res["answers_equal"] = a == b
+    res["frames"] = n
+    res["passed"] = all(v for k, v in res.items() if isinstance(v, bool))
+    return res
+
+
+# ---------------------------------------------------------------- 2. single stream
+@torch.no_grad()
+def single_stream(model, tok, spec, pool, n_frames, window, warmup, device) -> dict:
+    session = StreamSession(model, tok, frame=spec)
+    clock = Clock(device)
+    for i in range(warmup):
+        session.push_frame(pool[i % len(pool)], i * 0.5)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    windows, marks = [], [clock.mark()]
+    t0 = time.perf_counter()
+    for i in range(n_frames):
+        session.push_frame(pool[i % len(pool)], (warmup + i) * 0.5)
+        if (i + 1) % window == 0:
+            marks.append(clock.mark())
+            alloc, peak = gpu_mem(device)
+            windows.append(dict(frames=i + 1, alloc_gib=alloc, peak_gib=peak))
+    sync(device)
+    wall_s = time.perf_counter() - t0
+    for w, a, b in zip(windows, marks[:-1], marks[1:]):
+        w["fps"] = window * 1e3 / clock.ms(a, b)
+    fps = [w["fps"] for w in windows]
+    allocs = [w["alloc_gib"] for w in windows if w["alloc_gib"] is not None]
+    return dict(frames=n_frames, window=window, windows=windows, fps_overall=n_frames / wall_s,
+                fps_median_window=statistics.median(fps), fps_min_window=min(fps), fps_max_window=max(fps),
+                flatness=max(fps) / min(fps), state_mib=session.memory_bytes() / 2**20,
+                alloc_growth_gib=(max(allocs) - min(allocs)) if allocs else None,
+                graphs=[list(k) for k in session.step.graphs])
+
+
+# ---------------------------------------------------------------- 3. many streams
+@torch.no_grad()
+def many_streams(model, tok, spec, pool, B, steps, warmup, device) -> dict:
+    session = StreamSession(model, tok, frame=spec, batch_size=B)
+    clock = Clock(device)
+    batches = [np.stack([pool[(s + b) % len(pool)] for b in range(B)]) for s in range(4)]
+    for s in range(warmup):
+        session.push_frames(batches[s % 4], [s * 0.5] * B)
+    sync(device)
+    ms, t0 = [], time.perf_counter()
+    for s in range(steps):
+        a = clock.mark()
+        session.push_frames(batches[s % 4], [(warmup + s) * 0.5] * B)
+        ms.append((a, clock.mark()))
+    sync(device)
+    wall_s = time.perf_counter() - t0
+    step_ms = statistics.median(clock.ms(a, b) for a, b in ms)
+    alloc, peak = gpu_mem(device)
+    return dict(streams=B, step_ms=step_ms, fps_aggregate=B * 1e3 / step_ms, fps_aggregate_wall=B * steps / wall_s,
+                per_stream_fps=1e3 / step_ms, state_mib=session.memory_bytes() / 2**20, alloc_gib=alloc, peak_gib=peak)
+
+
+# ---------------------------------------------------------------- 4. breakdown
+@torch.no_grad()
+def breakdown(model, spec, pool, B, steps, device) -> dict:
+    """ms per step for the vision tower (+ merger) alone and the LLM prefill alone, each captured."""
+    from infinitevl.inference.frame_step import FrameStep
+
+    state = model.new_state(B)
+    step = FrameStep(model, state, spec, cuda_graph=False)
+    frames = frames_to_tensor([pool[b % len(pool)] for b in range(B)]).to(device)
+    N = spec.tokens_per_frame
+    x = torch.randn(B, N, model.config.text.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
+    pos = (torch.arange(N, device=device)[None, None] + torch.zeros(3, B, 1, dtype=torch.long, device=device))
+
+    def vision():
+        pixels = preprocess_frames(frames, spec, dtype=step.pixel_dtype, stats=step.stats)
+        model.visual.forward_frames(pixels, step.layout)
+
+    def llm():
+        model.model(x, pos, state=state)
+        state.seen.add_(N)
+
+    wrap = (lambda f: CapturedStep(f)) if device.type == "cuda" else EagerStep
+    clock, out = Clock(device), {}
+    for name, fn in (("vision_ms", vision), ("llm_ms", llm), ("frame_step_ms", lambda: step.run(frames, pos[:, :, 0]))):
+        run = wrap(fn)
+        for _ in range(3):
+            run()
+        times = []
+        for _ in range(steps):
+            a = clock.mark()
+            run()
+            times.append(clock.ms(a, clock.mark()))
+        out[name] = statistics.median(times)
+    out["streams"] = B
+    return out
+
+
+# ---------------------------------------------------------------- report
+def table(res) -> str:
+    s = res["single"]
+    lines = [f"device {res['device']}  backend {res['backend']}  frame {res['frame_size']}x{res['frame_size']} "
+             f"({res['tokens_per_frame']} tokens/frame)",
+             f"gate: {res['gate']}",
+             f"single stream: {s['fps_median_window']:.1f} FPS median window, {s['fps_overall']:.1f} overall, "
+             f"min/max window {s['fps_min_window']:.1f}/{s['fps_max_window']:.1f} (flatness {s['flatness']:.3f}), "
+             f"state {s['state_mib']:.0f} MiB, alloc growth {s['alloc_growth_gib']} GiB",
+             "streams | step ms | aggregate FPS | per-stream FPS"]
+    for r in res["many"]:
+        lines.append(f"{r['streams']:>7} | {r['step_ms']:>7.2f} | {r['fps_aggregate']:>13.1f} | {r['per_stream_fps']:>6.1f}")
+    for r in res["breakdown"]:
+        lines.append(f"breakdown B={r['streams']}: vision {r['vision_ms']:.2f} ms, LLM {r['llm_ms']:.2f} ms, "
+                     f"whole step {r['frame_step_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def plot(res, path: Path) -> None:
+    w = res["single"]["windows"]
+    xs = [r["frames"] for r in w]
+    fps = [r["fps"] for r in w]
+    mem = [r["alloc_gib"] for r in w]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+        ax[0].plot(xs, fps, "o-")
+        ax[0].set(xlabel="frames streamed", ylabel=f"FPS (window of {res['single']['window']})", ylim=(0, max(fps) * 1.2),
+                  title="single stream")
+        if mem[0] is not None:
+            ax[1].plot(xs, mem, "o-", color="tab:green")
+            ax[1].set(xlabel="frames streamed", ylabel="GPU memory allocated (GiB)", ylim=(0, max(mem) * 1.2),
+                      title="memory")
+        ax[2].bar([str(r["streams"]) for r in res["many"]], [r["fps_aggregate"] for r in res["many"]])
+        ax[2].set(xlabel="concurrent streams", ylabel="aggregate FPS", title="batched replay")
+        fig.suptitle(f"{res['device']}: InfiniteVL {res['shape']} streaming, {res['frame_size']}px frames")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    except ImportError:  # no matplotlib (CPU dev installs): FPS per window as a PIL line
+        from PIL import Image, ImageDraw
+
+        img = Image.new("RGB", (640, 400), "white")
+        d = ImageDraw.Draw(img)
+        top = max(fps) * 1.2
+        pts = [(50 + i * 560 / max(1, len(fps) - 1), 360 - f / top * 320) for i, f in enumerate(fps)]
+        d.line([(50, 360), (620, 360)], fill="black")
+        d.line([(50, 20), (50, 360)], fill="black")
+        if len(pts) > 1:
+            d.line(pts, fill="blue", width=2)
+        d.text((60, 5), f"single-stream FPS per window (0..{top:.0f})", fill="black")
+        img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (seconds)")
+    p.add_argument("--out", type=Path, default=Path("out/stream"))
+    p.add_argument("--frame-size", type=int, default=None, help="square frames (default 448; tiny 56)")
+    p.add_argument("--frames", type=int, default=None, help="single-stream frames (default 10,000; tiny 40)")
+    p.add_argument("--window", type=int, default=None, help="frames per FPS/memory sample (default 500; tiny 10)")
+    p.add_argument("--streams", type=int, nargs="*", default=None, help="concurrent streams (default 8 32; tiny 2 4)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per batched point (default 40; tiny 3)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    size = args.frame_size or (56 if args.tiny else 448)
+    n_frames = args.frames or (40 if args.tiny else 10_000)
+    window = args.window or (10 if args.tiny else 500)
+    streams = args.streams or ([2, 4] if args.tiny else [8, 32])
+    steps = args.steps or (3 if args.tiny else 40)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
+
+    model = build(args.tiny, device, dtype)
+    tok = ByteTokenizer(model.config.text.vocab_size)
+    spec = FrameSpec(height=size, width=size)
+    res = dict(bench="stream", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               shape="tiny" if args.tiny else "4b", dtype=str(dtype), torch=torch.__version__, frame_size=size,
+               tokens_per_frame=spec.tokens_per_frame, params=sum(p.numel() for p in model.parameters()))
+    res["gate"] = gate(model, tok, spec, pool[:4], device)
+    res["backend"] = model.set_backend("auto")
+    print("gate:", res["gate"], flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    res["single"] = single_stream(model, tok, spec, pool, n_frames, window, warmup=3 * 8 if not args.tiny else 3,
+                                  device=device)
+    print("single stream:", {k: v for k, v in res["single"].items() if k != "windows"}, flush=True)
+    res["many"] = []
+    for B in streams:
+        res["many"].append(many_streams(model, tok, spec, pool, B, steps, warmup=3, device=device))
+        print("streams:", res["many"][-1], flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    res["breakdown"] = [breakdown(model, spec, pool, B, steps, device) for B in (1, streams[-1])]
+    print("breakdown:", res["breakdown"], flush=True)
+
+    s = res["single"]
+    agg = {r["streams"]: r["fps_aggregate"] for r in res["many"]}
+    res["targets"] = dict(single_fps_ge_120=s["fps_median_window"] >= 120, flat_le_1_10=s["flatness"] <= 1.10,
+                          memory_flat=s["alloc_growth_gib"] == 0 if s["alloc_growth_gib"] is not None else None,
+                          aggregate_32_ge_250=agg[32] >= 250 if 32 in agg else None)
+    print(table(res))
+    (args.out / "results.json").write_text(json.dumps(res, indent=1))
+    plot(res, args.out / "stream.png")
+    print(json.dumps(dict(
+        bench="stream", device=res["device"], shape=res["shape"], gate=res["gate"]["passed"], backend=res["backend"],
+        frame_size=size, tokens_per_frame=spec.tokens_per_frame, frames=n_frames,
+        single_fps_median_window=round(s["fps_median_window"], 1), single_fps_overall=round(s["fps_overall"], 1),
+        flatness=round(s["flatness"], 3), alloc_growth_gib=s["alloc_growth_gib"],
+        gpu_alloc_gib=s["windows"][-1]["alloc_gib"], aggregate_fps={str(k): round(v, 1) for k, v in agg.items()},
+        breakdown_ms={str(r["streams"]): {k: round(v, 2) for k, v in r.items() if k.endswith("_ms")}
+                      for r in res["breakdown"]},
+        targets=res["targets"])))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The streaming frame step on the GPU: CUDA-graph replay == eager over many frames (states and answers),
+the SWA ring buffer and GDN state advancing on every replay, batched graph == separate streams, fast
+kernels == reference kernels, frames of another size running eagerly with one warning, flat memory."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from infinitevl import InfiniteVL
+from infinitevl.inference.frames import FrameSpec
+from infinitevl.inference.streaming import StreamSession
+
+from ..conftest import ROOT
+
+TINY = ROOT / "src/infinitevl/assets/tiny-infinitevl"
+SPEC = FrameSpec(height=56, width=84)  # 6 tokens per frame; the tiny window (32) wraps every ~5 frames
+QUESTIONS = ["What is happening?", "What colour is the shape?"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    return InfiniteVL.from_pretrained(TINY, device="cuda"), AutoTokenizer.from_pretrained(TINY)
+
+
+def _frames(n, seed, shape=(56, 84, 3)):
+    g = np.random.default_rng(seed)
+    return [g.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+def _assert_states_close(a, b, tol=1e-4):
+    for x, y in zip(a.tensors(), b.tensors(), strict=True):
+        if x.dtype == torch.long:
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x.float(), y.float(), atol=tol, rtol=tol)
+
+
+@torch.no_grad()
+def test_graph_replay_equals_eager_over_many_frames(setup):
+    model, tok = setup
+    frames = _frames(300, seed=0)
+    graph = StreamSession(model, tok, frame=SPEC, cuda_graph=True)
+    eager = StreamSession(model, tok, frame=SPEC, cuda_graph=False)
+    assert graph.backend == "fla"
+    ring = graph.state.layers[0]
+    gdn = graph.state.layers[1]
+    for i, f in enumerate(frames):
+        rec_before, keys_before = gdn.recurrent.clone(), ring.keys.clone()
+        graph.push_frame(f, i * 0.5)
+        eager.push_frame(f, i * 0.5)
+        # every replay writes this frame's tokens into the ring and moves the recurrent state
+        seen = int(graph.state.seen[0])
+        assert int(ring.token_index.max()) == seen - 1
+        assert not torch.equal(keys_before, ring.keys) and not torch.equal(rec_before, gdn.recurrent)
+        if i % 50 == 49:
+            _assert_states_close(graph.state, eager.state)
+    assert list(graph.step.graphs) == [(1, 56, 84)]
+    for q in QUESTIONS:
+        assert graph.ask(q, max_new_tokens=12) == eager.ask(q, max_new_tokens=12)
+
+
+@torch.no_grad()
+def test_batched_graph_equals_separate_streams(setup):
+    model, tok = setup
+    n = 3
+    frames = [_frames(40, seed=10 + b) for b in range(n)]
+    times = [[i * (0.5 + 0.3 * b) for i in range(40)] for b in range(n)]
+    batched = StreamSession(model, tok, frame=SPEC, batch_size=n, cuda_graph=True)
+    for i in range(40):
+        batched.push_frames([frames[b][i] for b in range(n)], [times[b][i] for b in range(n)])
+    assert list(batched.step.graphs) == [(n, 56, 84)]  # one launch per batch of frames
+    for b in range(n):
+        one = StreamSession(model, tok, frame=SPEC, cuda_graph=True)
+        for f, t in zip(frames[b], times[b]):
+            one.push_frame(f, t)
+        _assert_states_close(batched.state.select([b]), one.state, tol=2e-3)
+        assert batched.ask(QUESTIONS[1], stream=b, max_new_tokens=8) == one.ask(QUESTIONS[1], max_new_tokens=8)
+
+
+@torch.no_grad()
+def test_fast_frame_step_matches_reference_kernels(setup):
+    model, tok = setup
+    frames = _frames(30, seed=3)
+    ref = StreamSession(model, tok, frame=SPEC, backend="torch", cuda_graph=False)
+    for i, f in enumerate(frames):
+        ref.push_frame(f, i * 0.5)
+    want = [t.clone() for t in ref.state.tensors()]
+    fast = StreamSession(model, tok, frame=SPEC, cuda_graph=True)
+    for i, f in enumerate(frames):
+        fast.push_frame(f, i * 0.5)
+    for x, y in zip(fast.state.tensors(), want):
+        if x.dtype == torch.long:
+            assert torch.equal(x, y)
+        else:  # fla runs its matmuls in TF32
+            assert ((x.float() - y.float()).norm() / y.float().norm().clamp(min=1e-6)) < 2e-2
+
+
+@torch.no_grad()
+def test_other_frame_size_runs_eagerly_and_warns_once(setup, caplog):
+    model, tok = setup
+    frames = _frames(4, seed=5, shape=(70, 90, 3))
+    graph = StreamSession(model, tok, frame=SPEC, cuda_graph=True, capture_sizes=[(56, 84), (112, 112)])
+    eager = StreamSession(model, tok, frame=SPEC, cuda_graph=False)
+    with caplog.at_level(logging.WARNING, logger="infinitevl"):
+        for i, f in enumerate(frames):
+            graph.push_frame(f, i)
+            eager.push_frame(f, i)
+    assert sum("run eagerly" in r.getMessage() for r in caplog.records) == 1
+    assert not graph.step.graphs
+    graph.push_frame(_frames(1, seed=6, shape=(112, 112, 3))[0], 5)  # a second captured size
+    eager.push_frame(_frames(1, seed=6, shape=(112, 112, 3))[0], 5)
+    assert list(graph.step.graphs) == [(1, 112, 112)]
+    _assert_states_close(graph.state, eager.state)
+
+
+@torch.no_grad()
+def test_memory_is_flat_over_a_long_graphed_stream(setup):
+    model, tok = setup
+    s = StreamSession(model, tok, frame=SPEC, cuda_graph=True)
+    f = _frames(1, seed=7)[0]
+    for i in range(20):
+        s.push_frame(f, i * 0.5)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(20, 500):
+        s.push_frame(f, i * 0.5)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
