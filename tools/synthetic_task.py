@@ -12,7 +12,7 @@ questions whose answers are fixed sentences, so exact match scores them:
               (the first two frames show one shape; six distractor frames follow, so with the
               tiny model's 64-token attention window the answer must come from the GDN memory)
 
-    python tools/synthetic_task.py --out /tmp/synth --train 20000 --val 300 --test 600 [--seed 0]
+    python tools/synthetic_task.py --out /tmp/synth --train 20000 --val 300 --test 600 [--seed 0] [--workers 8]
 
 writes {train,val,test}.jsonl in the training-record format (media paths relative to the file)
 and the media under media/. `example(task, rng)` gives one fresh (media, question, answer) in
@@ -174,13 +174,27 @@ def to_record(ex: Example, media_dir: Path, name: str, rel_to: Path) -> dict:
             key: [str(path.relative_to(rel_to))], "task": ex.task}
 
 
-def make_split(out: Path, split: str, n: int, seed: int, tasks=TASKS) -> list[dict]:
-    rng = random.Random(f"{split}-{seed}")
-    records = []
-    for i in range(n):
-        task = tasks[i % len(tasks)]
-        records.append(to_record(example(task, rng), out / "media" / split, f"{i:06d}", out))
-    rng.shuffle(records)
+BLOCK = 250  # records per independently seeded block: the data do not depend on the number of workers
+
+
+def _block(args) -> list[dict]:
+    out, split, seed, first, n, tasks = args
+    rng = random.Random(f"{split}-{seed}-{first // BLOCK}")
+    return [to_record(example(tasks[i % len(tasks)], rng), out / "media" / split, f"{i:06d}", out)
+            for i in range(first, first + n)]
+
+
+def make_split(out: Path, split: str, n: int, seed: int, tasks=TASKS, workers: int = 1) -> list[dict]:
+    jobs = [(out, split, seed, first, min(BLOCK, n - first), tasks) for first in range(0, n, BLOCK)]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            blocks = pool.map(_block, jobs)
+    else:
+        blocks = [_block(j) for j in jobs]
+    records = [r for b in blocks for r in b]
+    random.Random(f"{split}-{seed}").shuffle(records)
     with open(out / f"{split}.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -194,11 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val", type=int, default=300)
     ap.add_argument("--test", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="processes drawing and encoding media")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", args.train), ("val", args.val), ("test", args.test)):
         if n:
-            make_split(args.out, split, n, args.seed)
+            make_split(args.out, split, n, args.seed, workers=args.workers)
             print(f"{split}: {n} records -> {args.out / (split + '.jsonl')}")
 
 

@@ -64,6 +64,19 @@ def test_packed_has_no_leakage():
     torch.testing.assert_close(y[:, 4:], short_conv(x[:, 4:], w)[0])
 
 
+def test_packed_equals_each_sequence_alone_with_gradients():
+    lens = [1, 2, 3, 4, 9, 30, 1]  # shorter and longer than the kernel
+    x = torch.randn(1, sum(lens), 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    y = short_conv_packed(x, w, cu)
+    ref = torch.cat([short_conv(x[:, a:b], w)[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1)
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad((y * dy).sum(), (x, w)), torch.autograd.grad((ref * dy).sum(), (x, w))):
+        torch.testing.assert_close(a, b)
+
+
 def test_bad_state_shape():
     with pytest.raises(ValueError, match="state must be"):
         short_conv(torch.randn(1, 3, 4), torch.randn(4, 4), state_BCW=torch.zeros(1, 4, 4))

@@ -55,9 +55,22 @@ def short_conv(
 def short_conv_packed(
     x_1TC: torch.Tensor, weight_CW: torch.Tensor, cu_seqlens: torch.Tensor, *, activation: bool = True
 ) -> torch.Tensor:
-    """Packed variable-length sequences (batch 1, boundaries in cu_seqlens): no state crosses a boundary."""
-    bounds = cu_seqlens.tolist()
-    outs = [
-        short_conv(x_1TC[:, s:e], weight_CW, activation=activation)[0] for s, e in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(outs, dim=1)
+    """Packed variable-length sequences (batch 1, boundaries in cu_seqlens): no state crosses a boundary.
+
+    One pass over the whole row: tap i of token t reads x_{t-W+1+i} only when that token belongs to
+    t's sequence (its offset in the sequence is at least W-1-i), so a row of many short samples costs
+    a few kernels, not a few per sample."""
+    _, T, C = x_1TC.shape
+    W = weight_CW.shape[-1]
+    if weight_CW.shape != (C, W):
+        raise ValueError(f"short_conv weight must be [{C}, W], got {tuple(weight_CW.shape)}")
+    cu = cu_seqlens.to(device=x_1TC.device, dtype=torch.long)
+    t = torch.arange(T, device=x_1TC.device)
+    offset_T = t - cu[torch.searchsorted(cu, t, right=True) - 1]
+    lag_W = torch.arange(W - 1, -1, -1, device=x_1TC.device)  # tap i looks back W-1-i tokens
+    windows_TCW = F.pad(x_1TC[0], (0, 0, W - 1, 0)).unfold(0, W, 1)
+    keep_TW = (offset_T[:, None] >= lag_W[None, :]).to(x_1TC.dtype)
+    y_TC = (windows_TCW * (weight_CW.to(x_1TC.dtype) * keep_TW[:, None, :])).sum(-1)
+    if activation:
+        y_TC = F.silu(y_TC)
+    return y_TC[None]

@@ -34,7 +34,10 @@ class BadSample(ValueError):
 
     def __init__(self, where: str, message: str, reason: str):
         super().__init__(f"{where}: {message}")
-        self.where, self.reason = where, reason
+        self.where, self.message, self.reason = where, message, reason
+
+    def __reduce__(self):  # crosses process boundaries (data.workers)
+        return type(self), (self.where, self.message, self.reason)
 
 
 @dataclass
@@ -116,6 +119,7 @@ class DataConfig:
     system_prompt: str = "You are a helpful assistant."
     vision: VisionInputConfig = field(default_factory=VisionInputConfig)
     cache: bool = False  # keep built samples in memory (small data sets)
+    workers: int = 0  # processes that build the next steps' samples while the model trains (0: in the loop)
 
     def __post_init__(self):
         if self.on_bad_sample not in ("error", "skip"):

@@ -33,7 +33,7 @@ def build_loader(data: DataConfig, tokenizer_dir: str | Path, model_config, run:
                       spatial_merge_size=model_config.vision.spatial_merge_size,
                       tokens_per_second=model_config.vision.tokens_per_second)
     return RowLoader(dataset, vt, budget=data.row_tokens or data.max_tokens, accum=run.grad_accum, seed=run.seed,
-                     rank=d.rank, world=d.world)
+                     rank=d.rank, world=d.world, workers=data.workers)
 
 
 def train(objective: Objective, *, model_config, init_dir: str | Path, data: DataConfig, optim: OptimConfig,
@@ -51,7 +51,10 @@ def train(objective: Objective, *, model_config, init_dir: str | Path, data: Dat
     loader = build_loader(data, init_dir, model_config, run, d)
     trainer = Trainer(objective, loader, run=run, optim=optim, d=d, model_config=model_config,
                       init_dir=Path(init_dir), extra_state=extra_state)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        loader.close()
     if result.final_step == result.total_steps:
         export_final(trainer, Path(run.output_dir) / "final", init_dir=Path(init_dir),
                      cpu_student=cpu_student or (lambda: InfiniteVL(model_config)), finalize=finalize,
