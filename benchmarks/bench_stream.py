@@ -145,8 +145,10 @@ def gate(model, tok, spec, frames, device) -> dict:
 
 # ---------------------------------------------------------------- 2. single stream
 @torch.no_grad()
-def single_stream(model, tok, spec, pool, n_frames, window, warmup, device) -> dict:
-    session = StreamSession(model, tok, frame=spec)
+def single_stream(model, tok, spec, pool, n_frames, window, warmup, device, *, budget_s=float("inf"),
+                  cuda_graph=None) -> dict:
+    """Stops early (at a window boundary, recorded) once `budget_s` seconds have passed."""
+    session = StreamSession(model, tok, frame=spec, cuda_graph=cuda_graph)
     clock = Clock(device)
     for i in range(warmup):
         session.push_frame(pool[i % len(pool)], i * 0.5)
@@ -161,8 +163,12 @@ def single_stream(model, tok, spec, pool, n_frames, window, warmup, device) -> d
             marks.append(clock.mark())
             alloc, peak = gpu_mem(device)
             windows.append(dict(frames=i + 1, alloc_gib=alloc, peak_gib=peak))
+            print(f"  {i + 1} frames, {window * 1e3 / clock.ms(marks[-2], marks[-1]):.1f} FPS, {alloc} GiB", flush=True)
+            if time.perf_counter() - t0 > budget_s:
+                break
     sync(device)
     wall_s = time.perf_counter() - t0
+    n_frames = windows[-1]["frames"]
     for w, a, b in zip(windows, marks[:-1], marks[1:]):
         w["fps"] = window * 1e3 / clock.ms(a, b)
     fps = [w["fps"] for w in windows]
@@ -241,7 +247,7 @@ def table(res) -> str:
              f"gate: {res['gate']}",
              f"single stream: {s['fps_median_window']:.1f} FPS median window, {s['fps_overall']:.1f} overall, "
              f"min/max window {s['fps_min_window']:.1f}/{s['fps_max_window']:.1f} (flatness {s['flatness']:.3f}), "
-             f"state {s['state_mib']:.0f} MiB, alloc growth {s['alloc_growth_gib']} GiB",
+             f"state {s['state_mib']:.0f} MiB, alloc growth {s['alloc_growth_gib']} GiB; eager {res['single_eager_fps']:.1f} FPS",
              "streams | step ms | aggregate FPS | per-stream FPS"]
     for r in res["many"]:
         lines.append(f"{r['streams']:>7} | {r['step_ms']:>7.2f} | {r['fps_aggregate']:>13.1f} | {r['per_stream_fps']:>6.1f}")
@@ -299,6 +305,8 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=None, help="frames per FPS/memory sample (default 500; tiny 10)")
     p.add_argument("--streams", type=int, nargs="*", default=None, help="concurrent streams (default 8 32; tiny 2 4)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per batched point (default 40; tiny 3)")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="stop the single-stream run at the first window boundary after this many seconds")
     args = p.parse_args(argv)
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -324,17 +332,21 @@ def main(argv=None):
     print("gate:", res["gate"], flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    res["single"] = single_stream(model, tok, spec, pool, n_frames, window, warmup=3 * 8 if not args.tiny else 3,
-                                  device=device)
-    print("single stream:", {k: v for k, v in res["single"].items() if k != "windows"}, flush=True)
+    res["breakdown"] = [breakdown(model, spec, pool, B, steps, device) for B in (1, streams[-1])]
+    print("breakdown:", res["breakdown"], flush=True)
     res["many"] = []
     for B in streams:
         res["many"].append(many_streams(model, tok, spec, pool, B, steps, warmup=3, device=device))
         print("streams:", res["many"][-1], flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    res["breakdown"] = [breakdown(model, spec, pool, B, steps, device) for B in (1, streams[-1])]
-    print("breakdown:", res["breakdown"], flush=True)
+    eager = single_stream(model, tok, spec, pool, 2 * window // 10 or 2, window // 10 or 1, warmup=3, device=device,
+                          cuda_graph=False)
+    res["single_eager_fps"] = eager["fps_median_window"]
+    print("single stream, eager:", res["single_eager_fps"], flush=True)
+    res["single"] = single_stream(model, tok, spec, pool, n_frames, window, warmup=3 * 8 if not args.tiny else 3,
+                                  device=device, budget_s=args.budget_s)
+    print("single stream:", {k: v for k, v in res["single"].items() if k != "windows"}, flush=True)
 
     s = res["single"]
     agg = {r["streams"]: r["fps_aggregate"] for r in res["many"]}
@@ -346,7 +358,8 @@ def main(argv=None):
     plot(res, args.out / "stream.png")
     print(json.dumps(dict(
         bench="stream", device=res["device"], shape=res["shape"], gate=res["gate"]["passed"], backend=res["backend"],
-        frame_size=size, tokens_per_frame=spec.tokens_per_frame, frames=n_frames,
+        frame_size=size, tokens_per_frame=spec.tokens_per_frame, frames=s["frames"],
+        single_eager_fps=round(res["single_eager_fps"], 1),
         single_fps_median_window=round(s["fps_median_window"], 1), single_fps_overall=round(s["fps_overall"], 1),
         flatness=round(s["flatness"], 3), alloc_growth_gib=s["alloc_growth_gib"],
         gpu_alloc_gib=s["windows"][-1]["alloc_gib"], aggregate_fps={str(k): round(v, 1) for k, v in agg.items()},

@@ -80,9 +80,9 @@ class StreamSession:
             raise ValueError("the frame spec's patch/merge/temporal sizes must equal the model's vision config")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.backend = model.set_backend(backend)
+        self.backend = model.set_backend(backend, vision=True)
         if self.backend == "fla":
-            model.fuse_projections()
+            model.fuse_projections(vision=True)
         self.tokens_per_second = vc.tokens_per_second
         self.device = model.model.embed_tokens.weight.device
         self.state = model.new_state(batch_size)

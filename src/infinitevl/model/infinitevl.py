@@ -56,24 +56,30 @@ class InfiniteVL(nn.Module):
         self.config.save(path)
         checkpoint.save_weights(self, path, tied=self.config.text.tie_word_embeddings)
 
-    def set_backend(self, backend: str = "auto") -> str:
+    def set_backend(self, backend: str = "auto", *, vision: bool = False) -> str:
         """Chooses the decoder's kernels once: 'torch' (the references), 'fla' (GPU fast paths) or 'auto'
-        (fla on CUDA when installed). Returns the resolved name. The vision tower always runs PyTorch."""
+        (fla on CUDA when installed). Returns the resolved name. The vision tower runs PyTorch unless
+        `vision=True` (streaming): then its norms and MLP take the fused kernels too (inference only)."""
         resolved = resolve_backend(backend, self.lm_head.weight.device)
         for module in self.model.modules():
             if hasattr(module, "backend"):
                 module.backend = resolved
+        for module in self.visual.modules():
+            if hasattr(module, "backend"):
+                module.backend = resolved if vision else "torch"
         if resolved != getattr(self, "_backend_logged", None):
             log.info("infinitevl decoder backend: %s", resolved)
             self._backend_logged = resolved
         return resolved
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, *, vision: bool = False) -> None:
         """Inference only: each decoder layer's sibling projections become one matmul (weights turn into views
-        of one tensor; same values and names, no extra memory). Save checkpoints from an unfused model."""
-        for module in self.model.modules():
-            if module is not self.model and hasattr(module, "fuse_projections"):
-                module.fuse_projections()
+        of one tensor; same values and names, no extra memory). Save checkpoints from an unfused model.
+        `vision=True`: the vision MLPs' gate/up too."""
+        for root in (self.model, self.visual) if vision else (self.model,):
+            for module in root.modules():
+                if module is not root and hasattr(module, "fuse_projections"):
+                    module.fuse_projections()
 
     def new_state(self, batch_size: int) -> InferenceState:
         p = self.model.embed_tokens.weight

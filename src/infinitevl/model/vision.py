@@ -46,10 +46,12 @@ class VisionAttention(nn.Module):
         """Attention inside each of the G groups of S patches (under `mask_GSS` when given);
         cos/sin broadcast against [..., S, F]."""
         *lead, S, E = x_GSE.shape
-        q, k, v = self.qkv(x_GSE).view(*lead, S, 3, self.num_heads, -1).unbind(-3)
-        cos, sin = cos_SF[..., None, :].float(), sin_SF[..., None, :].float()
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
+        qkv = self.qkv(x_GSE).view(*lead, S, 3, self.num_heads, -1)
+        v = qkv[..., 2, :, :]
+        # q and k rotated together (one pass over both)
+        cos, sin = cos_SF[..., None, None, :].float(), sin_SF[..., None, None, :].float()
+        qk = qkv[..., :2, :, :].float()
+        q, k = (qk * cos + rotate_half(qk) * sin).to(v.dtype).unbind(-3)
         mask = None if mask_GSS is None else mask_GSS[..., None, :, :]
         o = F.scaled_dot_product_attention(q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3), attn_mask=mask)
         return self.proj(o.transpose(-2, -3).reshape(*lead, S, E))
@@ -64,8 +66,8 @@ class VisionBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=True)
 
     def forward(self, x, cos, sin, mask=None):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
-        return x + self.mlp(self.norm2(x))
+        x, h = self.norm2.add_and_norm(x, self.attn(self.norm1(x), cos, sin, mask))
+        return x + self.mlp(h)
 
 
 class PatchMerger(nn.Module):
