@@ -165,3 +165,29 @@ def test_bad_input_keeps_state(setup):
     with pytest.raises(ValueError, match="multiples of 28"):
         FrameSpec(height=30, width=28)
     assert all(torch.equal(a, b) for a, b in zip(before, s.state.tensors()))
+
+
+def test_session_usable_and_unchanged_after_bad_input(setup):
+    """Bad frames, wrong types, bad timestamps and empty questions change nothing: the stream goes on as if
+    they never came."""
+    model, tok = setup
+    frames = _frames(3)
+    clean, s = StreamSession(model, tok, frame=SPEC), StreamSession(model, tok, frame=SPEC)
+    for sess in (clean, s):
+        sess.push_frame(frames[0], 0.0)
+    for bad, t in ((np.zeros((70, 90, 4), dtype=np.uint8), 1.0), (np.zeros((70, 90, 3), dtype=np.float32), 1.0),
+                   (None, 1.0), (frames[1], float("nan")), (frames[1], "soon"), (frames[1], None)):
+        with pytest.raises(ValueError):
+            s.push_frame(bad, t)
+    with pytest.raises(ValueError, match="one frame and one timestamp per stream"):
+        s.push_frames([frames[1], frames[2]], [1.0, 2.0])
+    for q in ("", None, 3):
+        with pytest.raises(ValueError, match="empty"):
+            s.ask(q)
+    with pytest.raises(ValueError, match="does not exist"):
+        s.ask("What?", stream=1)
+    assert s.clock == clean.clock
+    for sess in (clean, s):
+        sess.push_frame(frames[1], 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(clean.state.tensors(), s.state.tensors()))
+    assert s.ask("What is happening?", max_new_tokens=4) == clean.ask("What is happening?", max_new_tokens=4)
