@@ -2,7 +2,7 @@
 
     infinitevl generate [--model DIR] [--image PATH ...] [--video PATH] --prompt "..."
     infinitevl generate --messages chat.json          (the model card's `messages` list, as JSON)
-    infinitevl stream VIDEO [--model DIR] --ask 30s:"What is happening?" [--fps 2]
+    infinitevl stream VIDEO [--model DIR] --ask 30s:"What is happening?" [--ask 2m:"..."] [--fps 2] [--frame-size 448]
     infinitevl train {distill-layer, distill-e2e, sft, long-sft} --config configs/<stage>.yaml
     infinitevl convert --teacher QWEN2.5-VL-DIR --out STUDENT-DIR
 
@@ -137,8 +137,15 @@ def cmd_convert(argv: list[str]) -> int:
     return convert_main(argv)
 
 
+def cmd_stream(argv: list[str]) -> int:
+    from .cli_stream import stream_main
+
+    return stream_main(argv)
+
+
 COMMANDS = {
     "generate": cmd_generate,
+    "stream": cmd_stream,
     "train": cmd_train,
     "convert": cmd_convert,
 }

@@ -59,7 +59,8 @@ def frames_to_tensor(frames) -> torch.Tensor:
     if Image is not None and isinstance(frames, Image.Image):
         frames = np.asarray(frames.convert("RGB"))
     if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(np.ascontiguousarray(frames))
+        # decoders hand out read-only arrays; torch wants writable memory
+        frames = torch.from_numpy(np.ascontiguousarray(frames) if frames.flags.writeable else frames.copy())
     if not isinstance(frames, torch.Tensor):
         raise ValueError(f"a frame must be a PIL image or a uint8 array [H, W, 3]; got {type(frames).__name__}")
     if frames.ndim == 3:

@@ -1,0 +1,100 @@
+"""`infinitevl stream VIDEO --ask 30s:"What is happening?" [--ask 2m:"..."] [--fps 2] [--frame-size 448]`:
+a video (file, directory of images, URL) streamed through a StreamSession in constant memory, questions
+answered at their stream times, a live FPS/memory line on stderr."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+import torch
+
+
+def parse_time(text: str) -> float:
+    """'90', '30s', '2m', '1m30s', '1h2m3.5s' -> seconds."""
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d*)?)h)?\s*(?:(\d+(?:\.\d*)?)m)?\s*(?:(\d+(?:\.\d*)?)s?)?\s*", text)
+    if not text.strip() or m is None or not any(m.groups()):
+        raise ValueError(f"cannot read {text!r} as a time: use seconds (90, 30s), minutes (2m) or both (1m30s)")
+    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + sec
+
+
+def parse_ask(text: str) -> tuple[float, str]:
+    """'30s:What is happening?' -> (30.0, 'What is happening?')."""
+    when, sep, question = text.partition(":")
+    if not sep or not question.strip():
+        raise ValueError(f"--ask {text!r}: write TIME:QUESTION, e.g. --ask 30s:\"What is happening?\"")
+    return parse_time(when), question.strip()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(seconds, 60)
+    return f"{int(m)}:{s:04.1f}"
+
+
+def stream_main(argv: list[str]) -> int:
+    from .cli import _common, _device, _dtype
+
+    ap = argparse.ArgumentParser(prog="infinitevl stream", description="Stream a video through the model in "
+                                 "constant memory and answer questions at given stream times.")
+    _common(ap)
+    ap.add_argument("video", help="a video file, a directory of images, or a URL (rtsp://, http(s)://, /dev/videoN)")
+    ap.add_argument("--ask", action="append", default=[], metavar='TIME:"QUESTION"',
+                    help='a question at a stream time, e.g. 30s:"What is happening?" (repeatable; 90, 2m, 1m30s)')
+    ap.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
+    ap.add_argument("--frame-size", type=int, default=448, help="frames are resized to SIZE x SIZE (multiple of 28)")
+    ap.add_argument("--keep", action="store_true", help="questions and answers join the stream's memory")
+    ap.add_argument("--json", action="store_true", help="print answers as JSON lines")
+    ap.add_argument("--quiet", action="store_true", help="no live FPS/memory line on stderr")
+    args = ap.parse_args(argv)
+    asks = sorted(parse_ask(a) for a in args.ask)
+    if args.fps <= 0:
+        raise ValueError(f"--fps must be > 0, got {args.fps}")
+
+    from transformers import AutoTokenizer
+
+    from . import InfiniteVL
+    from .inference import SamplingParams
+    from .inference.frames import FrameSpec
+    from .inference.streaming import StreamSession
+    from .inference.video_source import VideoSource
+
+    spec = FrameSpec(height=args.frame_size, width=args.frame_size)
+    source = VideoSource(args.video, fps=args.fps, size=(spec.height, spec.width))
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    model = InfiniteVL.from_pretrained(args.model, dtype=_dtype(args.dtype, device), device=device)
+    session = StreamSession(model, AutoTokenizer.from_pretrained(str(args.model)), frame=spec)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    live = not args.quiet
+
+    def answer(when: float, question: str, seen_until: float) -> None:
+        text = session.ask(question, max_new_tokens=args.max_new_tokens, sampling=sampling, keep=args.keep)
+        if live:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        if args.json:
+            print(json.dumps({"time": when, "seen_until": round(seen_until, 3), "question": question, "answer": text}),
+                  flush=True)
+        else:
+            print(f"[{_clock(when)}] Q: {question}\n[{_clock(when)}] A: {text}", flush=True)
+
+    t0, frames, last = time.perf_counter(), 0, 0.0
+    for frame, ts in source:
+        while asks and asks[0][0] < ts:  # a question due before this frame sees everything up to the last one
+            answer(*asks.pop(0), seen_until=last)
+        session.push_frame(frame, ts)
+        frames, last = frames + 1, ts
+        if live:
+            fps = frames / (time.perf_counter() - t0)
+            gpu = f"  GPU {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else ""
+            print(f"\r\033[K{_clock(ts)}  {frames} frames  {fps:.1f} FPS  memory {session.memory_bytes() / 2**20:.1f} MiB"
+                  f"{gpu}", end="", file=sys.stderr, flush=True)
+    if frames == 0:
+        raise ValueError(f"{args.video} gave no frames")
+    for when, question in asks:  # at or after the end: answered on the whole stream
+        answer(when, question, seen_until=last)
+    if live:
+        print(file=sys.stderr)
+    return 0

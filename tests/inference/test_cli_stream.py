@@ -1,0 +1,45 @@
+"""`infinitevl stream` on the shipped tiny model and a real mp4: answers at their times, clear errors."""
+import json
+
+import pytest
+
+from infinitevl.cli import main
+from infinitevl.cli_stream import parse_ask, parse_time
+
+from ..conftest import MEDIA
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("30s", 30), ("2m", 120), ("1m30s", 90), ("1h2m3.5s", 3723.5),
+                                          ("0.5", 0.5)])
+def test_parse_time(text, seconds):
+    assert parse_time(text) == seconds
+
+
+def test_parse_ask_and_bad_times():
+    assert parse_ask("30s:What is happening? Really: now?") == (30.0, "What is happening? Really: now?")
+    for bad in ("", "soon", "1x", "m", "-3s"):
+        with pytest.raises(ValueError, match="as a time"):
+            parse_time(bad)
+    with pytest.raises(ValueError, match="TIME:QUESTION"):
+        parse_ask("30s")
+
+
+def test_stream_command_answers_at_times(capsys):
+    rc = main(["stream", str(MEDIA / "1.mp4"), "--ask", "3s:What is happening?", "--ask", "1m30s:What colour is it?",
+               "--fps", "2", "--frame-size", "56", "--max-new-tokens", "4", "--json"])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert [(a["time"], a["question"]) for a in lines] == [(3.0, "What is happening?"), (90.0, "What colour is it?")]
+    assert lines[0]["seen_until"] == 3.0 and 9.5 <= lines[1]["seen_until"] < 9.7  # the video ends at 9.7 s
+    assert all(isinstance(a["answer"], str) for a in lines)
+    assert "FPS" in err and "memory" in err and "20 frames" in err
+
+
+def test_stream_command_errors(capsys, tmp_path):
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    assert main(["stream", str(tmp_path / "bad.mp4"), "--ask", "1s:Hi?"]) == 2
+    assert main(["stream", str(MEDIA / "1.mp4"), "--ask", "later:Hi?"]) == 2
+    assert main(["stream", str(MEDIA / "1.mp4"), "--frame-size", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt" in err and "as a time" in err and "multiples of 28" in err
