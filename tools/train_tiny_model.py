@@ -1,10 +1,11 @@
 """Train the tiny model shipped in the package, with the training pipeline, on the synthetic task.
 
     python tools/train_tiny_model.py --work /tmp/tinyrun [--only teacher,convert,...] [--ship]
+        [--train 20000 --test 600 --workers 12 --eval-n 300]
 
 Steps (each skipped when its output exists, so the script can be re-run after an interruption;
 the training steps themselves resume from their last checkpoint):
-  data      tools/synthetic_task.py: 30000 train / 300 val / 600 test records
+  data      tools/synthetic_task.py: --train (20000) train / --test (600) test records
   init      a random transformers Qwen2.5-VL in the tiny shape (the tiny tokenizer's ids)
   vision    pretrain its (tiny, from-scratch) vision tower on fresh synthetic images with classification
             heads for shape / colour / count / word: a 64-wide ViT learns shapes far too slowly through
@@ -71,57 +72,71 @@ def teacher_init(out: Path, seed: int = 0) -> None:
     mtm.write_tokenizer_files(tok, out)
 
 
-def pretrain_vision(init_dir: Path, out_dir: Path, *, steps: int = 3000, batch: int = 32, lr: float = 2e-3,
-                    seed: int = 0) -> dict:
-    """Multi-task classification on the pooled output of the teacher's vision tower + merger."""
+def _vision_batch(job):
+    """One batch of fresh labelled images (its own seeded generator, so workers can draw it)."""
     import random
+
+    from infinitevl.training.vision_inputs import VisionInputConfig, VisionInputs
+
+    seed, k, batch = job
+    st = _tool("synthetic_task")
+    vi = VisionInputs(VisionInputConfig(image_max_pixels=200704))
+    rng = random.Random(f"vision-{seed}-{k}")
+    colours = list(st.COLOURS)
+    pixels, labels = [], []
+    for _ in range(batch):
+        kind = rng.choice(["single", "single", "count", "word"])
+        shape, colour = rng.randrange(len(st.SHAPES)), rng.randrange(len(colours))
+        if kind == "single":
+            img, lab = st.single_shape(rng, st.SHAPES[shape], colours[colour]), {"shape": shape, "colour": colour}
+        elif kind == "count":
+            n = rng.randint(1, 5)
+            img = st.many_shapes(rng, n, st.SHAPES[shape], colours[colour])
+            lab = {"count": n - 1, "shape": shape, "colour": colour}
+        else:
+            w = rng.randrange(len(st.WORDS))
+            img, lab = st.word_image(rng, st.WORDS[w]), {"word": w}
+        px, grid = vi.image(img)
+        pixels.append(px)
+        labels.append(lab)
+    return torch.cat(pixels), torch.tensor([list(grid)] * batch), labels
+
+
+def pretrain_vision(init_dir: Path, out_dir: Path, *, steps: int = 3000, batch: int = 32, lr: float = 2e-3,
+                    seed: int = 0, workers: int = 1) -> dict:
+    """Multi-task classification on the pooled output of the teacher's vision tower + merger."""
+    import multiprocessing as mp
 
     from torch import nn
 
     from infinitevl.training.student import load_teacher, save_teacher, copy_processor_files
-    from infinitevl.training.vision_inputs import VisionInputConfig, VisionInputs
 
     st = _tool("synthetic_task")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = load_teacher(init_dir)
-    vis = teacher.visual.train().requires_grad_(True)
+    vis = teacher.visual.to(dev).train().requires_grad_(True)
     D = teacher.config.vision.out_hidden_size
     heads = nn.ModuleDict({"shape": nn.Linear(2 * D, len(st.SHAPES)), "colour": nn.Linear(2 * D, len(st.COLOURS)),
-                           "count": nn.Linear(2 * D, 5), "word": nn.Linear(2 * D, len(st.WORDS))})
+                           "count": nn.Linear(2 * D, 5), "word": nn.Linear(2 * D, len(st.WORDS))}).to(dev)
     params = list(vis.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1.0, (k + 1) / 100) * 0.5 * (1 + torch.cos(torch.tensor(k / steps * 3.14159)).item()))
-    vi = VisionInputs(VisionInputConfig(image_max_pixels=200704))
-    rng = random.Random(f"vision-{seed}")
-    colours = list(st.COLOURS)
     hits: dict[str, list[int]] = {k: [] for k in heads}
     t0 = time.time()
-    for k in range(steps):
-        pixels, labels = [], []
-        for _ in range(batch):
-            kind = rng.choice(["single", "single", "count", "word"])
-            shape, colour = rng.randrange(len(st.SHAPES)), rng.randrange(len(colours))
-            if kind == "single":
-                img, lab = st.single_shape(rng, st.SHAPES[shape], colours[colour]), {"shape": shape, "colour": colour}
-            elif kind == "count":
-                n = rng.randint(1, 5)
-                img = st.many_shapes(rng, n, st.SHAPES[shape], colours[colour])
-                lab = {"count": n - 1, "shape": shape, "colour": colour}
-            else:
-                w = rng.randrange(len(st.WORDS))
-                img, lab = st.word_image(rng, st.WORDS[w]), {"word": w}
-            px, grid = vi.image(img)
-            pixels.append(px)
-            labels.append(lab)
-        grid = torch.tensor([list(grid)] * batch)
-        feats = vis(torch.cat(pixels), grid).view(batch, -1, D)
+    # one thread per worker: a forked child that enters an OpenMP region of the parent's pool hangs
+    pool = mp.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
+    jobs = [(seed, k, batch) for k in range(steps)]
+    batches = pool.imap(_vision_batch, jobs, chunksize=2) if pool else map(_vision_batch, jobs)
+    for k, (pixels, grid, labels) in enumerate(batches):
+        feats = vis(pixels.to(dev), grid.to(dev)).view(batch, -1, D)
         pooled = torch.cat([feats.mean(1), feats.amax(1)], -1)
         loss = 0.0
         for name, head in heads.items():
             rows = [i for i, lab in enumerate(labels) if name in lab]
             if rows:
                 logits = head(pooled[rows])
-                target = torch.tensor([labels[i][name] for i in rows])
+                target = torch.tensor([labels[i][name] for i in rows], device=dev)
                 loss = loss + nn.functional.cross_entropy(logits, target)
                 hits[name] += (logits.argmax(-1) == target).tolist()
         opt.zero_grad()
@@ -135,7 +150,9 @@ def pretrain_vision(init_dir: Path, out_dir: Path, *, steps: int = 3000, batch: 
                   flush=True)
             if min(acc.values()) >= 0.99:  # every head is right on the last ~400 fresh images of its kind
                 break
-    teacher.visual.eval().requires_grad_(False)
+    if pool is not None:
+        pool.terminate()
+    teacher.visual.cpu().eval().requires_grad_(False)
     save_teacher(teacher, out_dir)
     copy_processor_files(init_dir, out_dir)
     return {n: sum(v[-400:]) / max(1, len(v[-400:])) for n, v in hits.items()}
@@ -152,7 +169,8 @@ def _train(stage: str, config: str, sets: list[str]) -> None:
         raise SystemExit(f"{stage} stopped with code {rc}")
 
 
-def evaluate(work: Path, n: int | None) -> dict:
+def evaluate(work: Path, n: int | None) -> tuple[dict, int]:
+    """Exact-match accuracy of each trained model on the first n test records (all: None), and n."""
     from infinitevl import InfiniteVL
     from infinitevl.training.data import DataConfig, chat_format_for, read_records
     from infinitevl.training.evaluate import accuracy
@@ -166,12 +184,13 @@ def evaluate(work: Path, n: int | None) -> dict:
         if not path.exists():
             continue
         model = load_teacher(path, sliding_window=1024) if name == "teacher" else InfiniteVL.from_pretrained(path)
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
         fmt = chat_format_for(path, model.config, DataConfig(max_tokens=4096))
         t0 = time.time()
         out[name] = accuracy(model, fmt, recs, tasks=tasks)
         print(f"{name}: {json.dumps({k: round(v, 4) for k, v in out[name].items()})} ({time.time() - t0:.0f} s)",
               flush=True)
-    return out
+    return out, len(recs)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,13 +198,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, required=True, help="working directory (data, runs)")
     ap.add_argument("--only", default=",".join(STEPS), help=f"comma-separated subset of {STEPS}")
     ap.add_argument("--eval-n", type=int, default=None, help="evaluate on the first N test records")
+    ap.add_argument("--train", type=int, default=20000, help="training records to generate")
+    ap.add_argument("--test", type=int, default=600, help="test records to generate")
+    ap.add_argument("--workers", type=int, default=1, help="processes for data generation and sample building")
+    ap.add_argument("--vision-steps", type=int, default=3000, help="most vision-pretraining steps (stops at 99%%)")
     ap.add_argument("--ship", action="store_true", help="write the trained student into the package assets")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     w = args.work.resolve()
     steps = set(args.only.split(","))
-    data = [f"data.train=[{{path: {w}/data/train.jsonl, repeat: 0.5}}]"]
-    full = [f"data.train=[{w}/data/train.jsonl]"]
+    workers = [f"data.workers={args.workers if args.workers > 1 else 0}", "run.progress=false"]
+    data = [f"data.train=[{{path: {w}/data/train.jsonl, repeat: 0.5}}]", *workers]
+    full = [f"data.train=[{w}/data/train.jsonl]", *workers]
     timings = {}
 
     def step(name, fn, done: Path):
@@ -195,9 +219,13 @@ def main(argv: list[str] | None = None) -> None:
             timings[name] = round(time.time() - t0)
             print(f"== {name} done in {timings[name]} s", flush=True)
 
-    step("data", lambda: _tool("synthetic_task").main(["--out", str(w / "data")]), w / "data/test.jsonl")
+    step("data", lambda: _tool("synthetic_task").main(
+        ["--out", str(w / "data"), "--train", str(args.train), "--val", "0", "--test", str(args.test),
+         "--workers", str(args.workers)]), w / "data/test.jsonl")
     step("init", lambda: teacher_init(w / "teacher-init"), w / "teacher-init/config.json")
-    step("vision", lambda: pretrain_vision(w / "teacher-init", w / "teacher-vision"), w / "teacher-vision/config.json")
+    step("vision", lambda: pretrain_vision(w / "teacher-init", w / "teacher-vision", steps=args.vision_steps,
+                                           workers=args.workers),
+         w / "teacher-vision/config.json")
     step("teacher", lambda: _train("sft", "teacher_sft.yaml", [f"model={w}/teacher-vision", *full,
                                                                f"run.output_dir={w}/teacher"]), w / "teacher/final")
     from infinitevl.cli_train import convert_main
@@ -212,8 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     step("sft", lambda: _train("sft", "sft.yaml", [f"model={w}/distill-e2e/final", *full,
                                                    f"run.output_dir={w}/sft"]), w / "sft/final")
     if "eval" in steps:
-        res = evaluate(w, args.eval_n)
-        (w / "results.json").write_text(json.dumps({"accuracy": res, "timings_s": timings}, indent=2) + "\n")
+        res, n_eval = evaluate(w, args.eval_n)
+        teacher_acc = res.get("teacher", {}).get("all")
+        ratios = {k: round(v["all"] / teacher_acc, 4) for k, v in res.items() if k != "teacher" and teacher_acc}
+        (w / "results.json").write_text(json.dumps({
+            "accuracy": res, "of_teacher": ratios, "eval_records": n_eval,
+            "command": " ".join(["python", "tools/train_tiny_model.py", *(argv if argv is not None else sys.argv[1:])]),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "timings_s": timings}, indent=2) + "\n")
     if args.ship:
         _tool("make_tiny_model").main(["--weights", str(w / "sft/final")])
 

@@ -15,11 +15,13 @@ from .data import ChatFormat, Record
 def answer(model: InfiniteVL, fmt: ChatFormat, rec: Record, *, max_new_tokens: int = 24) -> tuple[str, str]:
     """(generated answer, expected answer)."""
     s, expected = fmt.prompt(rec)
-    vision = {k: getattr(s, k) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                                         "second_per_grid_ts") if getattr(s, k) is not None}
+    dev = next(model.parameters()).device
+    vision = {k: getattr(s, k).to(dev) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                 "video_grid_thw", "second_per_grid_ts") if getattr(s, k) is not None}
     stop = fmt.tok.convert_tokens_to_ids("<|im_end|>")
-    out = generate(model, s.input_ids[None], max_new_tokens=max_new_tokens, stop_token_ids=[stop], **vision)[0]
-    return fmt.tok.decode(out, skip_special_tokens=True).strip(), expected.strip()
+    out = generate(model, s.input_ids[None].to(dev), max_new_tokens=max_new_tokens, stop_token_ids=[stop],
+                   **vision)[0]
+    return fmt.tok.decode(out.cpu(), skip_special_tokens=True).strip(), expected.strip()
 
 
 def accuracy(model: InfiniteVL, fmt: ChatFormat, records: list[Record], *, tasks: list[str] | None = None,
