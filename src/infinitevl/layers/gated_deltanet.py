@@ -112,7 +112,7 @@ class GatedDeltaNet(nn.Module):
             v, cv = self.v_conv1d(v_in, state=None if state is None else state.conv_v, **conv_kw)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
 
-        if self.backend == "fla":
+        if self.backend == "fla" and not torch.is_grad_enabled():  # fused gates: forward only
             from ..ops import fused
 
             g, beta = fused.gdn_gates(a_in, b_in, self.A_log, self.dt_bias, mask_BT=mask_BT)

@@ -22,7 +22,7 @@ class SwiGLU(nn.Module):
             self.gate_up = FusedLinears(self, "gate_up", [self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "fla":
+        if self.backend == "fla" and not torch.is_grad_enabled():  # fused kernels: forward only
             from ..ops import fused
 
             if self.gate_up is not None:

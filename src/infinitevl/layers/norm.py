@@ -14,7 +14,7 @@ class RMSNorm(nn.Module):
         self.backend = "torch"  # set by InfiniteVL.set_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "fla":
+        if self.backend == "fla" and not torch.is_grad_enabled():  # fused kernels: forward only
             from ..ops import fused
 
             return fused.rms_norm(x, self.weight, self.eps)
@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + h, norm(x + h)): a residual add and the next norm (one kernel on the fast backend)."""
-        if self.backend == "fla":
+        if self.backend == "fla" and not torch.is_grad_enabled():
             from ..ops import fused
 
             return fused.add_rms_norm(x, h, self.weight, self.eps)
@@ -43,7 +43,7 @@ class GatedRMSNorm(nn.Module):
         self.backend = "torch"  # set by InfiniteVL.set_backend
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        if self.backend == "fla":
+        if self.backend == "fla" and not torch.is_grad_enabled():
             from ..ops import fused
 
             return fused.gated_rms_norm(x, gate, self.weight, self.eps)

@@ -52,7 +52,7 @@ class SlidingWindowAttention(nn.Module):
         B, T, _ = x_BTD.shape
         H, G, E = self.num_heads, self.num_kv_heads, self.head_dim
         rope = apply_rope
-        if self.backend == "fla":
+        if self.backend == "fla" and not torch.is_grad_enabled():  # the Triton rope has no backward
             from ..ops import swa_fast
 
             rope = swa_fast.apply_rope
