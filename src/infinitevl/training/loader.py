@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -103,8 +104,11 @@ class RowLoader:
     # ---- worker processes ----
     def _prefetched_rows(self) -> list[list]:
         if self._pool is None:
-            # fork: the workers inherit the dataset (nothing pickled); they never touch CUDA.
-            self._pool = mp.get_context("fork").Pool(self.workers, initializer=_worker_init, initargs=(self.dataset,))
+            # fork: the workers inherit the dataset (nothing pickled); they never touch CUDA. An executor, not
+            # multiprocessing.Pool: Pool.terminate() can hang joining its task thread when an error (a bad
+            # sample with on_bad_sample="error") leaves prefetched jobs queued; shutdown(cancel_futures) cannot.
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
+                                             initializer=_worker_init, initargs=(self.dataset,))
         here = (self.state.epoch, self.state.step)
         for key in [k for k in self._pending if k < here]:  # e.g. after load_state_dict
             del self._pending[key]
@@ -112,13 +116,13 @@ class RowLoader:
         for _ in range(self.prefetch):
             key = (pos.epoch, pos.step)
             if key not in self._pending:
-                self._pending[key] = [self._pool.map_async(_worker_get, row, chunksize=4)
-                                      for row in self.rows_for_step(*key)]
+                self._pending[key] = [[self._pool.submit(_worker_get_many, row[c:c + 4])
+                                       for c in range(0, len(row), 4)] for row in self.rows_for_step(*key)]
             pos = self._advance(LoaderState(pos.epoch, pos.step + 1))
         out = []
         for job in self._pending.pop(here):
             samples = []
-            for i, (kind, payload) in job.get():
+            for i, (kind, payload) in (item for chunk in job for item in chunk.result()):
                 if kind == "bad":
                     self.dataset._skip(payload)  # raises for on_bad_sample="error", else counts it
                     samples.append(None)
@@ -131,7 +135,7 @@ class RowLoader:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
+            self._pool.shutdown(wait=True, cancel_futures=True)  # running chunks are a few samples: short wait
             self._pool = None
             self._pending.clear()
 
@@ -150,6 +154,10 @@ def _worker_init(dataset: ChatDataset) -> None:
     global _DATASET
     _DATASET = dataset
     torch.set_num_threads(1)
+
+
+def _worker_get_many(indices: list[int]) -> list:
+    return [_worker_get(i) for i in indices]
 
 
 def _worker_get(i: int):
