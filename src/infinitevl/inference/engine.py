@@ -91,7 +91,7 @@ class Engine:
         model: InfiniteVL,
         *,
         max_batch_size: int = 1,
-        backend: str = "auto",
+        backend: str | None = "auto",
         cuda_graph: bool | None = None,
         prefill_chunk_size: int = 8192,
         fuse_projections: bool | None = None,
@@ -99,7 +99,10 @@ class Engine:
         """cuda_graph / fuse_projections: None = on with the fast GPU backend. Fusing rebinds the decoder's
         projection weights as views of fused tensors (see InfiniteVL.fuse_projections)."""
         self.model = model.eval()
-        self.backend = model.set_backend(backend)
+        if backend is None:  # keep the kernels the model already runs (a StreamSession chose them, vision included)
+            self.backend = next((m.backend for m in model.model.modules() if hasattr(m, "backend")), "torch")
+        else:
+            self.backend = model.set_backend(backend)
         if fuse_projections or (fuse_projections is None and self.backend == "fla"):
             model.fuse_projections()
         self.device = model.lm_head.weight.device
@@ -276,7 +279,7 @@ class Engine:
         for _ in range(max_new_tokens - 1):
             if bool(done.all()):
                 break
-            tok = self.step(dec).cpu()
+            tok = self.step(dec).to("cpu", copy=True)  # a view of the slot: on CPU .cpu() would alias it
             done |= torch.isin(tok, dec.stops)
             yield tok
         if state is not None:

@@ -28,7 +28,7 @@ from ..model.infinitevl import InfiniteVL
 from ..model.state import InferenceState
 from .frame_step import FrameStep
 from .frames import FrameSpec, frames_to_tensor
-from .generate import generate
+from .engine import Engine
 from .sampling import SamplingParams
 
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
@@ -93,6 +93,8 @@ class StreamSession:
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
         self.step = FrameStep(model, self.state, frame, cuda_graph=cuda_graph, capture_sizes=capture_sizes)
+        self._cuda_graph = cuda_graph
+        self._engine: Engine | None = None  # answers questions; made on the first `ask`
 
     # ---- frames ----
     @property
@@ -149,8 +151,10 @@ class StreamSession:
         ids = self._encode(QUESTION.format(question=question))
         branch = self.state.select([stream])
         stops = self._stop_ids()
-        new = generate(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=stops,
-                       state=branch)[0]
+        if self._engine is None:  # the decode step in a CUDA graph on a GPU (eager on CPU), same kernels
+            self._engine = Engine(self.model, max_batch_size=1, backend=None, cuda_graph=self._cuda_graph)
+        new = self._engine.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=stops,
+                                    state=branch)[0]
         tokens = new.tolist()
         if tokens and tokens[-1] in stops:
             tokens = tokens[:-1]
