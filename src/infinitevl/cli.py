@@ -92,12 +92,13 @@ def _answer(model, processor, messages: list[dict], args, device: str) -> int:
     from .inference import SamplingParams
     from .inference.engine import Engine
     from .media import process_vision_info
+    from .model.infinitevl import VISION_KEYS
 
     images, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt", **video_kwargs)
     vision = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()
-              if k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
+              if k in VISION_KEYS}
     eos = model.config.eos_token_id
     stops = eos if isinstance(eos, list) else [eos] if eos is not None else []
     # The engine is the fast path: fla kernels + the decode step in a CUDA graph on a GPU, eager on CPU.

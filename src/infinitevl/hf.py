@@ -38,11 +38,10 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .model.config import InfiniteVLConfig, TextConfig, VisionConfig, preset
-from .model.infinitevl import InfiniteVL
+from .model.infinitevl import VISION_KEYS, InfiniteVL
 from .model.state import InferenceState
 
 MODEL_TYPE = "infinite_vl"
-VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 _TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "eos_token_id",
                  "bos_token_id")
 # Keys handled by PretrainedConfig itself rather than by the model description.

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layers.fuse import linear
-from ..model.infinitevl import InfiniteVL
+from ..model.infinitevl import VISION_KEYS, InfiniteVL
 from ..model.state import InferenceState
 from .cuda_graph import CapturedStep, EagerStep
 from .generate import prefill as prefill_with_vision
 from .sampling import SamplingParams
 
 MAX_STOP_TOKENS = 16
-VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def sample_rows(

@@ -22,6 +22,9 @@ from .decoder import TextDecoder
 from .state import InferenceState
 from .vision import VisionTransformer
 
+# The vision inputs a forward takes (the names the Qwen2.5-VL processor gives them).
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
 
 class InfiniteVL(nn.Module):
     def __init__(self, config: InfiniteVLConfig):

@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 
 from ..inference.generate import generate
-from ..model.infinitevl import InfiniteVL
+from ..model.infinitevl import VISION_KEYS, InfiniteVL
 from .data import ChatFormat, Record
 
 
@@ -16,8 +16,7 @@ def answer(model: InfiniteVL, fmt: ChatFormat, rec: Record, *, max_new_tokens: i
     """(generated answer, expected answer)."""
     s, expected = fmt.prompt(rec)
     dev = next(model.parameters()).device
-    vision = {k: getattr(s, k).to(dev) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
-                                                 "video_grid_thw", "second_per_grid_ts") if getattr(s, k) is not None}
+    vision = {k: getattr(s, k).to(dev) for k in VISION_KEYS if getattr(s, k) is not None}
     stop = fmt.tok.convert_tokens_to_ids("<|im_end|>")
     out = generate(model, s.input_ids[None].to(dev), max_new_tokens=max_new_tokens, stop_token_ids=[stop],
                    **vision)[0]

@@ -88,10 +88,10 @@ class RowLoader:
         """The micro-batches of the next optimizer step for this rank (a row whose samples all failed to
         load is left out, so the list may be shorter than accum, even empty)."""
         self.state = self._advance(self.state)
-        rows = self.rows_for_step(self.state.epoch, self.state.step)
         if self.workers:
             samples_per_row = self._prefetched_rows()
         else:
+            rows = self.rows_for_step(self.state.epoch, self.state.step)
             samples_per_row = [[self.dataset.get(i) for i in row] for row in rows]
         batches = []
         for samples in samples_per_row:
