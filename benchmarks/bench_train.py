@@ -174,7 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp", "none"])
     ap.add_argument("--profile", action="store_true", help="kernel-time breakdown of one step")
+    ap.add_argument("--trace-every", type=float, default=0,
+                    help="print every thread's Python stack every this many seconds (find where a slow step is)")
     args = ap.parse_args(argv)
+    if args.trace_every > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.trace_every, repeat=True)
 
     d = distributed.init("cpu" if args.tiny else "auto")
     dev = d.device
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
                       d=d, model_config=cfg, init_dir=None)
     trained, total = count(model)
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if d.main:
+        print(f"model built: {trained / 1e9:.3f} B of {total / 1e9:.3f} B parameters trained", flush=True)
     losses, ms = [], []
     for k in range(args.warmup + args.steps):
         if dev.type == "cuda":
@@ -228,6 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not (finite and falls):
         raise SystemExit(f"training check failed: losses {losses} (finite {finite}, falling {falls})")
 
+    if args.trace_every > 0:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
     breakdown = profile_step(trainer, dev) if args.profile and d.main else None
     lens = [int(n) for n in (packed_row(0, tokens=args.row_tokens, vocab=cfg.text.vocab_size,
                                         min_len=args.sample_tokens[0], max_len=args.sample_tokens[1]).cu_seqlens.diff())]

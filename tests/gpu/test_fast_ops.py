@@ -212,3 +212,57 @@ def test_conv_step3_add_norm_and_gemv(dtype):
         xv = torch.randn(1, 1, K, device=DEV, dtype=dtype)
         ref = F.linear(xv.double(), w.double(), b.double())
         assert rel(gemv(xv, w, b), ref) < (1e-5 if dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("F_", [80, 16])
+def test_vision_qkv_rope_matches_reference(dtype, F_):
+    """The vision attention's split + 2D rotary + heads-first layout kernel against VisionAttention's torch
+    code: windows of S tokens, the rotary table repeating every G2 * S tokens (one frame's windows)."""
+    from infinitevl.ops.rope import rotate_half
+    from infinitevl.ops.vision_rope import qkv_rope_heads_first
+
+    G1, G2, S, H = 3, 4, 16, 5
+    qkv = torch.randn(G1, G2, S, 3 * H * F_, device=DEV, dtype=dtype)
+    ang = torch.randn(G2, S, F_ // 2, device=DEV)
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos(), emb.sin()
+    q, k, v = qkv_rope_heads_first(qkv, cos, sin, H)
+    x = qkv.view(G1, G2, S, 3, H, F_)
+    qk = x[..., :2, :, :].float()
+    c, s = cos[:, :, None, None, :], sin[:, :, None, None, :]
+    rq, rk = (qk * c + rotate_half(qk) * s).to(dtype).unbind(-3)
+    heads_first = lambda t: t.reshape(G1 * G2, S, H, F_).transpose(1, 2)  # noqa: E731
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else {}
+    torch.testing.assert_close(q, heads_first(rq), **tol)
+    torch.testing.assert_close(k, heads_first(rk), **tol)
+    assert torch.equal(v, heads_first(x[..., 2, :, :]))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("grid_hw", [(8, 8), (6, 8)])  # windows that tile the frame, and partial ones (a mask)
+def test_fast_vision_tower_matches_reference(batch, grid_hw):
+    """forward_frames (windowed attention as 4-D SDPA, the rotary kernel, fused MLP padded from a misaligned
+    hidden size like the real 3420) and the general forward against the torch backend, float32."""
+    from infinitevl import InfiniteVL, preset
+
+    torch.manual_seed(0)
+    cfg_all = preset("tiny")
+    cfg_all.vision.intermediate_size = 42
+    model = InfiniteVL(cfg_all).to(DEV).eval()
+    vis = model.visual
+    cfg = vis.config
+    gh, gw = grid_hw
+    P = 3 * cfg.temporal_patch_size * cfg.patch_size**2
+    pixels = torch.randn(batch * gh * gw, P, device=DEV)
+    layout = vis.frame_layout(gh, gw, DEV)
+    grid = torch.tensor([[1, gh, gw]] * batch)
+    with torch.no_grad():
+        model.set_backend("torch")
+        want_frames, want = vis.forward_frames(pixels, layout), vis(pixels, grid)
+        model.set_backend("auto", vision=True)
+        model.fuse_projections(vision=True)
+        got_frames, got = vis.forward_frames(pixels, layout), vis(pixels, grid)
+    assert vis.blocks[0].mlp.down_padded
+    assert rel(got_frames, want_frames) < 1e-4 and rel(got, want) < 1e-4
+    torch.testing.assert_close(got_frames, want, rtol=1e-3, atol=1e-3)

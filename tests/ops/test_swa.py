@@ -65,3 +65,20 @@ def test_ring_write_last_equals_masked_write():
         ring_write_last(b, k, v, idx)
         for x, y in ((a.keys, b.keys), (a.values, b.values), (a.token_index, b.token_index)):
             assert torch.equal(x, y)
+
+
+def test_folded_gqa_attention_equals_repeated_kv():
+    """The stream's frame prefill folds each kv head's query heads into the query axis: same result as the
+    reference, which repeats the kv heads, under a window mask against a ring with empty slots."""
+    from infinitevl.ops.swa import folded_gqa_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, T, R, H, G, D = 2, 5, 11, 6, 2, 8
+    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, R + T, G, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, R + T, G, D, generator=g, dtype=torch.float64)
+    ring_idx = torch.tensor([[*range(20, 31)], [*range(-1, 10)]])  # row 1 has an empty slot (-1)
+    q_idx = torch.stack([torch.arange(31, 36), torch.arange(10, 15)])
+    k_idx = torch.cat([ring_idx, q_idx], 1)
+    mask = window_mask(q_idx, k_idx, 8, k_valid_BS=k_idx >= 0)
+    torch.testing.assert_close(folded_gqa_attention(q, k, v, mask), sliding_window_attention(q, k, v, mask))

@@ -30,22 +30,33 @@ class FusedLinears:
     A cast after fusing converts the views and the buffer separately: values stay equal, storage is no longer
     shared (fuse after placing the model to keep the memory saving)."""
 
-    def __init__(self, owner: nn.Module, name: str, linears: list[nn.Linear]):
+    def __init__(self, owner: nn.Module, name: str, linears: list[nn.Linear], *, row_multiple: int = 1):
+        """row_multiple > 1 pads each projection's rows with zeros up to a multiple (the padded outputs are 0):
+        cuBLAS takes its slow 2-element-aligned kernels when a row length is not a multiple of 8 (the vision
+        MLP's 3420), so `project` returns the padded layout and `__call__` the real columns."""
+        self.sizes = [lin.out_features for lin in linears]
+        self.padded_sizes = [-(-n // row_multiple) * row_multiple for n in self.sizes]
+        ref = linears[0].weight
+        has_bias = [lin.bias is not None for lin in linears]
+        assert all(has_bias) or not any(has_bias), "fuse only projections that all have (or lack) a bias"
         with torch.no_grad():
-            weight = torch.cat([lin.weight for lin in linears])
-            has_bias = [lin.bias is not None for lin in linears]
-            assert all(has_bias) or not any(has_bias), "fuse only projections that all have (or lack) a bias"
-            bias = torch.cat([lin.bias for lin in linears]) if all(has_bias) else None
+            weight = ref.new_zeros(sum(self.padded_sizes), ref.shape[1])
+            bias = ref.new_zeros(sum(self.padded_sizes)) if all(has_bias) else None
+            off = 0
+            for lin, n, p in zip(linears, self.sizes, self.padded_sizes):
+                weight[off : off + n] = lin.weight
+                if bias is not None:
+                    bias[off : off + n] = lin.bias
+                off += p
         self.owner, self.name = owner, name
         owner.register_buffer(f"{name}_weight", weight, persistent=False)
         owner.register_buffer(f"{name}_bias", bias, persistent=False)
-        self.sizes = [lin.out_features for lin in linears]
         off = 0
-        for lin, n in zip(linears, self.sizes):
+        for lin, n, p in zip(linears, self.sizes, self.padded_sizes):
             lin.weight = nn.Parameter(weight[off : off + n], requires_grad=False)
             if bias is not None:
                 lin.bias = nn.Parameter(bias[off : off + n], requires_grad=False)
-            off += n
+            off += p
 
     @property
     def weight(self) -> torch.Tensor:
@@ -60,4 +71,19 @@ class FusedLinears:
         return linear(x, self.weight, self.bias, backend=backend)
 
     def __call__(self, x: torch.Tensor, *, backend: str = "torch") -> list[torch.Tensor]:
-        return list(self.project(x, backend=backend).split(self.sizes, dim=-1))
+        parts = self.project(x, backend=backend).split(self.padded_sizes, dim=-1)
+        return [p[..., :n] if n != pn else p for p, n, pn in zip(parts, self.sizes, self.padded_sizes)]
+
+
+def pad_input_columns(owner: nn.Module, name: str, lin: nn.Linear, multiple: int) -> torch.Tensor:
+    """The weight of `lin` with its input columns zero-padded to a multiple (a non-persistent buffer of
+    `owner` named `name`); lin.weight becomes a view of it (same values and name, no extra memory). For a
+    projection that reads a padded FusedLinears output."""
+    n = lin.in_features
+    padded = -(-n // multiple) * multiple
+    with torch.no_grad():
+        w = lin.weight.new_zeros(lin.out_features, padded)
+        w[:, :n] = lin.weight
+    owner.register_buffer(name, w, persistent=False)
+    lin.weight = nn.Parameter(w[:, :n], requires_grad=False)
+    return w

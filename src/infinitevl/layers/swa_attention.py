@@ -13,7 +13,7 @@ from ..model.config import TextConfig
 from ..model.state import SWAState
 from ..ops.rope import apply_rope
 from .fuse import linear
-from ..ops.swa import ring_write, ring_write_last, sliding_window_attention, window_mask
+from ..ops.swa import folded_gqa_attention, ring_write, ring_write_last, sliding_window_attention, window_mask
 
 
 class SlidingWindowAttention(nn.Module):
@@ -83,7 +83,10 @@ class SlidingWindowAttention(nn.Module):
             k_idx = torch.cat([state.token_index, tok_idx_BT], dim=1)
             k_valid = torch.cat([state.token_index >= 0, valid], dim=1)
         mask = window_mask(tok_idx_BT, k_idx, self.window, k_valid_BS=k_valid, q_seg_BT=seg_BT, k_seg_BS=seg_BT)
-        o = sliding_window_attention(q, keys, values, mask, scale=E**-0.5)
+        if self.backend == "fla" and not torch.is_grad_enabled() and T < 4 * E and H > G:
+            o = folded_gqa_attention(q, keys, values, mask, scale=E**-0.5)  # no [B, S, H, E] kv repeat
+        else:
+            o = sliding_window_attention(q, keys, values, mask, scale=E**-0.5)
 
         if state is not None and mask_BT is None and T > 1:
             # no padding: the last R tokens, chosen by shape (capturable; streaming frames take this path)

@@ -41,11 +41,22 @@ class VisionAttention(nn.Module):
         self.num_heads = config.num_heads
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.backend = "torch"  # set by InfiniteVL.set_backend(vision=True)
 
     def forward(self, x_GSE, cos_SF, sin_SF, mask_GSS=None):
         """Attention inside each of the G groups of S patches (under `mask_GSS` when given);
         cos/sin broadcast against [..., S, F]."""
         *lead, S, E = x_GSE.shape
+        if self.backend == "fla" and not torch.is_grad_enabled():
+            # one kernel splits, rotates and lays out q/k/v as 4-D [groups, heads, S, F]: SDPA's fused kernels
+            # instead of the math fallback a 5-D input gets, and no float32 copies
+            from ..ops.vision_rope import qkv_rope_heads_first
+
+            q, k, v = qkv_rope_heads_first(self.qkv(x_GSE), cos_SF, sin_SF, self.num_heads)
+            # masks here are one [S, S] pattern for every group, or one per group
+            mask = None if mask_GSS is None else mask_GSS.reshape(-1, S, S)[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.proj(o.transpose(1, 2).reshape(*lead, S, E))
         qkv = self.qkv(x_GSE).view(*lead, S, 3, self.num_heads, -1)
         v = qkv[..., 2, :, :]
         # q and k rotated together (one pass over both)

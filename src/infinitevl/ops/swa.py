@@ -54,6 +54,30 @@ def sliding_window_attention(
     return o.transpose(1, 2)
 
 
+def folded_gqa_attention(
+    q_BTHD: torch.Tensor,
+    k_BSGD: torch.Tensor,
+    v_BSGD: torch.Tensor,
+    mask_BTS: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`sliding_window_attention` for short query blocks against a long key set (a stream's frame
+    against its ring): the H // G query heads of each kv head fold into the query axis, so SDPA reads each
+    kv head once instead of a copy repeated H // G times (a [B, S, H, D] copy per layer at S = 8K); only
+    the boolean mask is repeated, which is smaller while T < 4 D. Returns [B, T, H, D]."""
+    B, T, H, D = q_BTHD.shape
+    G = k_BSGD.shape[2]
+    if H % G:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({G})")
+    rep = H // G
+    q = q_BTHD.reshape(B, T, G, rep, D).permute(0, 2, 3, 1, 4).reshape(B, G, rep * T, D)
+    mask = mask_BTS[:, None].expand(B, rep, T, mask_BTS.shape[-1]).reshape(B, 1, rep * T, -1)
+    o = F.scaled_dot_product_attention(q, k_BSGD.transpose(1, 2), v_BSGD.transpose(1, 2), attn_mask=mask,
+                                       scale=D**-0.5 if scale is None else scale)
+    return o.reshape(B, G, rep, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
 def ring_write(
     state,
     new_k_BTGD: torch.Tensor,

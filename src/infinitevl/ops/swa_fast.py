@@ -8,7 +8,8 @@ combine kernel folds in the current token's own key/value, which is not in the r
 R = window - 1 slots the new token's slot still holds the oldest key the query must see, so the ring
 is written only after attention (`ring_write_step`). Same window rule as the reference: the query with
 token index i sees keys j with i - window < j <= i, and empty slots (index -1) are skipped.
-Prefill with a state uses the reference `sliding_window_attention` (PyTorch SDPA under the window mask).
+Prefill with a state reads the ring (concatenated with the new keys) through PyTorch SDPA under the window
+mask (ops/swa.py: `sliding_window_attention`, or `folded_gqa_attention` for short blocks).
 """
 from __future__ import annotations
 
@@ -189,3 +190,4 @@ def ring_write_step(state, k_new_BGD: torch.Tensor, v_new_BGD: torch.Tensor, cur
         keys, values, idx, k_new_BGD.contiguous(), v_new_BGD.contiguous(), cur, keep, R, G,
         D=D, HAS_KEEP=keep is not None,
     )
+

@@ -1,0 +1,105 @@
+"""Where a stream's frame step spends its time: per-kernel GPU time of the vision tower (+ merger) and of the
+LLM prefill of one frame's tokens, 4B shape, random bf16 weights, at several stream counts.
+
+    python benchmarks/profile_stream.py --streams 1 32 --out out/profile_stream
+
+For each stream count: the captured (CUDA graph) time of each part, then an eager profiled run of each with the
+top kernels by total GPU time (the sum of kernel time against the graph time shows how much is gaps).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_stream import build  # noqa: E402
+from infinitevl.inference.cuda_graph import CapturedStep  # noqa: E402
+from infinitevl.inference.frame_step import FrameStep  # noqa: E402
+from infinitevl.inference.frames import FrameSpec, preprocess_frames  # noqa: E402
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    step = CapturedStep(fn)
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def kernel_table(fn, n: int) -> tuple[float, str]:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            rows.setdefault(e.name, []).append(e.device_time / 1e3)
+    total = sum(sum(v) for v in rows.values())
+    lines = [f"{'ms':>8} {'%':>5} {'calls':>5}  kernel"]
+    for name, ts in sorted(rows.items(), key=lambda kv: -sum(kv[1]))[:n]:
+        lines.append(f"{sum(ts):8.3f} {100 * sum(ts) / total:5.1f} {len(ts):5d}  {name[:110]}")
+    return total, "\n".join(lines)
+
+
+@torch.no_grad()
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--streams", type=int, nargs="*", default=[1, 32])
+    p.add_argument("--frame-size", type=int, default=448)
+    p.add_argument("--top", type=int, default=22)
+    p.add_argument("--out", type=Path, default=Path("out/profile_stream"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build(False, dev, torch.bfloat16)
+    model.set_backend("auto", vision=True)  # what a StreamSession sets up
+    model.fuse_projections(vision=True)
+    spec = FrameSpec(height=args.frame_size, width=args.frame_size)
+    N = spec.tokens_per_frame
+    report = []
+    for B in args.streams:
+        state = model.new_state(B)
+        step = FrameStep(model, state, spec, cuda_graph=False)
+        frames = torch.randint(0, 256, (B, args.frame_size, args.frame_size, 3), dtype=torch.uint8, device=dev)
+        x = torch.randn(B, N, model.config.text.hidden_size, device=dev, dtype=torch.bfloat16)
+        pos = torch.arange(N, device=dev)[None, None] + torch.zeros(3, B, 1, dtype=torch.long, device=dev)
+
+        def vision():
+            pixels = preprocess_frames(frames, spec, dtype=step.pixel_dtype, stats=step.stats)
+            model.visual.forward_frames(pixels, step.layout)
+
+        def llm():
+            model.model(x, pos, state=state)
+            state.seen.add_(N)
+
+        for name, fn in (("vision", vision), ("llm", llm)):
+            g = graph_ms(fn)
+            total, txt = kernel_table(fn, args.top)
+            head = (f"== B={B} {name}: graph {g:.2f} ms/step ({g / B:.2f} ms/frame), eager kernel time {total:.2f} ms "
+                    f"(gaps in the graph {g - total:+.2f} ms)")
+            print(head + "\n" + txt, flush=True)
+            report.append(head + "\n" + txt)
+        del state, step
+        torch.cuda.empty_cache()
+    (args.out / "profile_stream.txt").write_text("\n\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
