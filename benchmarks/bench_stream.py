@@ -328,7 +328,9 @@ def main(argv=None):
                shape="tiny" if args.tiny else "4b", dtype=str(dtype), torch=torch.__version__, frame_size=size,
                tokens_per_frame=spec.tokens_per_frame, params=sum(p.numel() for p in model.parameters()))
     res["gate"] = gate(model, tok, spec, pool[:4], device)
-    res["backend"] = model.set_backend("auto")
+    # what a StreamSession sets (the gate's reference session switched the kernels): the breakdown below
+    # builds its FrameStep directly, so it must find the session's fast vision tower
+    res["backend"] = model.set_backend("auto", vision=True)
     print("gate:", res["gate"], flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
