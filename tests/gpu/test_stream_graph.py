@@ -81,6 +81,26 @@ def test_batched_graph_equals_separate_streams(setup):
 
 
 @torch.no_grad()
+def test_batched_graph_with_streams_missing_frames(setup):
+    """Stream b has a frame only every (b + 1)-th step: the batched replay still covers everyone and each
+    stream ends where a stream fed only its own frames ends."""
+    model, tok = setup
+    n, steps = 3, 24
+    frames = [_frames(steps, seed=20 + b) for b in range(n)]
+    batched = StreamSession(model, tok, frame=SPEC, batch_size=n, cuda_graph=True)
+    for i in range(steps):
+        has = [i % (b + 1) == 0 for b in range(n)]
+        batched.push_frames([frames[b][i] if has[b] else None for b in range(n)],
+                            [i * 0.5 if has[b] else None for b in range(n)])
+    assert list(batched.step.graphs) == [(n, 56, 84)]
+    for b in range(n):
+        one = StreamSession(model, tok, frame=SPEC, cuda_graph=True)
+        for i in range(0, steps, b + 1):
+            one.push_frame(frames[b][i], i * 0.5)
+        _assert_states_close(batched.state.select([b]), one.state, tol=2e-3)
+
+
+@torch.no_grad()
 def test_fast_frame_step_matches_reference_kernels(setup):
     model, tok = setup
     frames = _frames(30, seed=3)

@@ -191,3 +191,28 @@ def test_session_usable_and_unchanged_after_bad_input(setup):
         sess.push_frame(frames[1], 1.0)
     assert all(torch.equal(a, b) for a, b in zip(clean.state.tensors(), s.state.tensors()))
     assert s.ask("What is happening?", max_new_tokens=4) == clean.ask("What is happening?", max_new_tokens=4)
+
+
+@torch.no_grad()
+def test_streams_without_a_frame_keep_their_memory(setup):
+    """A stream with no frame in a step (None) is left exactly as it was; the others advance as if alone."""
+    model, tok = setup
+    fa, fb = _frames(4, seed=5), _frames(4, seed=6)
+    ta, tb = [0.0, 0.5, 1.0, 1.5], [0.0, None, None, 3.0]
+    multi = StreamSession(model, tok, frame=SPEC, batch_size=2)
+    multi.push_frames([fa[0], fb[0]], [ta[0], tb[0]])
+    before = [t.clone() for t in multi.state.select([1]).tensors()]
+    for i in (1, 2):
+        multi.push_frames([fa[i], None], [ta[i], None])
+    assert all(torch.equal(x, y) for x, y in zip(multi.state.select([1]).tensors(), before, strict=True))
+    assert multi.clock.frames == [3, 1]
+    multi.push_frames([fa[3], fb[3]], [ta[3], tb[3]])
+    for row, (fs, ts) in enumerate(((fa, ta), ([fb[0], fb[3]], [0.0, 3.0]))):
+        one = StreamSession(model, tok, frame=SPEC)
+        for f, t in zip(fs, ts):
+            one.push_frame(f, t)
+        _state_close(multi.state.select([row]), one.state, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no stream has a frame"):
+        multi.push_frames([None, None], [None, None])
+    with pytest.raises(ValueError, match="give None for both"):
+        multi.push_frames([fa[0], None], [4.0, 4.0])

@@ -109,23 +109,48 @@ class StreamSession:
 
     @torch.no_grad()
     def push_frames(self, images, timestamps) -> None:
-        """One frame per stream (list of B images, or uint8 [B, H, W, 3]) with B timestamps in seconds."""
-        frames = frames_to_tensor(images if not isinstance(images, (list, tuple)) else list(images))
+        """One frame per stream (list of B images, or uint8 [B, H, W, 3]) with B timestamps in seconds. In a
+        list, a stream with no frame this step gives None (image and timestamp): its memory stays as it was."""
+        images = list(images) if isinstance(images, (list, tuple)) else images
         B = self.batch_size
+        ts_in = list(timestamps) if isinstance(timestamps, (list, tuple)) else [timestamps]
+        absent = [b for b, img in enumerate(images) if img is None] if isinstance(images, list) else []
+        if isinstance(images, list) and (len(images) != B or len(ts_in) != B):
+            raise ValueError(f"give exactly one frame and one timestamp per stream ({B}; None and None for a "
+                             f"stream without a frame this step); got {len(images)} frames, {len(ts_in)} timestamps")
+        if len(absent) == B:
+            raise ValueError("no stream has a frame in this step: give at least one")
+        for b in absent:
+            if ts_in[b] is not None:
+                raise ValueError(f"stream {b} has no frame but a timestamp ({ts_in[b]}): give None for both")
+        present = [b for b in range(B) if b not in absent]
+        if absent:
+            got = frames_to_tensor([images[b] for b in present])
+            frames = got.new_zeros(B, *got.shape[1:])
+            frames[present] = got
+        else:
+            frames = frames_to_tensor(images)
         try:
-            ts = [float(t) for t in (timestamps if isinstance(timestamps, (list, tuple)) else [timestamps])]
+            ts = [0.0 if b in absent else float(t) for b, t in enumerate(ts_in)]
         except (TypeError, ValueError):
             raise ValueError(f"timestamps must be numbers of seconds, got {timestamps!r:.80}") from None
         if frames.shape[0] != B or len(ts) != B:
             raise ValueError(f"give exactly one frame and one timestamp per stream ({B}); got "
                              f"{frames.shape[0]} frames, {len(ts)} timestamps")
-        for b, t in enumerate(ts):
+        for b in present:
+            t = ts[b]
             if not math.isfinite(t) or t < 0:
                 raise ValueError(f"timestamp {t} of stream {b} must be a finite number of seconds >= 0")
             if self.clock.last_ts[b] is not None and t < self.clock.last_ts[b]:
                 raise ValueError(f"timestamps must not go back: stream {b} got {t} after {self.clock.last_ts[b]}")
+        # Streams without a frame ride along in the one batched step (same captured graph) and get their rows
+        # back afterwards: a copy of their state rows, far cheaper than a step of their own.
+        kept = self.state.select(absent) if absent else None
         self.step(frames, self._position_base(ts))
-        for b, t in enumerate(ts):
+        for k, b in enumerate(absent):
+            self._write_row(b, kept, k)
+        for b in present:
+            t = ts[b]
             if self.clock.block_t0[b] is None:
                 self.clock.block_t0[b] = t
             self.clock.last_ts[b] = t
@@ -167,9 +192,9 @@ class StreamSession:
             self.clock.block_t0[stream] = None
         return answer
 
-    def _write_row(self, row: int, src: InferenceState) -> None:
+    def _write_row(self, row: int, src: InferenceState, src_row: int = 0) -> None:
         for dst_t, src_t in zip(self.state.tensors(), src.tensors(), strict=True):
-            dst_t[row].copy_(src_t[0])
+            dst_t[row].copy_(src_t[src_row])
 
     # ---- memory ----
     def memory_bytes(self) -> int:
