@@ -307,7 +307,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps per batched point (default 40; tiny 3)")
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="stop the single-stream run at the first window boundary after this many seconds")
+    p.add_argument("--swa-block-prefill", type=int, default=None,
+                   help="ops.swa_fast.BLOCK_PREFILL_MAX_T for this run (0: SDPA over the ring, 512: the block kernel)")
     args = p.parse_args(argv)
+    if args.swa_block_prefill is not None:
+        from infinitevl.ops import swa_fast
+
+        swa_fast.BLOCK_PREFILL_MAX_T = args.swa_block_prefill
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -64,6 +64,9 @@ def main():
     p.add_argument("--frame-size", type=int, default=448)
     p.add_argument("--top", type=int, default=22)
     p.add_argument("--out", type=Path, default=Path("out/profile_stream"))
+    p.add_argument("--swa-block-prefill", type=int, nargs="*", default=[0],
+                   help="values of ops.swa_fast.BLOCK_PREFILL_MAX_T to profile (0 = SDPA over the ring; 512 = the "
+                        "block kernel for a 256-token frame)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda")
@@ -74,7 +77,10 @@ def main():
     spec = FrameSpec(height=args.frame_size, width=args.frame_size)
     N = spec.tokens_per_frame
     report = []
-    for B in args.streams:
+    from infinitevl.ops import swa_fast
+
+    for B, block in [(B, blk) for B in args.streams for blk in args.swa_block_prefill]:
+        swa_fast.BLOCK_PREFILL_MAX_T = block
         state = model.new_state(B)
         step = FrameStep(model, state, spec, cuda_graph=False)
         frames = torch.randint(0, 256, (B, args.frame_size, args.frame_size, 3), dtype=torch.uint8, device=dev)
@@ -90,10 +96,12 @@ def main():
             state.seen.add_(N)
 
         for name, fn in (("vision", vision), ("llm", llm)):
+            if name == "vision" and block != args.swa_block_prefill[0]:
+                continue  # the vision tower does not depend on the SWA kernel
             g = graph_ms(fn)
             total, txt = kernel_table(fn, args.top)
-            head = (f"== B={B} {name}: graph {g:.2f} ms/step ({g / B:.2f} ms/frame), eager kernel time {total:.2f} ms "
-                    f"(gaps in the graph {g - total:+.2f} ms)")
+            head = (f"== B={B} {name} (swa block prefill max T {block}): graph {g:.2f} ms/step ({g / B:.2f} ms/frame), "
+                    f"eager kernel time {total:.2f} ms (gaps in the graph {g - total:+.2f} ms)")
             print(head + "\n" + txt, flush=True)
             report.append(head + "\n" + txt)
         del state, step

@@ -266,3 +266,37 @@ def test_fast_vision_tower_matches_reference(batch, grid_hw):
     assert vis.blocks[0].mlp.down_padded
     assert rel(got_frames, want_frames) < 1e-4 and rel(got, want) < 1e-4
     torch.testing.assert_close(got_frames, want, rtol=1e-3, atol=1e-3)
+
+
+def _ring(B, R, seen):
+    """Token index per ring slot after `seen[b]` tokens (slot = index mod R; -1 = never written)."""
+    idx = torch.full((B, R), -1, dtype=torch.long)
+    for b, n in enumerate(seen):
+        for i in range(max(0, n - R), n):
+            idx[b, i % R] = i
+    return idx.to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,R,window,seen,splits", [
+    (2, 5, 11, 12, [30, 3], None),  # a wrapped ring and a part-empty one
+    (1, 7, 9, 10, [0], 3),  # the first block of a stream: ring empty
+    (2, 70, 40, 41, [100, 17], None),  # a block longer than the ring
+    (1, 256, 127, 128, [1000], None),  # a frame against a full ring (the 4B stream's shape, scaled down)
+])
+def test_block_attention_reads_ring_in_place(dtype, B, T, R, window, seen, splits):
+    H, G, D = 8, 2, 128
+    q = torch.randn(B, T, H, D, device=DEV, dtype=dtype)
+    kn, vn = (torch.randn(B, T, G, D, device=DEV, dtype=dtype) for _ in range(2))
+    keys, values = (torch.randn(B, R, G, D, device=DEV, dtype=dtype) for _ in range(2))
+    ridx = _ring(B, R, seen)
+    tok = torch.stack([torch.arange(s, s + T) for s in seen]).to(DEV)
+    from infinitevl.ops import swa_fast
+
+    o = swa_fast.block_attention(q, kn, vn, tok, keys, values, ridx, window=window, scale=D**-0.5, num_splits=splits)
+    kidx = torch.cat([ridx, tok], 1)
+    mask = swa.window_mask(tok, kidx, window, k_valid_BS=kidx >= 0)
+    want = swa.sliding_window_attention(q.float(), torch.cat([keys, kn], 1).float(), torch.cat([values, vn], 1).float(),
+                                        mask, scale=D**-0.5)
+    assert o.dtype == dtype and o.shape == q.shape
+    assert rel(o, want) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -119,6 +119,24 @@ def test_fast_frame_step_matches_reference_kernels(setup):
 
 
 @torch.no_grad()
+def test_block_prefill_kernel_frame_step_matches_default(setup, monkeypatch):
+    """The frame's SWA attention through block_attention (ring read in place) == the default SDPA path."""
+    from infinitevl.ops import swa_fast
+
+    model, tok = setup
+    frames = _frames(30, seed=4)
+    runs = []
+    for max_t in (0, 512):
+        monkeypatch.setattr(swa_fast, "BLOCK_PREFILL_MAX_T", max_t)
+        s = StreamSession(model, tok, frame=SPEC, cuda_graph=True)
+        for i, f in enumerate(frames):
+            s.push_frame(f, i * 0.5)
+        runs.append(s)
+    _assert_states_close(runs[1].state, runs[0].state, tol=1e-3)
+    assert runs[1].ask(QUESTIONS[0], max_new_tokens=8) == runs[0].ask(QUESTIONS[0], max_new_tokens=8)
+
+
+@torch.no_grad()
 def test_other_frame_size_runs_eagerly_and_warns_once(setup, caplog):
     model, tok = setup
     frames = _frames(4, seed=5, shape=(70, 90, 3))

@@ -75,6 +75,13 @@ class SlidingWindowAttention(nn.Module):
 
         if state is not None and seg_BT is not None:
             raise ValueError("packed sequences (cu_seqlens) are for stateless forwards: pass state=None")
+        if (self.backend == "fla" and state is not None and mask_BT is None and not torch.is_grad_enabled()
+                and 1 < T <= swa_fast.BLOCK_PREFILL_MAX_T):
+            # a stream's frame: the ring read in place (no concatenation, mask or kv repeat), then written
+            o = swa_fast.block_attention(q, k, v, tok_idx_BT, state.keys, state.values, state.token_index,
+                                         window=self.window, scale=E**-0.5)
+            ring_write_last(state, k, v, tok_idx_BT)
+            return self.o_proj(o.reshape(B, T, H * E))
         if state is None:
             keys, values, k_idx, k_valid = k, v, tok_idx_BT, valid
         else:

@@ -13,6 +13,8 @@ mask (ops/swa.py: `sliding_window_attention`, or `folded_gqa_attention` for shor
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -191,3 +193,135 @@ def ring_write_step(state, k_new_BGD: torch.Tensor, v_new_BGD: torch.Tensor, cur
         D=D, HAS_KEEP=keep is not None,
     )
 
+
+
+# ---------------------------------------------------------------- block prefill (a stream's frame)
+# Blocks of 2..BLOCK_PREFILL_MAX_T tokens with a state and no padding take `block_attention` instead of SDPA over
+# cat([ring, block]). Off (0) until measured on a GPU: `benchmarks/profile_stream.py --swa-block-prefill 512`
+# compares. Verified against the reference in float32/float16 with Triton's interpreter and in tests/gpu.
+BLOCK_PREFILL_MAX_T = int(os.environ.get("INFINITEVL_SWA_BLOCK_PREFILL_MAX_T", "0"))
+
+@triton.jit
+def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr, m_ptr, l_ptr, acc_ptr,
+                        T, R, G, H, window, scale, SPLIT, TR,
+                        REP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
+                        NS: tl.constexpr, LOW: tl.constexpr):
+    """One program: BM query rows of kv head g (row r = token r // REP, head g * REP + r % REP) against the
+    slice [i_s * SPLIT, (i_s + 1) * SPLIT) of the virtual key range: ring slots 0..R-1, then the block's own
+    keys R..R+T-1. Writes the slice's online-softmax partials (max, sum, unnormalised output)."""
+    i_m, i_s, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    b, g = i_bg // G, i_bg % G
+    r = i_m * BM + tl.arange(0, BM)
+    r_ok = r < TR
+    t = r // REP
+    h = g * REP + r % REP
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + ((b * T + t[:, None]) * H + h[:, None]) * D + d[None, :], mask=r_ok[:, None], other=0.0)
+    qi = tl.load(qidx_ptr + b * T + t, mask=r_ok, other=0)
+    m_i = tl.full([BM], -1e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    start = i_s * SPLIT
+    for j0 in range(0, SPLIT, BS):
+        j = start + j0 + tl.arange(0, BS)
+        in_ring = j < R
+        n = j - R
+        in_new = (j >= R) & (n < T)
+        ring_off = ((b * R + j[:, None]) * G + g) * D + d[None, :]
+        new_off = ((b * T + n[:, None]) * G + g) * D + d[None, :]
+        k = tl.load(k_ptr + ring_off, mask=in_ring[:, None], other=0.0).to(q.dtype) + \
+            tl.load(kn_ptr + new_off, mask=in_new[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_ptr + ring_off, mask=in_ring[:, None], other=0.0).to(q.dtype) + \
+            tl.load(vn_ptr + new_off, mask=in_new[:, None], other=0.0).to(q.dtype)
+        kidx = tl.where(in_ring, tl.load(ridx_ptr + b * R + j, mask=in_ring, other=-1),
+                        tl.load(qidx_ptr + b * T + n, mask=in_new, other=-1))  # -1: empty slot or past the end
+        ok = (kidx[None, :] >= 0) & (kidx[None, :] <= qi[:, None]) & (kidx[None, :] > qi[:, None] - window)
+        if LOW:  # bf16/fp16: tensor-core dots with float32 accumulation (as flash attention)
+            s = tl.dot(q, tl.trans(k)) * scale
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if LOW:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+    part = (i_bg * NS + i_s) * TR + r
+    tl.store(m_ptr + part, m_i, mask=r_ok)
+    tl.store(l_ptr + part, l_i, mask=r_ok)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
+
+
+@triton.jit
+def _block_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, T, G, H, TR,
+                          REP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr):
+    i_m, i_bg = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, g = i_bg // G, i_bg % G
+    r = i_m * BM + tl.arange(0, BM)
+    r_ok = r < TR
+    d = tl.arange(0, D)
+    M = tl.full([BM], -1e30, tl.float32)
+    for s in range(NS):
+        M = tl.maximum(M, tl.load(m_ptr + (i_bg * NS + s) * TR + r, mask=r_ok, other=-1e30))
+    L = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for s in range(NS):
+        part = (i_bg * NS + s) * TR + r
+        w = tl.exp(tl.load(m_ptr + part, mask=r_ok, other=-1e30) - M)
+        L += w * tl.load(l_ptr + part, mask=r_ok, other=0.0)
+        acc += w[:, None] * tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
+    o = acc / L[:, None]
+    t, h = r // REP, g * REP + r % REP
+    tl.store(o_ptr + ((b * T + t[:, None]) * H + h[:, None]) * D + d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=r_ok[:, None])
+
+
+def block_attention(
+    q_BTHD: torch.Tensor,
+    k_new_BTGD: torch.Tensor,
+    v_new_BTGD: torch.Tensor,
+    tok_idx_BT: torch.Tensor,
+    keys_BRGD: torch.Tensor,
+    values_BRGD: torch.Tensor,
+    token_index_BR: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of a block of T query tokens per row (no padding) over the ring, read in place, plus the
+    block's own keys (causal): what `sliding_window_attention` computes over `cat([ring, block])` under
+    `window_mask`, without the concatenation, the [B, T, R + T] mask or a kv repeat. The query heads of each
+    kv head fold into the query rows; the key range is split over programs when B * G alone cannot fill the
+    GPU, then combined. Returns [B, T, H, D] in q's dtype. The ring is written afterwards by the caller."""
+    B, T, H, D = q_BTHD.shape
+    R, G = keys_BRGD.shape[1], keys_BRGD.shape[2]
+    if H % G or D != triton.next_power_of_2(D) or D < 16:
+        raise ValueError(f"block_attention needs H % G == 0 and a power-of-two head dim >= 16 (H={H}, G={G}, D={D})")
+    REP = H // G
+    TR = T * REP
+    BM, BS = 64, 64 if D <= 128 else 32
+    q = q_BTHD.contiguous()
+    kn, vn = k_new_BTGD.contiguous(), v_new_BTGD.contiguous()
+    keys, values, ridx = keys_BRGD.contiguous(), values_BRGD.contiguous(), token_index_BR.contiguous()
+    qidx = tok_idx_BT.to(ridx.dtype).contiguous()
+    n_m = triton.cdiv(TR, BM)
+    if num_splits is None:  # about two waves of programs on a large GPU
+        num_splits = max(1, min(32, triton.cdiv(R + T, 4 * BS), triton.cdiv(264, n_m * B * G)))
+    NS = num_splits
+    SPLIT = triton.cdiv(triton.cdiv(R + T, NS), BS) * BS
+    m = torch.empty(B * G, NS, TR, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(B * G, NS, TR, D, dtype=torch.float32, device=q.device)
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    _block_split_kernel[(n_m, NS, B * G)](
+        q, kn, vn, qidx, keys, values, ridx, m, l, acc, T, R, G, H, window, scale, SPLIT, TR,
+        REP=REP, D=D, BM=BM, BS=BS, NS=NS, LOW=low,
+    )
+    o = torch.empty_like(q)
+    _block_combine_kernel[(n_m, B * G)](m, l, acc, o, T, G, H, TR, REP=REP, D=D, BM=BM, NS=NS)
+    return o
