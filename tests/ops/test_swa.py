@@ -82,3 +82,24 @@ def test_folded_gqa_attention_equals_repeated_kv():
     k_idx = torch.cat([ring_idx, q_idx], 1)
     mask = window_mask(q_idx, k_idx, 8, k_valid_BS=k_idx >= 0)
     torch.testing.assert_close(folded_gqa_attention(q, k, v, mask), sliding_window_attention(q, k, v, mask))
+
+
+def test_causal_segments_equal_window_mask_within_the_window():
+    """Packed samples no longer than the window: per-sample causal SDPA == the masked reference (values and
+    gradients)."""
+    from infinitevl.ops.swa import causal_segments_attention
+
+    g = torch.Generator().manual_seed(1)
+    lengths, H, G, D = [5, 1, 9, 3], 4, 2, 8
+    T = sum(lengths)
+    q, k, v = (torch.randn(1, T, n, D, generator=g, dtype=torch.float64, requires_grad=True) for n in (H, G, G))
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    idx = torch.cat([torch.arange(n) for n in lengths])[None]
+    want = sliding_window_attention(q, k, v, window_mask(idx, idx, 9, q_seg_BT=seg, k_seg_BS=seg))
+    got = causal_segments_attention(q, k, v, lengths)
+    torch.testing.assert_close(got, want)
+    w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    gw = torch.autograd.grad((want * w).sum(), (q, k, v))
+    gg = torch.autograd.grad((got * w).sum(), (q, k, v))
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b)

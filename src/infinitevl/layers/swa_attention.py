@@ -13,7 +13,8 @@ from ..model.config import TextConfig
 from ..model.state import SWAState
 from ..ops.rope import apply_rope
 from .fuse import linear
-from ..ops.swa import folded_gqa_attention, ring_write, ring_write_last, sliding_window_attention, window_mask
+from ..ops.swa import (causal_segments_attention, folded_gqa_attention, ring_write, ring_write_last,
+                       sliding_window_attention, window_mask)
 
 
 class SlidingWindowAttention(nn.Module):
@@ -46,6 +47,7 @@ class SlidingWindowAttention(nn.Module):
         mask_BT: torch.Tensor | None = None,
         state: SWAState | None = None,
         seg_BT: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attends within the window; when `state` is given, reads its ring buffer and then writes the
         last window-1 real tokens into it. `seg_BT` keeps packed sequences apart."""
@@ -82,6 +84,12 @@ class SlidingWindowAttention(nn.Module):
                                          window=self.window, scale=E**-0.5)
             ring_write_last(state, k, v, tok_idx_BT)
             return self.o_proj(o.reshape(B, T, H * E))
+        if state is None and mask_BT is None and (cu_seqlens is None or B == 1):
+            # stateless, no padding: sequences no longer than the window are plain causal attention
+            lengths = [T] if cu_seqlens is None else [int(n) for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()]
+            if max(lengths) <= self.window:
+                o = causal_segments_attention(q, k, v, lengths, scale=E**-0.5)
+                return self.o_proj(o.reshape(B, T, H * E))
         if state is None:
             keys, values, k_idx, k_valid = k, v, tok_idx_BT, valid
         else:

@@ -35,7 +35,8 @@ class DecoderLayer(nn.Module):
         if self.layer_type == "linear_attention":
             h = self.self_attn(h, state=state, mask_BT=mask, cu_seqlens=cu_seqlens)
         else:
-            h = self.self_attn(h, cos, sin, tok_idx_BT=tok_idx, mask_BT=mask, state=state, seg_BT=seg)
+            h = self.self_attn(h, cos, sin, tok_idx_BT=tok_idx, mask_BT=mask, state=state, seg_BT=seg,
+                               cu_seqlens=cu_seqlens)
         x_BTD, h = self.post_attention_layernorm.add_and_norm(x_BTD, h)
         return x_BTD + self.mlp(h)
 

@@ -54,6 +54,35 @@ def sliding_window_attention(
     return o.transpose(1, 2)
 
 
+
+def causal_segments_attention(
+    q_BTHD: torch.Tensor,
+    k_BTGD: torch.Tensor,
+    v_BTGD: torch.Tensor,
+    lengths: list[int],
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`sliding_window_attention` for a stateless row made of independent sequences (packed samples, or one
+    sequence) none longer than the window: inside each the window rule is plain causal attention, so each
+    runs SDPA with is_causal (its fused kernels, forward and backward) instead of a [T, T] mask that spends
+    most of its work on pairs across samples. `lengths` (host ints) sum to T. Returns [B, T, H, D]."""
+    B, T, H, D = q_BTHD.shape
+    G = k_BTGD.shape[2]
+    if H % G:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({G})")
+    if sum(lengths) != T:
+        raise ValueError(f"segment lengths {lengths} do not add up to the {T} tokens")
+    rep = H // G
+    outs, start = [], 0
+    for n in lengths:
+        q = q_BTHD[:, start : start + n].transpose(1, 2)
+        k = k_BTGD[:, start : start + n].transpose(1, 2).repeat_interleave(rep, dim=1)
+        v = v_BTGD[:, start : start + n].transpose(1, 2).repeat_interleave(rep, dim=1)
+        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2))
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
 def folded_gqa_attention(
     q_BTHD: torch.Tensor,
     k_BSGD: torch.Tensor,
