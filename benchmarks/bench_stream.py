@@ -116,19 +116,33 @@ def long_equal(a, b) -> bool:
 # ---------------------------------------------------------------- 1. gate
 @torch.no_grad()
 def gate(model, tok, spec, frames, device) -> dict:
+    """Fast kernels against the reference kernels, judged against a float32 reference: the fast path's state
+    error must stay within twice the reference kernels' own error at the run's dtype (+1e-3), since both round
+    the same activations to bf16 through 36 random layers. Then graph replay == eager (same kernels)."""
+    import copy
+
     res = {}
     n = len(frames)
-    ref = StreamSession(model, tok, frame=spec, backend="torch", cuda_graph=False)
-    for i, f in enumerate(frames[:2]):
-        ref.push_frame(f, i * 0.5)
-    ref_state = ref.state.clone()
-    del ref
-    eager = StreamSession(model, tok, frame=spec, cuda_graph=False)
-    for i, f in enumerate(frames[:2]):
-        eager.push_frame(f, i * 0.5)
+
+    def states(m, backend, cuda_graph=False):
+        s = StreamSession(m, tok, frame=spec, backend=backend, cuda_graph=cuda_graph)
+        for i, f in enumerate(frames[:2]):
+            s.push_frame(f, i * 0.5)
+        return s
+
+    hi = copy.deepcopy(model).float()
+    ref_hi = states(hi, "torch").state.clone()
+    del hi
+    ref_state = states(model, "torch").state.clone()
+    eager = states(model, "auto")
+    res["fast_vs_float32_rel_err"] = state_err(eager.state, ref_hi)
+    res["reference_vs_float32_rel_err"] = state_err(ref_state, ref_hi)
     res["fast_vs_reference_rel_err"] = state_err(eager.state, ref_state)
-    res["fast_vs_reference_ok"] = res["fast_vs_reference_rel_err"] < 5e-2 and long_equal(eager.state, ref_state)
-    del ref_state
+    res["fast_vs_reference_ok"] = (res["fast_vs_float32_rel_err"] <= 2 * res["reference_vs_float32_rel_err"] + 1e-3
+                                   and long_equal(eager.state, ref_state))
+    del ref_state, ref_hi
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     for i, f in enumerate(frames[2:], start=2):
         eager.push_frame(f, i * 0.5)
     graph = StreamSession(model, tok, frame=spec, cuda_graph=device.type == "cuda")
