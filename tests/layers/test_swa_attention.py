@@ -28,11 +28,24 @@ def test_causal_path_equals_masked_path_within_the_window():
 def test_packed_rows_longer_than_the_window_take_the_mask():
     layer, x, cos, sin, idx = _layer_and_inputs(T=12, window=4)
     x = x[:1]
-    cu = torch.tensor([0, 7, 12])
     seg = torch.tensor([[0] * 7 + [1] * 5])
     tok = torch.tensor([[*range(7), *range(5)]])
-    packed = layer(x, cos[:1], sin[:1], tok_idx_BT=tok, seg_BT=seg, cu_seqlens=cu)
+    packed = layer(x, cos[:1], sin[:1], tok_idx_BT=tok, seg_BT=seg, seq_lengths=[7, 5])
     for s, e in ((0, 7), (7, 12)):  # each sample alone, windowed through the mask (no packing)
         one = layer(x[:, s:e], cos[:1, s:e], sin[:1, s:e], tok_idx_BT=tok[:, s:e],
                     mask_BT=torch.ones(1, e - s, dtype=torch.long))
         torch.testing.assert_close(packed[:, s:e], one)
+
+
+def test_packed_segments_are_kept_apart_on_every_path():
+    """Within the window: with the lengths (causal per sequence) or with only the segment ids (the mask) the
+    packed sequences never see each other: both equal each sequence run alone."""
+    layer, x, cos, sin, idx = _layer_and_inputs(T=12, window=12)
+    x, cos, sin = x[:1], cos[:1], sin[:1]
+    seg = torch.tensor([[0] * 7 + [1] * 5])
+    tok = torch.tensor([[*range(7), *range(5)]])
+    with_lengths = layer(x, cos, sin, tok_idx_BT=tok, seg_BT=seg, seq_lengths=[7, 5])
+    segments_only = layer(x, cos, sin, tok_idx_BT=tok, seg_BT=seg)
+    alone = torch.cat([layer(x[:, s:e], cos[:, s:e], sin[:, s:e], tok_idx_BT=tok[:, s:e]) for s, e in ((0, 7), (7, 12))], 1)
+    torch.testing.assert_close(with_lengths, alone)
+    torch.testing.assert_close(segments_only, alone)

@@ -131,7 +131,8 @@ class StreamSession:
         else:
             frames = frames_to_tensor(images)
         try:
-            ts = [0.0 if b in absent else float(t) for b, t in enumerate(ts_in)]
+            # an absent stream's step runs on a stand-in position (its last time) and is then undone
+            ts = [(self.clock.last_ts[b] or 0.0) if b in absent else float(t) for b, t in enumerate(ts_in)]
         except (TypeError, ValueError):
             raise ValueError(f"timestamps must be numbers of seconds, got {timestamps!r:.80}") from None
         if frames.shape[0] != B or len(ts) != B:

@@ -47,10 +47,11 @@ class SlidingWindowAttention(nn.Module):
         mask_BT: torch.Tensor | None = None,
         state: SWAState | None = None,
         seg_BT: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        seq_lengths: list[int] | None = None,
     ) -> torch.Tensor:
         """Attends within the window; when `state` is given, reads its ring buffer and then writes the
-        last window-1 real tokens into it. `seg_BT` keeps packed sequences apart."""
+        last window-1 real tokens into it. `seg_BT` keeps packed sequences apart; `seq_lengths` (host ints,
+        the packed lengths in order) lets sequences within the window skip the mask."""
         B, T, _ = x_BTD.shape
         H, G, E = self.num_heads, self.num_kv_heads, self.head_dim
         rope = apply_rope
@@ -78,16 +79,16 @@ class SlidingWindowAttention(nn.Module):
         if state is not None and seg_BT is not None:
             raise ValueError("packed sequences (cu_seqlens) are for stateless forwards: pass state=None")
         if (self.backend == "fla" and state is not None and mask_BT is None and not torch.is_grad_enabled()
-                and 1 < T <= swa_fast.BLOCK_PREFILL_MAX_T):
+                and 1 < T <= swa_fast.BLOCK_PREFILL_MAX_T and E >= 16 and E & (E - 1) == 0):
             # a stream's frame: the ring read in place (no concatenation, mask or kv repeat), then written
             o = swa_fast.block_attention(q, k, v, tok_idx_BT, state.keys, state.values, state.token_index,
                                          window=self.window, scale=E**-0.5)
             ring_write_last(state, k, v, tok_idx_BT)
             return self.o_proj(o.reshape(B, T, H * E))
-        if state is None and mask_BT is None and (cu_seqlens is None or B == 1):
+        if state is None and mask_BT is None and (seg_BT is None or seq_lengths is not None):
             # stateless, no padding: sequences no longer than the window are plain causal attention
-            lengths = [T] if cu_seqlens is None else [int(n) for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()]
-            if max(lengths) <= self.window:
+            lengths = [T] if seg_BT is None else list(seq_lengths)
+            if max(lengths) <= self.window and (seg_BT is None or B == 1):
                 o = causal_segments_attention(q, k, v, lengths, scale=E**-0.5)
                 return self.o_proj(o.reshape(B, T, H * E))
         if state is None:

@@ -30,13 +30,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x_BTD, *, cos, sin, tok_idx, mask, state, cu_seqlens, seg):
+    def forward(self, x_BTD, *, cos, sin, tok_idx, mask, state, cu_seqlens, seg, seq_lengths=None):
         h = self.input_layernorm(x_BTD)
         if self.layer_type == "linear_attention":
             h = self.self_attn(h, state=state, mask_BT=mask, cu_seqlens=cu_seqlens)
         else:
             h = self.self_attn(h, cos, sin, tok_idx_BT=tok_idx, mask_BT=mask, state=state, seg_BT=seg,
-                               cu_seqlens=cu_seqlens)
+                               seq_lengths=seq_lengths)
         x_BTD, h = self.post_attention_layernorm.add_and_norm(x_BTD, h)
         return x_BTD + self.mlp(h)
 
@@ -64,15 +64,21 @@ class TextDecoder(nn.Module):
         inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=x_BTD.device)
         cos, sin = mrope_cos_sin(position_ids_3BT, inv_freq, self.config.mrope_section)
         tok_idx, seg = token_indices(B, T, x_BTD.device, mask_BT=mask_BT, state=state, cu_seqlens=cu_seqlens)
+        lengths = None if cu_seqlens is None else packed_lengths(cu_seqlens)
         for i, layer in enumerate(self.layers):
             kw = dict(cos=cos, sin=sin, tok_idx=tok_idx, mask=mask_BT, cu_seqlens=cu_seqlens, seg=seg,
-                      state=None if state is None else state.layers[i])
+                      seq_lengths=lengths, state=None if state is None else state.layers[i])
             if self.gradient_checkpointing and self.training:
                 x_BTD = torch.utils.checkpoint.checkpoint(lambda x, layer=layer, kw=kw: layer(x, **kw), x_BTD,
                                                           use_reentrant=False)
             else:
                 x_BTD = layer(x_BTD, **kw)
         return self.norm(x_BTD)
+
+
+def packed_lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    """The packed sequences' lengths as host ints (one device sync per forward, not one per layer)."""
+    return [int(n) for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()]
 
 
 def token_indices(B, T, device, *, mask_BT=None, state=None, cu_seqlens=None):

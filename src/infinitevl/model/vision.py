@@ -53,8 +53,11 @@ class VisionAttention(nn.Module):
             from ..ops.vision_rope import qkv_rope_heads_first
 
             q, k, v = qkv_rope_heads_first(self.qkv(x_GSE), cos_SF, sin_SF, self.num_heads)
-            # masks here are one [S, S] pattern for every group, or one per group
-            mask = None if mask_GSS is None else mask_GSS.reshape(-1, S, S)[:, None]
+            mask = None
+            if mask_GSS is not None:  # one [S, S] pattern for every group, or one per group (broadcast to all)
+                one = mask_GSS.numel() == S * S
+                mask = mask_GSS.reshape(1, S, S) if one else mask_GSS.expand(*lead, S, S).reshape(-1, S, S)
+                mask = mask[:, None]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.proj(o.transpose(1, 2).reshape(*lead, S, E))
         qkv = self.qkv(x_GSE).view(*lead, S, 3, self.num_heads, -1)

@@ -312,6 +312,8 @@ def block_attention(
     n_m = triton.cdiv(TR, BM)
     if num_splits is None:  # about two waves of programs on a large GPU
         num_splits = max(1, min(32, triton.cdiv(R + T, 4 * BS), triton.cdiv(264, n_m * B * G)))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     NS = num_splits
     SPLIT = triton.cdiv(triton.cdiv(R + T, NS), BS) * BS
     m = torch.empty(B * G, NS, TR, dtype=torch.float32, device=q.device)

@@ -52,6 +52,9 @@ def qkv_rope_heads_first(qkv_GSX: torch.Tensor, cos_CF: torch.Tensor, sin_CF: to
     F = X // (3 * H)
     if X != 3 * H * F or F % 2:
         raise ValueError(f"qkv width {X} is not 3 x {H} heads x an even head dim")
+    if cos_CF.shape[-2:] != (S, F) or sin_CF.shape != cos_CF.shape:
+        raise ValueError(f"cos/sin must be [..., S={S}, F={F}] tables (one row per token of a group), got "
+                         f"{tuple(cos_CF.shape)} and {tuple(sin_CF.shape)}")
     qkv = qkv_GSX.contiguous()
     cos, sin = cos_CF.reshape(-1, F).float().contiguous(), sin_CF.reshape(-1, F).float().contiguous()
     C = cos.shape[0]

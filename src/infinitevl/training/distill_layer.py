@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..model.decoder import token_indices
+from ..model.decoder import packed_lengths, token_indices
 from ..model.infinitevl import InfiniteVL
 from ..ops.rope import mrope_cos_sin, rope_inv_freq
 from . import runner
@@ -49,7 +49,8 @@ def layer_kwargs(decoder, x_BTD: torch.Tensor, position_ids: torch.Tensor, cu_se
                              c.mrope_section)
     B, T, _ = x_BTD.shape
     tok_idx, seg = token_indices(B, T, x_BTD.device, cu_seqlens=cu_seqlens)
-    return dict(cos=cos, sin=sin, tok_idx=tok_idx, mask=None, state=None, cu_seqlens=cu_seqlens, seg=seg)
+    return dict(cos=cos, sin=sin, tok_idx=tok_idx, mask=None, state=None, cu_seqlens=cu_seqlens, seg=seg,
+                seq_lengths=None if cu_seqlens is None else packed_lengths(cu_seqlens))
 
 
 class LayerwiseObjective(Objective):
