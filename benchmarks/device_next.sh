@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The open measurements in one device call, most important first, each under its own time limit.
+#   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tgz.part*
+#          from an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all]
+set -o pipefail
+export PYTHONUNBUFFERED=1
+what=${1:-all}
+OUT=${OUT:-out/device}; mkdir -p "$OUT"
+mkdir -p /tmp/s && tar xJf .carry/site312.tar.xz -C /tmp/s || exit 1
+export PYTHONPATH=/tmp/s/site312:$PWD/src
+source benchmarks/device_cache.sh && cache_restore
+if [[ $what == stream || $what == all ]]; then
+  # 1. the block kernel against SDPA for a frame's SWA attention (decides BLOCK_PREFILL_MAX_T's default)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py \
+    -k "block or vision or graph or frame or memory or missing" 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
+  timeout 200 python3 benchmarks/profile_stream.py --streams 1 32 --swa-block-prefill 0 512 --out "$OUT/ps" \
+    > "$OUT/profile_stream.log" 2>&1; grep "^==" "$OUT/profile_stream.log"
+  # 2. the full 10,000-frame run (pass --swa-block-prefill 512 if step 1 shows it faster)
+  timeout 420 python3 benchmarks/bench_stream.py --out "$OUT/stream" --steps 10 ${STREAM_ARGS:-} \
+    > "$OUT/stream.log" 2>&1; tail -1 "$OUT/stream.log"
+fi
+if [[ $what == train || $what == all ]]; then
+  timeout 480 python3 benchmarks/bench_train.py --trainable gdn,attention --warmup 1 --steps 3 --profile \
+    --out "$OUT/train" > "$OUT/train.log" 2>&1; grep -v TileLang "$OUT/train.log" | tail -30
+fi
+cache_save
