@@ -11,12 +11,12 @@ export PYTHONPATH=/tmp/s/site312:$PWD/src
 source benchmarks/device_cache.sh && cache_restore
 if [[ $what == stream || $what == all ]]; then
   # 1. the block kernel against SDPA for a frame's SWA attention (decides BLOCK_PREFILL_MAX_T's default)
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py \
     -k "block or vision or graph or frame or memory or missing" 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
-  timeout 200 python3 benchmarks/profile_stream.py --streams 1 32 --swa-block-prefill 0 512 --out "$OUT/ps" \
+  timeout 140 python3 benchmarks/profile_stream.py --streams 1 32 --swa-block-prefill 0 512 --out "$OUT/ps" \
     > "$OUT/profile_stream.log" 2>&1; grep "^==" "$OUT/profile_stream.log"
   # 2. the full 10,000-frame run (pass --swa-block-prefill 512 if step 1 shows it faster)
-  timeout 420 python3 benchmarks/bench_stream.py --out "$OUT/stream" --steps 10 ${STREAM_ARGS:-} \
+  timeout 290 python3 benchmarks/bench_stream.py --out "$OUT/stream" --steps 10 --budget-s 170 ${STREAM_ARGS:-} \
     > "$OUT/stream.log" 2>&1; tail -1 "$OUT/stream.log"
 fi
 if [[ $what == train || $what == all ]]; then
