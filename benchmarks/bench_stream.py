@@ -217,29 +217,38 @@ def many_streams(model, tok, spec, pool, B, steps, warmup, device) -> dict:
 
 
 # ---------------------------------------------------------------- 4. breakdown
-@torch.no_grad()
-def breakdown(model, spec, pool, B, steps, device) -> dict:
-    """ms per step for the vision tower (+ merger) alone and the LLM prefill alone, each captured."""
+def frame_parts(model, spec, frames_BHWC):
+    """The frame step's parts as callables on a fresh state of B streams (device frames [B, H, W, 3]): the vision
+    tower + merger alone, the LLM prefill of a frame's tokens alone (random embeddings), and the whole step."""
     from infinitevl.inference.frame_step import FrameStep
 
+    device, B = frames_BHWC.device, frames_BHWC.shape[0]
     state = model.new_state(B)
     step = FrameStep(model, state, spec, cuda_graph=False)
-    frames = frames_to_tensor([pool[b % len(pool)] for b in range(B)]).to(device)
     N = spec.tokens_per_frame
     x = torch.randn(B, N, model.config.text.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
-    pos = (torch.arange(N, device=device)[None, None] + torch.zeros(3, B, 1, dtype=torch.long, device=device))
+    pos = torch.arange(N, device=device)[None, None] + torch.zeros(3, B, 1, dtype=torch.long, device=device)
 
     def vision():
-        pixels = preprocess_frames(frames, spec, dtype=step.pixel_dtype, stats=step.stats)
+        pixels = preprocess_frames(frames_BHWC, spec, dtype=step.pixel_dtype, stats=step.stats)
         model.visual.forward_frames(pixels, step.layout)
 
     def llm():
         model.model(x, pos, state=state)
         state.seen.add_(N)
 
+    return vision, llm, lambda: step.run(frames_BHWC, pos[:, :, 0])
+
+
+@torch.no_grad()
+def breakdown(model, spec, pool, B, steps, device) -> dict:
+    """ms per step for the vision tower (+ merger) alone and the LLM prefill alone, each captured."""
+    frames = frames_to_tensor([pool[b % len(pool)] for b in range(B)]).to(device)
+    vision, llm, whole = frame_parts(model, spec, frames)
+
     wrap = (lambda f: CapturedStep(f)) if device.type == "cuda" else EagerStep
     clock, out = Clock(device), {}
-    for name, fn in (("vision_ms", vision), ("llm_ms", llm), ("frame_step_ms", lambda: step.run(frames, pos[:, :, 0]))):
+    for name, fn in (("vision_ms", vision), ("llm_ms", llm), ("frame_step_ms", whole)):
         run = wrap(fn)
         for _ in range(3):
             run()

@@ -19,25 +19,14 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_stream import build  # noqa: E402
+from bench_inference import time_calls  # noqa: E402
+from bench_stream import build, frame_parts  # noqa: E402
 from infinitevl.inference.cuda_graph import CapturedStep  # noqa: E402
-from infinitevl.inference.frame_step import FrameStep  # noqa: E402
-from infinitevl.inference.frames import FrameSpec, preprocess_frames  # noqa: E402
+from infinitevl.inference.frames import FrameSpec  # noqa: E402
 
 
-def graph_ms(fn, reps: int = 20) -> float:
-    step = CapturedStep(fn)
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def graph_ms(fn, device, reps: int = 20) -> float:
+    return statistics.median(time_calls(CapturedStep(fn), reps, device))
 
 
 def kernel_table(fn, n: int) -> tuple[float, str]:
@@ -75,36 +64,24 @@ def main():
     model.set_backend("auto", vision=True)  # what a StreamSession sets up
     model.fuse_projections(vision=True)
     spec = FrameSpec(height=args.frame_size, width=args.frame_size)
-    N = spec.tokens_per_frame
     report = []
     from infinitevl.ops import swa_fast
 
     for B, block in [(B, blk) for B in args.streams for blk in args.swa_block_prefill]:
         swa_fast.BLOCK_PREFILL_MAX_T = block
-        state = model.new_state(B)
-        step = FrameStep(model, state, spec, cuda_graph=False)
         frames = torch.randint(0, 256, (B, args.frame_size, args.frame_size, 3), dtype=torch.uint8, device=dev)
-        x = torch.randn(B, N, model.config.text.hidden_size, device=dev, dtype=torch.bfloat16)
-        pos = torch.arange(N, device=dev)[None, None] + torch.zeros(3, B, 1, dtype=torch.long, device=dev)
-
-        def vision():
-            pixels = preprocess_frames(frames, spec, dtype=step.pixel_dtype, stats=step.stats)
-            model.visual.forward_frames(pixels, step.layout)
-
-        def llm():
-            model.model(x, pos, state=state)
-            state.seen.add_(N)
+        vision, llm, _ = frame_parts(model, spec, frames)
 
         for name, fn in (("vision", vision), ("llm", llm)):
             if name == "vision" and block != args.swa_block_prefill[0]:
                 continue  # the vision tower does not depend on the SWA kernel
-            g = graph_ms(fn)
+            g = graph_ms(fn, dev)
             total, txt = kernel_table(fn, args.top)
             head = (f"== B={B} {name} (swa block prefill max T {block}): graph {g:.2f} ms/step ({g / B:.2f} ms/frame), "
                     f"eager kernel time {total:.2f} ms (gaps in the graph {g - total:+.2f} ms)")
             print(head + "\n" + txt, flush=True)
             report.append(head + "\n" + txt)
-        del state, step
+        del vision, llm
         torch.cuda.empty_cache()
     (args.out / "profile_stream.txt").write_text("\n\n".join(report) + "\n")
 

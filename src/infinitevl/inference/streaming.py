@@ -111,11 +111,14 @@ class StreamSession:
     def push_frames(self, images, timestamps) -> None:
         """One frame per stream (list of B images, or uint8 [B, H, W, 3]) with B timestamps in seconds. In a
         list, a stream with no frame this step gives None (image and timestamp): its memory stays as it was."""
-        images = list(images) if isinstance(images, (list, tuple)) else images
         B = self.batch_size
+        if isinstance(images, (list, tuple)):
+            images = list(images)
+            absent = [b for b, img in enumerate(images) if img is None]
+        else:
+            images, absent = frames_to_tensor(images), []
         ts_in = list(timestamps) if isinstance(timestamps, (list, tuple)) else [timestamps]
-        absent = [b for b, img in enumerate(images) if img is None] if isinstance(images, list) else []
-        if isinstance(images, list) and (len(images) != B or len(ts_in) != B):
+        if len(images) != B or len(ts_in) != B:
             raise ValueError(f"give exactly one frame and one timestamp per stream ({B}; None and None for a "
                              f"stream without a frame this step); got {len(images)} frames, {len(ts_in)} timestamps")
         if len(absent) == B:
@@ -124,20 +127,16 @@ class StreamSession:
             if ts_in[b] is not None:
                 raise ValueError(f"stream {b} has no frame but a timestamp ({ts_in[b]}): give None for both")
         present = [b for b in range(B) if b not in absent]
-        if absent:
-            got = frames_to_tensor([images[b] for b in present])
-            frames = got.new_zeros(B, *got.shape[1:])
-            frames[present] = got
-        else:
-            frames = frames_to_tensor(images)
+        frames = frames_to_tensor([images[b] for b in present]) if isinstance(images, list) else images
+        if absent:  # stand-in zeros for the streams without a frame
+            full = frames.new_zeros(B, *frames.shape[1:])
+            full[present] = frames
+            frames = full
         try:
             # an absent stream's step runs on a stand-in position (its last time) and is then undone
             ts = [(self.clock.last_ts[b] or 0.0) if b in absent else float(t) for b, t in enumerate(ts_in)]
         except (TypeError, ValueError):
             raise ValueError(f"timestamps must be numbers of seconds, got {timestamps!r:.80}") from None
-        if frames.shape[0] != B or len(ts) != B:
-            raise ValueError(f"give exactly one frame and one timestamp per stream ({B}); got "
-                             f"{frames.shape[0]} frames, {len(ts)} timestamps")
         for b in present:
             t = ts[b]
             if not math.isfinite(t) or t < 0:

@@ -32,6 +32,13 @@ def window_mask(
     return mask | ~mask.any(-1, keepdim=True)
 
 
+def _group_size(H: int, G: int) -> int:
+    """Query heads per kv head (kv head g serves query heads g * rep .. g * rep + rep - 1)."""
+    if H % G:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({G})")
+    return H // G
+
+
 def sliding_window_attention(
     q_BTHD: torch.Tensor,
     k_BSGD: torch.Tensor,
@@ -43,9 +50,7 @@ def sliding_window_attention(
     """Softmax attention under a precomputed boolean mask (see `window_mask`). Returns [B, T, H, D]."""
     B, T, H, D = q_BTHD.shape
     G = k_BSGD.shape[2]
-    if H % G:
-        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({G})")
-    rep = H // G
+    rep = _group_size(H, G)
     q = q_BTHD.transpose(1, 2)
     k = k_BSGD.transpose(1, 2).repeat_interleave(rep, dim=1)
     v = v_BSGD.transpose(1, 2).repeat_interleave(rep, dim=1)
@@ -68,12 +73,9 @@ def causal_segments_attention(
     runs SDPA with is_causal (its fused kernels, forward and backward) instead of a [T, T] mask that spends
     most of its work on pairs across samples. `lengths` (host ints) sum to T. Returns [B, T, H, D]."""
     B, T, H, D = q_BTHD.shape
-    G = k_BTGD.shape[2]
-    if H % G:
-        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({G})")
+    rep = _group_size(H, k_BTGD.shape[2])
     if sum(lengths) != T:
         raise ValueError(f"segment lengths {lengths} do not add up to the {T} tokens")
-    rep = H // G
     outs, start = [], 0
     for n in lengths:
         q = q_BTHD[:, start : start + n].transpose(1, 2)
@@ -97,9 +99,7 @@ def folded_gqa_attention(
     the boolean mask is repeated, which is smaller while T < 4 D. Returns [B, T, H, D]."""
     B, T, H, D = q_BTHD.shape
     G = k_BSGD.shape[2]
-    if H % G:
-        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({G})")
-    rep = H // G
+    rep = _group_size(H, G)
     q = q_BTHD.reshape(B, T, G, rep, D).permute(0, 2, 3, 1, 4).reshape(B, G, rep * T, D)
     mask = mask_BTS[:, None].expand(B, rep, T, mask_BTS.shape[-1]).reshape(B, 1, rep * T, -1)
     o = F.scaled_dot_product_attention(q, k_BSGD.transpose(1, 2), v_BSGD.transpose(1, 2), attn_mask=mask,
