@@ -175,13 +175,14 @@ def ours_by_batch(model, engine, batches, prompt, steps, device, vocab):
 def hf_prefill_decode(hf, ids, steps, device):
     """(prefill seconds, median decode ms/step): transformers' own cache, eager steps."""
     dt, out = wall(lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1), device)
-    cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1)
+    name = "cache" if "cache" in type(out).__dataclass_fields__ else "past_key_values"  # transformers >= 5.24: cache
+    cache, tok = getattr(out, name), out.logits[:, -1].argmax(-1)
     del out
 
     def step():
         nonlocal cache, tok
-        o = hf(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
-        cache, tok = o.past_key_values, o.logits[:, -1].argmax(-1)
+        o = hf(input_ids=tok[:, None], use_cache=True, **{name: cache})
+        cache, tok = getattr(o, name), o.logits[:, -1].argmax(-1)
 
     ms = statistics.median(time_calls(step, steps, device))
     del cache

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The open measurements in one device call, most important first, each under its own time limit.
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tgz.part*
-#          from an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all]
+#          from an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|x2]
+#   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
+#   and profile; then the same 2 rows/step over both GPUs with FSDP2 (torchrun), on the now-warm kernel cache.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 what=${1:-all}
@@ -22,5 +24,19 @@ fi
 if [[ $what == train || $what == all ]]; then
   timeout 480 python3 benchmarks/bench_train.py --trainable gdn,attention --warmup 1 --steps 3 --profile \
     --out "$OUT/train" > "$OUT/train.log" 2>&1; grep -v TileLang "$OUT/train.log" | tail -30
+fi
+if [[ $what == x2 ]]; then
+  ( CUDA_VISIBLE_DEVICES=0 timeout 280 python3 benchmarks/bench_train.py --trainable gdn,attention --rows-per-step 2 \
+      --warmup 1 --steps 3 --profile --out "$OUT/train1" > "$OUT/train1.log" 2>&1 ) &
+  ( export CUDA_VISIBLE_DEVICES=1
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py \
+      -k "block or vision or graph or frame or memory or missing or segments" > "$OUT/gpu_tests.log" 2>&1
+    timeout 130 python3 benchmarks/profile_stream.py --streams 1 32 --swa-block-prefill 0 512 --out "$OUT/ps" \
+      > "$OUT/profile_stream.log" 2>&1 ) &
+  wait
+  tail -3 "$OUT/gpu_tests.log"; grep "^==" "$OUT/profile_stream.log"; grep -v TileLang "$OUT/train1.log" | tail -32
+  timeout 200 torchrun --standalone --nproc_per_node 2 benchmarks/bench_train.py --trainable gdn,attention \
+    --rows-per-step 2 --warmup 1 --steps 3 --out "$OUT/train2" > "$OUT/train2.log" 2>&1
+  grep -v TileLang "$OUT/train2.log" | tail -18
 fi
 cache_save

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 import infinitevl
 from infinitevl import InfiniteVL
-from infinitevl.hf import InferenceStateCache, InfiniteVLForConditionalGeneration, InfiniteVLHFConfig
+from infinitevl.hf import CACHE_NAME, InferenceStateCache, InfiniteVLForConditionalGeneration, InfiniteVLHFConfig
 from infinitevl.inference import generate as our_generate
 from infinitevl.media import process_vision_info as our_process_vision_info
 from infinitevl.model.config import InfiniteVLConfig, TextConfig, VisionConfig
@@ -170,12 +170,17 @@ def test_forward_cache_continuation_and_loss(fp32):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     full = model(input_ids=ids, attention_mask=mask, use_cache=False)
-    assert full.past_key_values is None
+    assert getattr(full, CACHE_NAME) is None
     first = model(input_ids=ids[:, :15], attention_mask=mask[:, :15])
-    assert isinstance(first.past_key_values, InferenceStateCache) and first.past_key_values.get_seq_length() == 15
-    rest = model(input_ids=ids[:, 15:], attention_mask=mask, past_key_values=first.past_key_values)  # HF-style mask
-    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1)[mask.bool()], full.logits[mask.bool()],
-                               atol=1e-4, rtol=1e-4)
+    state = getattr(first, CACHE_NAME)  # `cache` from transformers 5.24, `past_key_values` before
+    assert isinstance(state, InferenceStateCache) and state.get_seq_length() == 15
+    snap = getattr(model(input_ids=ids[:, :15], attention_mask=mask[:, :15]), CACHE_NAME)  # a second, equal state
+    for name, past in (("past_key_values", state), ("cache", snap)):  # either name continues the state
+        rest = model(input_ids=ids[:, 15:], attention_mask=mask, **{name: past})  # HF-style mask
+        torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1)[mask.bool()], full.logits[mask.bool()],
+                                   atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=ids[:, 15:], cache=state, past_key_values=snap)
     labels = ids.masked_fill(mask == 0, -100)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     want = torch.nn.functional.cross_entropy(full.logits[:, :-1].reshape(-1, full.logits.shape[-1]),

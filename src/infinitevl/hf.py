@@ -41,6 +41,10 @@ from .model.config import InfiniteVLConfig, TextConfig, VisionConfig, preset
 from .model.infinitevl import VISION_KEYS, InfiniteVL
 from .model.state import InferenceState
 
+# What generate() calls the cache in its model inputs and outputs: `cache` from transformers 5.24,
+# `past_key_values` before. forward and prepare_inputs_for_generation accept both names.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 MODEL_TYPE = "infinite_vl"
 _TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "eos_token_id",
                  "bos_token_id")
@@ -279,6 +283,7 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         cache_position: torch.LongTensor | None = None,
@@ -286,13 +291,15 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
-        """Logits for the new tokens, continuing `past_key_values` (an `InferenceStateCache`) when given.
+        """Logits for the new tokens, continuing `cache` (an `InferenceStateCache`; `past_key_values` before
+        transformers 5.24 named it so, and both names are accepted) when given.
 
         attention_mask [B, T] (or [B, past + T], as generate() passes it: the last T columns are used).
         position_ids: M-RoPE positions [3, B, T] (or [B, T]); computed from the state when omitted.
         labels [B, T]: loss = mean cross-entropy of token t+1 given tokens <= t, ignoring -100.
         cache_position and mm_token_type_ids are accepted and not needed.
         """
+        past_key_values = _one_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if labels is not None and past_key_values is None:
             use_cache = False  # training: one full forward, no state
@@ -322,7 +329,7 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             loss = causal_lm_loss(logits, labels, num_items_in_batch=kwargs.get("num_items_in_batch"))
         if return_dict is False:
             return tuple(x for x in (loss, logits, cache) if x is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache})
 
     # ---- generation ----
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -338,8 +345,8 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
                              "(and its images) in the batch instead")
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("generate(inputs_embeds=...) is not supported: pass input_ids (and pixel values)")
-        if use_cache is not False and kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = InferenceStateCache()
+        if use_cache is not False and kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
+            kwargs[CACHE_NAME] = InferenceStateCache()
         return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(
@@ -350,11 +357,13 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         next_sequence_length: int | None = None,
         is_first_iteration: bool | None = False,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """The columns the state has not seen yet (the whole prompt first, then the newest token) with their
         attention-mask columns; images and videos only with the prompt. generate()'s 2-D position ids are
         dropped: positions (M-RoPE) come from the state."""
+        past_key_values = _one_cache(cache, past_key_values)
         cache = past_key_values if isinstance(past_key_values, InferenceStateCache) else None
         fresh = cache is None or cache.columns == 0
         n = input_ids.shape[1] if next_sequence_length is None else next_sequence_length
@@ -363,7 +372,7 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         inputs: dict[str, Any] = {
             "input_ids": input_ids[:, -n:],
             "attention_mask": None if attention_mask is None else attention_mask[:, -n:],
-            "past_key_values": past_key_values,
+            CACHE_NAME: past_key_values,
             "use_cache": kwargs.get("use_cache"),
         }
         if kwargs.get("logits_to_keep") is not None:
@@ -383,6 +392,12 @@ def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, *, num_ite
     if num_items_in_batch is None:
         return F.cross_entropy(logits, target, ignore_index=-100)
     return F.cross_entropy(logits, target, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+
+def _one_cache(cache: Any, past_key_values: Any) -> Any:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the state as `cache` or as `past_key_values`, not both")
+    return past_key_values if cache is None else cache
 
 
 def _cache_for(past_key_values: Any, use_cache: bool) -> InferenceStateCache | None:

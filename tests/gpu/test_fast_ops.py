@@ -277,7 +277,7 @@ def _ring(B, R, seen):
     return idx.to(DEV)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,T,R,window,seen,splits", [
     (2, 5, 11, 12, [30, 3], None),  # a wrapped ring and a part-empty one
     (1, 7, 9, 10, [0], 3),  # the first block of a stream: ring empty
@@ -299,4 +299,8 @@ def test_block_attention_reads_ring_in_place(dtype, B, T, R, window, seen, split
     want = swa.sliding_window_attention(q.float(), torch.cat([keys, kn], 1).float(), torch.cat([values, vn], 1).float(),
                                         mask, scale=D**-0.5)
     assert o.dtype == dtype and o.shape == q.shape
-    assert rel(o, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel(o, want) < (2e-3 if dtype == torch.float16 else 1e-2)
+    if (B, T) == (2, 5):
+        with pytest.raises(ValueError, match="bf16/fp16"):
+            swa_fast.block_attention(q.float(), kn.float(), vn.float(), tok, keys.float(), values.float(), ridx,
+                                     window=window, scale=D**-0.5)

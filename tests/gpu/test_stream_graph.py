@@ -30,6 +30,10 @@ def _frames(n, seed, shape=(56, 84, 3)):
     return [g.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
 
 
+def rel(x, y):
+    return ((x.float() - y.float()).norm() / y.float().norm().clamp(min=1e-6)).item()
+
+
 def _assert_states_close(a, b, tol=1e-4):
     for x, y in zip(a.tensors(), b.tensors(), strict=True):
         if x.dtype == torch.long:
@@ -119,11 +123,15 @@ def test_fast_frame_step_matches_reference_kernels(setup):
 
 
 @torch.no_grad()
-def test_block_prefill_kernel_frame_step_matches_default(setup, monkeypatch):
-    """The frame's SWA attention through block_attention (ring read in place) == the default SDPA path."""
+def test_block_prefill_kernel_frame_step_matches_default(monkeypatch):
+    """The frame's SWA attention through block_attention (ring read in place, bf16) == the SDPA path."""
     from infinitevl.ops import swa_fast
 
-    model, tok = setup
+    model = InfiniteVL.from_pretrained(TINY, device="cuda", dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(TINY)
+    calls = []
+    kernel = swa_fast.block_attention
+    monkeypatch.setattr(swa_fast, "block_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     frames = _frames(30, seed=4)
     runs = []
     for max_t in (0, 512):
@@ -132,7 +140,9 @@ def test_block_prefill_kernel_frame_step_matches_default(setup, monkeypatch):
         for i, f in enumerate(frames):
             s.push_frame(f, i * 0.5)
         runs.append(s)
-    _assert_states_close(runs[1].state, runs[0].state, tol=1e-3)
+        assert bool(calls) == (max_t > 0)  # the kernel runs (at capture) only when switched on
+    for x, y in zip(runs[1].state.tensors(), runs[0].state.tensors(), strict=True):  # bf16: relative norms
+        assert torch.equal(x, y) if x.dtype == torch.long else rel(x, y) < 2e-2
     assert runs[1].ask(QUESTIONS[0], max_new_tokens=8) == runs[0].ask(QUESTIONS[0], max_new_tokens=8)
 
 

@@ -8,8 +8,9 @@ combine kernel folds in the current token's own key/value, which is not in the r
 R = window - 1 slots the new token's slot still holds the oldest key the query must see, so the ring
 is written only after attention (`ring_write_step`). Same window rule as the reference: the query with
 token index i sees keys j with i - window < j <= i, and empty slots (index -1) are skipped.
-Prefill with a state reads the ring (concatenated with the new keys) through PyTorch SDPA under the window
-mask (ops/swa.py: `sliding_window_attention`, or `folded_gqa_attention` for short blocks).
+A stream's frame (a block of tokens with a state, bf16/fp16) reads the ring in place the same way
+(`block_attention`: split-K over ring slots and the block's own keys, then a combine). Other prefill with a
+state reads the ring concatenated with the new keys through PyTorch SDPA under the window mask (ops/swa.py).
 """
 from __future__ import annotations
 
@@ -196,19 +197,27 @@ def ring_write_step(state, k_new_BGD: torch.Tensor, v_new_BGD: torch.Tensor, cur
 
 
 # ---------------------------------------------------------------- block prefill (a stream's frame)
-# Blocks of 2..BLOCK_PREFILL_MAX_T tokens with a state and no padding take `block_attention` instead of SDPA over
-# cat([ring, block]). Off (0) until measured on a GPU: `benchmarks/profile_stream.py --swa-block-prefill 512`
-# compares. Verified against the reference in float32/float16 with Triton's interpreter and in tests/gpu.
-BLOCK_PREFILL_MAX_T = int(os.environ.get("INFINITEVL_SWA_BLOCK_PREFILL_MAX_T", "0"))
+# Blocks of 2..BLOCK_PREFILL_MAX_T tokens with a state, no padding and 16-bit activations take `block_attention`
+# instead of SDPA over cat([ring, block]). H100, 4B shape, 448x448 frames: the LLM's frame step 12.22 -> 10.93 ms
+# with the first, untuned version (benchmarks/results/README.md); 0 turns it off (env or attribute).
+BLOCK_PREFILL_MAX_T = int(os.environ.get("INFINITEVL_SWA_BLOCK_PREFILL_MAX_T", "512"))
+_SPLIT_ALIGN = 128  # every slice of the key range is a whole number of key tiles, whatever tile autotuning picks
+_LOG2E = 1.4426950408889634
 
+_BLOCK_CONFIGS = [triton.Config({"BM": bm, "BS": bs}, num_warps=w, num_stages=st)
+                  for bm in (64, 128) for bs in (64, 128) for w in (4, 8) for st in (2, 3)
+                  if not (bm == 128 and bs == 128 and w == 4)]
+
+
+@triton.autotune(configs=_BLOCK_CONFIGS, key=["T", "R", "G", "NS", "REP", "D"])
 @triton.jit
 def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr, m_ptr, l_ptr, acc_ptr,
-                        T, R, G, H, window, scale, SPLIT, TR,
-                        REP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
-                        NS: tl.constexpr, LOW: tl.constexpr):
+                        T, R, G, H, window, scale_log2, SPLIT, TR,
+                        REP: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr):
     """One program: BM query rows of kv head g (row r = token r // REP, head g * REP + r % REP) against the
     slice [i_s * SPLIT, (i_s + 1) * SPLIT) of the virtual key range: ring slots 0..R-1, then the block's own
-    keys R..R+T-1. Writes the slice's online-softmax partials (max, sum, unnormalised output)."""
+    keys R..R+T-1. Writes the slice's online-softmax partials (max and sum in base 2, unnormalised output).
+    16-bit operands: tensor-core dots with float32 accumulation, as flash attention."""
     i_m, i_s, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     b, g = i_bg // G, i_bg % G
     r = i_m * BM + tl.arange(0, BM)
@@ -236,19 +245,12 @@ def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr,
         kidx = tl.where(in_ring, tl.load(ridx_ptr + b * R + j, mask=in_ring, other=-1),
                         tl.load(qidx_ptr + b * T + n, mask=in_new, other=-1))  # -1: empty slot or past the end
         ok = (kidx[None, :] >= 0) & (kidx[None, :] <= qi[:, None]) & (kidx[None, :] > qi[:, None] - window)
-        if LOW:  # bf16/fp16: tensor-core dots with float32 accumulation (as flash attention)
-            s = tl.dot(q, tl.trans(k)) * scale
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        s = tl.where(ok, s, float("-inf"))
+        s = tl.where(ok, tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if LOW:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     part = (i_bg * NS + i_s) * TR + r
     tl.store(m_ptr + part, m_i, mask=r_ok)
@@ -271,7 +273,7 @@ def _block_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, T, G, H, TR,
     acc = tl.zeros([BM, D], tl.float32)
     for s in range(NS):
         part = (i_bg * NS + s) * TR + r
-        w = tl.exp(tl.load(m_ptr + part, mask=r_ok, other=-1e30) - M)
+        w = tl.exp2(tl.load(m_ptr + part, mask=r_ok, other=-1e30) - M)
         L += w * tl.load(l_ptr + part, mask=r_ok, other=0.0)
         acc += w[:, None] * tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=r_ok[:, None], other=0.0)
     o = acc / L[:, None]
@@ -297,33 +299,34 @@ def block_attention(
     block's own keys (causal): what `sliding_window_attention` computes over `cat([ring, block])` under
     `window_mask`, without the concatenation, the [B, T, R + T] mask or a kv repeat. The query heads of each
     kv head fold into the query rows; the key range is split over programs when B * G alone cannot fill the
-    GPU, then combined. Returns [B, T, H, D] in q's dtype. The ring is written afterwards by the caller."""
+    GPU, then combined. bf16/fp16 only (float32 stays on SDPA). Returns [B, T, H, D] in q's dtype. The ring
+    is written afterwards by the caller."""
     B, T, H, D = q_BTHD.shape
     R, G = keys_BRGD.shape[1], keys_BRGD.shape[2]
     if H % G or D != triton.next_power_of_2(D) or D < 16:
         raise ValueError(f"block_attention needs H % G == 0 and a power-of-two head dim >= 16 (H={H}, G={G}, D={D})")
+    if q_BTHD.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"block_attention runs bf16/fp16 activations, got {q_BTHD.dtype}: use SDPA "
+                         f"(ops.swa.sliding_window_attention) for float32")
     REP = H // G
     TR = T * REP
-    BM, BS = 64, 64 if D <= 128 else 32
     q = q_BTHD.contiguous()
     kn, vn = k_new_BTGD.contiguous(), v_new_BTGD.contiguous()
     keys, values, ridx = keys_BRGD.contiguous(), values_BRGD.contiguous(), token_index_BR.contiguous()
     qidx = tok_idx_BT.to(ridx.dtype).contiguous()
-    n_m = triton.cdiv(TR, BM)
-    if num_splits is None:  # about two waves of programs on a large GPU
-        num_splits = max(1, min(32, triton.cdiv(R + T, 4 * BS), triton.cdiv(264, n_m * B * G)))
+    if num_splits is None:  # about two waves of programs on a large GPU (counted with 64-row tiles)
+        num_splits = max(1, min(32, triton.cdiv(R + T, 4 * _SPLIT_ALIGN), triton.cdiv(264, triton.cdiv(TR, 64) * B * G)))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     NS = num_splits
-    SPLIT = triton.cdiv(triton.cdiv(R + T, NS), BS) * BS
+    SPLIT = triton.cdiv(triton.cdiv(R + T, NS), _SPLIT_ALIGN) * _SPLIT_ALIGN
     m = torch.empty(B * G, NS, TR, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B * G, NS, TR, D, dtype=torch.float32, device=q.device)
-    low = q.dtype in (torch.bfloat16, torch.float16)
-    _block_split_kernel[(n_m, NS, B * G)](
-        q, kn, vn, qidx, keys, values, ridx, m, l, acc, T, R, G, H, window, scale, SPLIT, TR,
-        REP=REP, D=D, BM=BM, BS=BS, NS=NS, LOW=low,
+    _block_split_kernel[lambda meta: (triton.cdiv(TR, meta["BM"]), NS, B * G)](
+        q, kn, vn, qidx, keys, values, ridx, m, l, acc, T, R, G, H, window, scale * _LOG2E, SPLIT, TR,
+        REP=REP, D=D, NS=NS,
     )
     o = torch.empty_like(q)
-    _block_combine_kernel[(n_m, B * G)](m, l, acc, o, T, G, H, TR, REP=REP, D=D, BM=BM, NS=NS)
+    _block_combine_kernel[(triton.cdiv(TR, 64), B * G)](m, l, acc, o, T, G, H, TR, REP=REP, D=D, BM=64, NS=NS)
     return o
