@@ -298,7 +298,7 @@ def profile_step(trainer: Trainer, dev: torch.device) -> dict:
         out[kind] += t
         top.append((t, e.key[:90]))
     top.sort(reverse=True)
-    for t, name in top[:15]:
+    for t, name in top[:30]:
         print(f"  {t:9.2f} ms  {name}")
     return {k: round(v, 2) for k, v in out.items()}
 

@@ -25,6 +25,15 @@ if [[ $what == train || $what == all ]]; then
   timeout 480 python3 benchmarks/bench_train.py --trainable gdn,attention --warmup 1 --steps 3 --profile \
     --out "$OUT/train" > "$OUT/train.log" 2>&1; grep -v TileLang "$OUT/train.log" | tail -30
 fi
+if [[ $what == probe ]]; then  # GPU tests, the frame profile with the block kernel, a profiled training step
+  timeout 170 python3 -m pytest -q -p no:cacheprovider -rf --tb=short tests/gpu/test_fast_ops.py \
+    tests/gpu/test_stream_graph.py -k "block or vision or graph or frame or memory or missing" > "$OUT/gpu_tests.log" 2>&1
+  grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -12
+  timeout 100 python3 benchmarks/profile_stream.py --streams 1 32 --swa-block-prefill 512 --out "$OUT/ps" \
+    > "$OUT/profile_stream.log" 2>&1; grep "^==" "$OUT/profile_stream.log"
+  timeout 240 python3 benchmarks/bench_train.py --trainable gdn,attention --warmup 1 --steps 3 --profile \
+    --out "$OUT/train" > "$OUT/train.log" 2>&1; grep -v TileLang "$OUT/train.log" | tail -45
+fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 timeout 280 python3 benchmarks/bench_train.py --trainable gdn,attention --rows-per-step 2 \
       --warmup 1 --steps 3 --profile --out "$OUT/train1" > "$OUT/train1.log" 2>&1 ) &
