@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.weights == "bf16" else torch.float32
     with torch.device(dev):
-        model = init_weights(InfiniteVL(cfg)).to(dtype)
+        # values a released bf16 checkpoint holds (loaded in `dtype`): the loop then stores frozen ones in bf16
+        model = init_weights(InfiniteVL(cfg)).to(torch.bfloat16).to(dtype)
     model.set_backend(backend)
     set_trainable(model, args.trainable.split(","))
     objective = CausalLMObjective(model)

@@ -204,16 +204,18 @@ BLOCK_PREFILL_MAX_T = int(os.environ.get("INFINITEVL_SWA_BLOCK_PREFILL_MAX_T", "
 _SPLIT_ALIGN = 128  # every slice of the key range is a whole number of key tiles, whatever tile autotuning picks
 _LOG2E = 1.4426950408889634
 
+# Tiles are tuned once per (query rows bucket, group size, head dim): T, R and the split count are runtime
+# values, so a new prompt length costs neither a compile nor a re-tune (only a new bucket re-times the configs).
 _BLOCK_CONFIGS = [triton.Config({"BM": bm, "BS": bs}, num_warps=w, num_stages=st)
-                  for bm in (64, 128) for bs in (64, 128) for w in (4, 8) for st in (2, 3)
-                  if not (bm == 128 and bs == 128 and w == 4)]
+                  for bm, bs, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3),
+                                        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3))]
 
 
-@triton.autotune(configs=_BLOCK_CONFIGS, key=["T", "R", "G", "NS", "REP", "D"])
+@triton.autotune(configs=_BLOCK_CONFIGS, key=["TR_BUCKET", "REP", "D"])
 @triton.jit
 def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr, m_ptr, l_ptr, acc_ptr,
-                        T, R, G, H, window, scale_log2, SPLIT, TR,
-                        REP: tl.constexpr, D: tl.constexpr, NS: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr):
+                        T, R, G, H, window, scale_log2, SPLIT, TR, NS, TR_BUCKET,
+                        REP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr):
     """One program: BM query rows of kv head g (row r = token r // REP, head g * REP + r % REP) against the
     slice [i_s * SPLIT, (i_s + 1) * SPLIT) of the virtual key range: ring slots 0..R-1, then the block's own
     keys R..R+T-1. Writes the slice's online-softmax partials (max and sum in base 2, unnormalised output).
@@ -324,8 +326,8 @@ def block_attention(
     l = torch.empty_like(m)
     acc = torch.empty(B * G, NS, TR, D, dtype=torch.float32, device=q.device)
     _block_split_kernel[lambda meta: (triton.cdiv(TR, meta["BM"]), NS, B * G)](
-        q, kn, vn, qidx, keys, values, ridx, m, l, acc, T, R, G, H, window, scale * _LOG2E, SPLIT, TR,
-        REP=REP, D=D, NS=NS,
+        q, kn, vn, qidx, keys, values, ridx, m, l, acc, T, R, G, H, window, scale * _LOG2E, SPLIT, TR, NS,
+        min(triton.next_power_of_2(TR), 4096), REP=REP, D=D,
     )
     o = torch.empty_like(q)
     _block_combine_kernel[(triton.cdiv(TR, 64), B * G)](m, l, acc, o, T, G, H, TR, REP=REP, D=D, BM=64, NS=NS)

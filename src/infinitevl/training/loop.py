@@ -56,6 +56,24 @@ def lr_lambda(total: int, warmup: int, kind: str, min_ratio: float):
     return f
 
 
+def store_frozen_in_bf16(module: nn.Module) -> int:
+    """Frozen weights whose values are exact in bfloat16 (a released bf16 checkpoint loaded in float32) are
+    stored in bfloat16, in place: nothing changes but memory and autocast's per-forward casts, and an
+    exported checkpoint keeps them bit for bit. Trained weights keep their dtype, and so do embedding tables
+    (their dtype is the residual stream's: float32 under autocast). Returns how many values."""
+    n = 0
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    with torch.no_grad():
+        for p in module.parameters():
+            if (not p.requires_grad and p.is_floating_point() and p.dtype != torch.bfloat16
+                    and id(p) not in embeddings):
+                b = p.data.to(torch.bfloat16)
+                if torch.equal(b.to(p.dtype), p.data):
+                    p.data = b
+                    n += p.numel()
+    return n
+
+
 def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in module.named_parameters():
@@ -65,7 +83,11 @@ def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen (check `trainable`)")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    # CUDA: the fused kernel (one launch for all tensors; the per-tensor loop cost ~50 ms a step at 1B trained
+    # parameters on an H100); elsewhere the plain loop
+    cuda = groups[0]["params"][0].device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             **({"fused": True} if cuda else {"foreach": False}))
 
 
 @dataclass
@@ -86,6 +108,8 @@ class Trainer:
         self.extra_state = extra_state or {}
         objective.student.model.gradient_checkpointing = run.gradient_checkpointing
         objective.to(d.device).train()
+        if run.bf16 and run.frozen_bf16:
+            store_frozen_in_bf16(objective)
         strategy = run.parallel
         if strategy == "auto":
             strategy = "fsdp" if d.device.type == "cuda" else "ddp"

@@ -46,7 +46,10 @@ class RunConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # cap on the total number of optimizer steps
     grad_accum: int = 8
-    bf16: bool = True  # autocast to bfloat16 (master weights and optimizer state stay float32)
+    bf16: bool = True  # autocast to bfloat16 (trained weights and optimizer state stay float32)
+    # with bf16: frozen weights whose values are bf16 (the released checkpoints) are stored in bfloat16, not as
+    # float32 copies that autocast casts again in every forward and recompute; trained weights keep float32
+    frozen_bf16: bool = True
     gradient_checkpointing: bool = True
     seed: int = 0
     save_every: int = 500  # steps; the last step is always saved

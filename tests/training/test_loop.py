@@ -1,0 +1,50 @@
+"""Trainer pieces: frozen weights stored in bf16 change nothing but their storage."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from infinitevl import InfiniteVL
+from infinitevl.model.config import InfiniteVLConfig
+from infinitevl.ops.rope import VisionTokens
+from infinitevl.training.data import DataConfig, chat_format_for, read_records
+from infinitevl.training.loop import store_frozen_in_bf16
+from infinitevl.training.packing import pack
+from infinitevl.training.params import set_trainable
+from infinitevl.training.sft import CausalLMObjective
+from infinitevl.training.vision_inputs import VisionInputConfig
+
+from .conftest import TINY_ASSET
+
+
+def test_frozen_bf16_storage_keeps_loss_and_gradients(synth_dir):
+    cfg = InfiniteVLConfig.from_file(TINY_ASSET)
+    torch.manual_seed(0)
+    model = InfiniteVL(cfg).to(torch.bfloat16).float()  # a released bf16 checkpoint, loaded in float32
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-4  # one weight that bf16 cannot hold
+    set_trainable(model, ["gdn", "attention"])
+    fmt = chat_format_for(TINY_ASSET, cfg, DataConfig(vision=VisionInputConfig(image_max_pixels=112 * 112)))
+    recs = read_records(synth_dir / "train.jsonl")[:3]
+    vt = VisionTokens(cfg.image_token_id, cfg.video_token_id, cfg.vision.spatial_merge_size, cfg.vision.tokens_per_second)
+    batch = pack([fmt.build(r) for r in recs], vt)
+
+    stored = copy.deepcopy(model)
+    n = store_frozen_in_bf16(stored)
+    dtypes = {name: p.dtype for name, p in stored.named_parameters()}
+    assert n > 0 and dtypes["model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
+    assert dtypes["model.layers.1.mlp.up_proj.weight"] == torch.float32  # not exact in bf16: kept
+    assert dtypes["model.embed_tokens.weight"] == torch.float32  # the residual stream's dtype
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)
+    assert all(torch.equal(p.float(), q) for p, q in zip(stored.parameters(), model.parameters(), strict=True))
+
+    out = []
+    for m in (model, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = CausalLMObjective(m)(batch)[0]
+        loss.backward()
+        out.append((loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=0)
+    for k, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][k], g, rtol=0, atol=0, msg=k)
