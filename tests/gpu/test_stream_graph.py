@@ -123,27 +123,37 @@ def test_fast_frame_step_matches_reference_kernels(setup):
 
 
 @torch.no_grad()
-def test_block_prefill_kernel_frame_step_matches_default(monkeypatch):
-    """The frame's SWA attention through block_attention (ring read in place, bf16) == the SDPA path."""
+def test_block_prefill_kernel_frame_step_matches_default(setup, monkeypatch):
+    """The frame's SWA attention through block_attention (ring read in place; bf16 only) is as close to a
+    float32 run as the SDPA path is. Greedy answers are not compared: in bf16 the tiny model's answers differ
+    between the two kernels' rounding (seen on an H100: 'There is a blue diamond.' vs 'There is is a blue
+    cross.'), so the states against float32 are the measure."""
     from infinitevl.ops import swa_fast
 
+    model32, tok = setup
     model = InfiniteVL.from_pretrained(TINY, device="cuda", dtype=torch.bfloat16)
-    tok = AutoTokenizer.from_pretrained(TINY)
     calls = []
     kernel = swa_fast.block_attention
     monkeypatch.setattr(swa_fast, "block_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     frames = _frames(30, seed=4)
-    runs = []
-    for max_t in (0, 512):
+
+    def run(m, max_t):
         monkeypatch.setattr(swa_fast, "BLOCK_PREFILL_MAX_T", max_t)
-        s = StreamSession(model, tok, frame=SPEC, cuda_graph=True)
+        s = StreamSession(m, tok, frame=SPEC, cuda_graph=True)
         for i, f in enumerate(frames):
             s.push_frame(f, i * 0.5)
-        runs.append(s)
-        assert bool(calls) == (max_t > 0)  # the kernel runs (at capture) only when switched on
-    for x, y in zip(runs[1].state.tensors(), runs[0].state.tensors(), strict=True):  # bf16: relative norms
-        assert torch.equal(x, y) if x.dtype == torch.long else rel(x, y) < 2e-2
-    assert runs[1].ask(QUESTIONS[0], max_new_tokens=8) == runs[0].ask(QUESTIONS[0], max_new_tokens=8)
+        return s.state.tensors()
+
+    ref = run(model32, 0)
+    sdpa = run(model, 0)
+    assert not calls
+    block = run(model, 512)
+    assert calls  # the kernel ran (at capture) once switched on
+    for x, y, r in zip(block, sdpa, ref, strict=True):
+        if r.dtype == torch.long:
+            assert torch.equal(x, r) and torch.equal(y, r)
+        else:
+            assert rel(x, r) <= 2 * rel(y, r) + 1e-3, (rel(x, r), rel(y, r))
 
 
 @torch.no_grad()
