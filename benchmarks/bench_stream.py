@@ -361,6 +361,129 @@ def main(argv=None):
     # builds its FrameStep directly, so it must find the session's fast vision tower
     res["backend"] = model.set_backend("auto", vision=True)
     print("gate:", res["gate"], flush=True)
+
+    def save_partial():  # after each part: a run cut short by a time limit keeps what it measured
+        (args.out / "results.json").write_text(json.dumps(res, indent=1))
+
+    # the headline first (the 10,000-frame single stream), then the rest
+    res["single"] = single_stream(model, tok, spec, pool, n_frames, window, warmup=3 * 8 if not args.tiny else 3,
+                                  device=device, budget_s=args.budget_s)
+    print("single stream:", {k: v for k, v in res["single"].items() if k != "windows"}, flush=True)
+    save_partial()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    res["many"] = []
+    for B in streams:
+        res["many"].append(many_streams(model, tok, spec, pool, B, steps, warmup=3, device=device))
+        print("streams:", res["many"][-1], flush=True)
+        save_partial()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    res["breakdown"] = [breakdown(model, spec, pool, B, steps, device) for B in (1, streams[-1])]
+    print("breakdown:", res["breakdown"], flush=True)
+    save_partial()
+    eager = single_stream(model, tok, spec, pool, 2 * window // 10 or 2, window // 10 or 1, warmup=3, device=device,
+                          cuda_graph=False)
+    res["single_eager_fps"] = eager["fps_median_window"]
+    print("single stream, eager:", res["single_eager_fps"], flush=True)
+
+    s = res["single"]
+    lines = [f"device {res['device']}  backend {res['backend']}  frame {res['frame_size']}x{res['frame_size']} "
+             f"({res['tokens_per_frame']} tokens/frame)",
+             f"gate: {res['gate']}",
+             f"single stream: {s['fps_median_window']:.1f} FPS median window, {s['fps_overall']:.1f} overall, "
+             f"min/max window {s['fps_min_window']:.1f}/{s['fps_max_window']:.1f} (flatness {s['flatness']:.3f}), "
+             f"state {s['state_mib']:.0f} MiB, alloc growth {s['alloc_growth_gib']} GiB; eager {res['single_eager_fps']:.1f} FPS",
+             "streams | step ms | aggregate FPS | per-stream FPS"]
+    for r in res["many"]:
+        lines.append(f"{r['streams']:>7} | {r['step_ms']:>7.2f} | {r['fps_aggregate']:>13.1f} | {r['per_stream_fps']:>6.1f}")
+    for r in res["breakdown"]:
+        lines.append(f"breakdown B={r['streams']}: vision {r['vision_ms']:.2f} ms, LLM {r['llm_ms']:.2f} ms, "
+                     f"whole step {r['frame_step_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def plot(res, path: Path) -> None:
+    w = res["single"]["windows"]
+    xs = [r["frames"] for r in w]
+    fps = [r["fps"] for r in w]
+    mem = [r["alloc_gib"] for r in w]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+        ax[0].plot(xs, fps, "o-")
+        ax[0].set(xlabel="frames streamed", ylabel=f"FPS (window of {res['single']['window']})", ylim=(0, max(fps) * 1.2),
+                  title="single stream")
+        if mem[0] is not None:
+            ax[1].plot(xs, mem, "o-", color="tab:green")
+            ax[1].set(xlabel="frames streamed", ylabel="GPU memory allocated (GiB)", ylim=(0, max(mem) * 1.2),
+                      title="memory")
+        ax[2].bar([str(r["streams"]) for r in res["many"]], [r["fps_aggregate"] for r in res["many"]])
+        ax[2].set(xlabel="concurrent streams", ylabel="aggregate FPS", title="batched replay")
+        fig.suptitle(f"{res['device']}: InfiniteVL {res['shape']} streaming, {res['frame_size']}px frames")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    except ImportError:  # no matplotlib (CPU dev installs): FPS per window as a PIL line
+        from PIL import Image, ImageDraw
+
+        img = Image.new("RGB", (640, 400), "white")
+        d = ImageDraw.Draw(img)
+        top = max(fps) * 1.2
+        pts = [(50 + i * 560 / max(1, len(fps) - 1), 360 - f / top * 320) for i, f in enumerate(fps)]
+        d.line([(50, 360), (620, 360)], fill="black")
+        d.line([(50, 20), (50, 360)], fill="black")
+        if len(pts) > 1:
+            d.line(pts, fill="blue", width=2)
+        d.text((60, 5), f"single-stream FPS per window (0..{top:.0f})", fill="black")
+        img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (seconds)")
+    p.add_argument("--out", type=Path, default=Path("out/stream"))
+    p.add_argument("--frame-size", type=int, default=None, help="square frames (default 448; tiny 56)")
+    p.add_argument("--frames", type=int, default=None, help="single-stream frames (default 10,000; tiny 40)")
+    p.add_argument("--window", type=int, default=None, help="frames per FPS/memory sample (default 500; tiny 10)")
+    p.add_argument("--streams", type=int, nargs="*", default=None, help="concurrent streams (default 8 32; tiny 2 4)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per batched point (default 40; tiny 3)")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="stop the single-stream run at the first window boundary after this many seconds")
+    p.add_argument("--swa-block-prefill", type=int, default=None,
+                   help="ops.swa_fast.BLOCK_PREFILL_MAX_T for this run (0: SDPA over the ring, 512: the block kernel)")
+    args = p.parse_args(argv)
+    if args.swa_block_prefill is not None:
+        from infinitevl.ops import swa_fast
+
+        swa_fast.BLOCK_PREFILL_MAX_T = args.swa_block_prefill
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    size = args.frame_size or (56 if args.tiny else 448)
+    n_frames = args.frames or (40 if args.tiny else 10_000)
+    window = args.window or (10 if args.tiny else 500)
+    streams = args.streams or ([2, 4] if args.tiny else [8, 32])
+    steps = args.steps or (3 if args.tiny else 40)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
+
+    model = build(args.tiny, device, dtype)
+    tok = ByteTokenizer(model.config.text.vocab_size)
+    spec = FrameSpec(height=size, width=size)
+    res = dict(bench="stream", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               shape="tiny" if args.tiny else "4b", dtype=str(dtype), torch=torch.__version__, frame_size=size,
+               tokens_per_frame=spec.tokens_per_frame, params=sum(p.numel() for p in model.parameters()))
+    res["gate"] = gate(model, tok, spec, pool[:4], device)
+    # what a StreamSession sets (the gate's reference session switched the kernels): the breakdown below
+    # builds its FrameStep directly, so it must find the session's fast vision tower
+    res["backend"] = model.set_backend("auto", vision=True)
+    print("gate:", res["gate"], flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     res["breakdown"] = [breakdown(model, spec, pool, B, steps, device) for B in (1, streams[-1])]
