@@ -66,3 +66,24 @@ def test_no_leakage_across_packed_samples(setup):
 def test_plan_rows_respects_budget_and_skips_bad():
     rows = plan_rows([3, 0, 1, 2, 4], [5, 5, None, 4, 12], budget=10)
     assert rows == [[3, 0], [1], [4]]  # 4 + 5 fit; 2 is bad; 12 > budget gets its own row
+
+
+def test_every_layer_gets_one_int64_cu_seqlens(setup, monkeypatch):
+    """fla caches the chunk indices it derives from cu_seqlens (a device sync each) by tensor identity: the
+    model converts int32 lengths once, and every GDN rule and short conv sees that same int64 tensor."""
+    from infinitevl.layers import gated_deltanet
+    from infinitevl.ops import gated_delta
+
+    model, samples, vt = setup
+    batch = pack(samples, vt)
+    assert batch.cu_seqlens.dtype == torch.int32
+    seen = []
+    rule, conv = gated_delta.gated_delta_rule, gated_deltanet.short_conv_packed
+    monkeypatch.setattr(gated_delta, "gated_delta_rule", lambda *a, cu_seqlens=None, **k: seen.append(cu_seqlens)
+                        or rule(*a, cu_seqlens=cu_seqlens, **k))
+    monkeypatch.setattr(gated_deltanet, "short_conv_packed", lambda x, w, cu, **k: seen.append(cu) or conv(x, w, cu, **k))
+    with torch.no_grad():
+        CausalLMObjective(model)(batch)
+    n_gdn = sum(t == "linear_attention" for t in model.config.text.layer_types)
+    assert len(seen) == 4 * n_gdn  # q, k, v convs and the rule per GDN layer
+    assert all(c is seen[0] for c in seen) and seen[0].dtype == torch.int64
