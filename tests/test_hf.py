@@ -276,3 +276,16 @@ def test_parity_fixture_through_auto_model(parity, case):
         ids = cases[f"{case}.input_ids"]
         got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, **vision)
         assert got.tolist() == cases[f"{case}.generated"].tolist()
+
+
+def test_generate_continues_a_given_state_under_either_name(fp32):
+    """generate(cache=...) and generate(past_key_values=...) both use the given state (transformers 5.24 renamed
+    the argument; the model passes it on under the installed version's name)."""
+    model, _ = fp32
+    ids = torch.randint(0, 151000, (2, 10))
+    want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    for name in ("cache", "past_key_values"):
+        state = InferenceStateCache()
+        got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             **{name: state})
+        assert torch.equal(got, want) and state.columns == 13  # the prompt and 3 fed-back tokens went through it

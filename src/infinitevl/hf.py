@@ -345,8 +345,11 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
                              "(and its images) in the batch instead")
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("generate(inputs_embeds=...) is not supported: pass input_ids (and pixel values)")
-        if use_cache is not False and kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-            kwargs[CACHE_NAME] = InferenceStateCache()
+        past = _one_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
+        if past is None and use_cache is not False:
+            past = InferenceStateCache()
+        if past is not None:  # under the name this transformers' generate() passes on
+            kwargs[CACHE_NAME] = past
         return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(

@@ -9,7 +9,7 @@ from infinitevl import InfiniteVL
 from infinitevl.model.config import InfiniteVLConfig
 from infinitevl.ops.rope import VisionTokens
 from infinitevl.training.data import DataConfig, chat_format_for, read_records
-from infinitevl.training.loop import store_frozen_in_bf16
+from infinitevl.training.loop import restore_dtypes, store_frozen_in_bf16
 from infinitevl.training.packing import pack
 from infinitevl.training.params import set_trainable
 from infinitevl.training.sft import CausalLMObjective
@@ -31,9 +31,9 @@ def test_frozen_bf16_storage_keeps_loss_and_gradients(synth_dir):
     batch = pack([fmt.build(r) for r in recs], vt)
 
     stored = copy.deepcopy(model)
-    n = store_frozen_in_bf16(stored)
+    converted = store_frozen_in_bf16(stored)
     dtypes = {name: p.dtype for name, p in stored.named_parameters()}
-    assert n > 0 and dtypes["model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
+    assert converted and dtypes["model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
     assert dtypes["model.layers.1.mlp.up_proj.weight"] == torch.float32  # not exact in bf16: kept
     assert dtypes["model.embed_tokens.weight"] == torch.float32  # the residual stream's dtype
     assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)
@@ -48,3 +48,38 @@ def test_frozen_bf16_storage_keeps_loss_and_gradients(synth_dir):
     torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=0)
     for k, g in out[0][1].items():
         torch.testing.assert_close(out[1][1][k], g, rtol=0, atol=0, msg=k)
+    restore_dtypes(converted)
+    assert all(p.dtype == torch.float32 and torch.equal(p, q) for p, q in zip(stored.parameters(), model.parameters()))
+
+
+def test_a_bf16_run_keeps_frozen_weights_exact_and_one_dtype(synth_dir, tmp_path, monkeypatch):
+    """A stage-2 run under bf16 autocast from a bf16-valued checkpoint: frozen weights live in bf16 during
+    the run, yet the final checkpoint has one float dtype and the frozen weights bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from infinitevl.training import sft
+    from infinitevl.training.data import DataConfig
+    from infinitevl.training.options import OptimConfig, RunConfig
+
+    src = tmp_path / "model"
+    shutil.copytree(TINY_ASSET, src)
+    for f in src.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16).float() for k, v in load_file(str(f)).items()}, str(f))
+    cfg = sft.SFTConfig(model=str(src), data=DataConfig(train=[str(synth_dir / "train.jsonl")], max_tokens=512,
+                                                        row_tokens=300, vision=VisionInputConfig(image_max_pixels=12544)),
+                        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
+                        run=RunConfig(output_dir=str(tmp_path / "run"), max_steps=2, grad_accum=1, progress=False,
+                                      bf16=True, gradient_checkpointing=False))
+    from infinitevl.training import loop
+
+    converted = []
+    store = loop.store_frozen_in_bf16
+    monkeypatch.setattr(loop, "store_frozen_in_bf16", lambda m: converted.extend(store(m)) or converted)
+    sft.run(cfg)
+    assert len(converted) > 50 and all(p.dtype == torch.float32 for p, _ in converted)  # converted, then restored
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "run/final/model.safetensors"))
+    assert {v.dtype for v in after.values()} == {torch.float32}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".self_attn." in k or ".linear_attn." in k for k in changed), sorted(changed)[:5]

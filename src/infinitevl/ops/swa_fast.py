@@ -205,10 +205,12 @@ _SPLIT_ALIGN = 128  # every slice of the key range is a whole number of key tile
 _LOG2E = 1.4426950408889634
 
 # Tiles are tuned once per (query rows bucket, group size, head dim): T, R and the split count are runtime
-# values, so a new prompt length costs neither a compile nor a re-tune (only a new bucket re-times the configs).
+# values, so a new prompt length re-times nothing inside a bucket (Triton may still compile a variant when an
+# integer argument changes its divisibility by 16, and the combine kernel once per split count).
 _BLOCK_CONFIGS = [triton.Config({"BM": bm, "BS": bs}, num_warps=w, num_stages=st)
                   for bm, bs, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3),
                                         (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3))]
+assert all(_SPLIT_ALIGN % c.kwargs["BS"] == 0 for c in _BLOCK_CONFIGS)  # no key tile straddles two splits
 
 
 @triton.autotune(configs=_BLOCK_CONFIGS, key=["TR_BUCKET", "REP", "D"])
@@ -305,8 +307,9 @@ def block_attention(
     is written afterwards by the caller."""
     B, T, H, D = q_BTHD.shape
     R, G = keys_BRGD.shape[1], keys_BRGD.shape[2]
-    if H % G or D != triton.next_power_of_2(D) or D < 16:
-        raise ValueError(f"block_attention needs H % G == 0 and a power-of-two head dim >= 16 (H={H}, G={G}, D={D})")
+    if H % G or D != triton.next_power_of_2(D) or not 16 <= D <= 128:
+        raise ValueError(f"block_attention needs H % G == 0 and a power-of-two head dim in 16..128 (its tiles "
+                         f"fit shared memory up to 128; H={H}, G={G}, D={D})")
     if q_BTHD.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"block_attention runs bf16/fp16 activations, got {q_BTHD.dtype}: use SDPA "
                          f"(ops.swa.sliding_window_attention) for float32")

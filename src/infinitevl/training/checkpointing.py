@@ -60,7 +60,12 @@ def full_model_state(wrapped: torch.nn.Module, *, prefix: str, tied: bool) -> di
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if tied:
         out.pop(TIED_HEAD, None)
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    # frozen weights kept in bf16 during the run (loop.store_frozen_in_bf16) are written in the trained weights'
+    # dtype, so a checkpoint has one float dtype (lossless: their values are exact in bf16)
+    floats = {v.dtype for v in out.values() if v.is_floating_point()}
+    wide = max(floats, key=lambda t: torch.finfo(t).bits, default=None)
+    return {k: (v.to(wide) if v.is_floating_point() and len(floats) > 1 else v).detach().contiguous()
+            for k, v in out.items()}
 
 
 def save(out_dir: Path, step: int, *, wrapped: torch.nn.Module, prefix: str, model_config, optimizer, scheduler,

@@ -48,6 +48,8 @@ def layer_kwargs(decoder, x_BTD: torch.Tensor, position_ids: torch.Tensor, cu_se
     cos, sin = mrope_cos_sin(position_ids, rope_inv_freq(c.head_dim, c.rope_theta, device=x_BTD.device),
                              c.mrope_section)
     B, T, _ = x_BTD.shape
+    if cu_seqlens is not None:  # one int64 tensor for every layer, as InfiniteVL.forward does (fla caches by identity)
+        cu_seqlens = cu_seqlens.to(device=x_BTD.device, dtype=torch.long)
     tok_idx, seg = token_indices(B, T, x_BTD.device, cu_seqlens=cu_seqlens)
     return dict(cos=cos, sin=sin, tok_idx=tok_idx, mask=None, state=None, cu_seqlens=cu_seqlens, seg=seg,
                 seq_lengths=None if cu_seqlens is None else packed_lengths(cu_seqlens))

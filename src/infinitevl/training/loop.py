@@ -56,12 +56,13 @@ def lr_lambda(total: int, warmup: int, kind: str, min_ratio: float):
     return f
 
 
-def store_frozen_in_bf16(module: nn.Module) -> int:
+def store_frozen_in_bf16(module: nn.Module) -> list[tuple[nn.Parameter, torch.dtype]]:
     """Frozen weights whose values are exact in bfloat16 (a released bf16 checkpoint loaded in float32) are
     stored in bfloat16, in place: nothing changes but memory and autocast's per-forward casts, and an
     exported checkpoint keeps them bit for bit. Trained weights keep their dtype, and so do embedding tables
-    (their dtype is the residual stream's: float32 under autocast). Returns how many values."""
-    n = 0
+    (their dtype is the residual stream's: float32 under autocast). Returns the converted parameters with
+    their former dtypes (`restore_dtypes` undoes it, losslessly)."""
+    converted = []
     embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     with torch.no_grad():
         for p in module.parameters():
@@ -69,9 +70,15 @@ def store_frozen_in_bf16(module: nn.Module) -> int:
                     and id(p) not in embeddings):
                 b = p.data.to(torch.bfloat16)
                 if torch.equal(b.to(p.dtype), p.data):
+                    converted.append((p, p.dtype))
                     p.data = b
-                    n += p.numel()
-    return n
+    return converted
+
+
+def restore_dtypes(converted: list[tuple[nn.Parameter, torch.dtype]]) -> None:
+    with torch.no_grad():
+        for p, dtype in converted:
+            p.data = p.data.to(dtype)
 
 
 def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -108,11 +115,13 @@ class Trainer:
         self.extra_state = extra_state or {}
         objective.student.model.gradient_checkpointing = run.gradient_checkpointing
         objective.to(d.device).train()
-        if run.bf16 and run.frozen_bf16:
-            store_frozen_in_bf16(objective)
         strategy = run.parallel
         if strategy == "auto":
             strategy = "fsdp" if d.device.type == "cuda" else "ddp"
+        # restored after the run (not under FSDP, whose sharded parameters stay as trained), so the caller's
+        # model is float32 again for use without autocast
+        self.in_bf16 = store_frozen_in_bf16(objective) if run.bf16 and run.frozen_bf16 else []
+        self.restore_after = strategy != "fsdp" or not d.enabled
         self.objective = objective
         self.wrapped = wrap(objective, d, strategy, objective.shard_units())
         self.optimizer = make_optimizer(self.wrapped, optim)
@@ -148,6 +157,9 @@ class Trainer:
         if st["total"] != self.total:
             raise ValueError(f"{ck} belongs to a run of {st['total']} steps but this config gives {self.total}: "
                              f"resume with the same data and run settings, or use a new output_dir")
+        for g in self.optimizer.param_groups:  # the implementation is this run's choice, not the checkpoint's
+            for key in ("fused", "foreach"):
+                g[key] = self.optimizer.defaults.get(key)
         self.step = st["step"]
         self.loader.load_state_dict(st["loader"])
         self.loader.dataset.skipped.update(st.get("skipped", {}))
@@ -231,6 +243,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if self.restore_after:
+            restore_dtypes(self.in_bf16)
         res.final_step = self.step
         if self.step == self.total and self.d.main:
             ck = checkpointing.latest(self.out)
