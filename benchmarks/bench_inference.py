@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from infinitevl import InfiniteVL, preset  # noqa: E402
+from infinitevl.hf import CACHE_NAME  # noqa: E402
 from infinitevl.inference import generate  # noqa: E402
 from infinitevl.inference.engine import Engine  # noqa: E402
 
@@ -175,14 +176,13 @@ def ours_by_batch(model, engine, batches, prompt, steps, device, vocab):
 def hf_prefill_decode(hf, ids, steps, device):
     """(prefill seconds, median decode ms/step): transformers' own cache, eager steps."""
     dt, out = wall(lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1), device)
-    name = "cache" if "cache" in type(out).__dataclass_fields__ else "past_key_values"  # transformers >= 5.24: cache
-    cache, tok = getattr(out, name), out.logits[:, -1].argmax(-1)
+    cache, tok = getattr(out, CACHE_NAME), out.logits[:, -1].argmax(-1)  # transformers' name for its cache
     del out
 
     def step():
         nonlocal cache, tok
-        o = hf(input_ids=tok[:, None], use_cache=True, **{name: cache})
-        cache, tok = getattr(o, name), o.logits[:, -1].argmax(-1)
+        o = hf(input_ids=tok[:, None], use_cache=True, **{CACHE_NAME: cache})
+        cache, tok = getattr(o, CACHE_NAME), o.logits[:, -1].argmax(-1)
 
     ms = statistics.median(time_calls(step, steps, device))
     del cache
