@@ -79,8 +79,7 @@ class SlidingWindowAttention(nn.Module):
         if state is not None and seg_BT is not None:
             raise ValueError("packed sequences (cu_seqlens) are for stateless forwards: pass state=None")
         if (self.backend == "fla" and state is not None and mask_BT is None and not torch.is_grad_enabled()
-                and 1 < T <= swa_fast.BLOCK_PREFILL_MAX_T and 16 <= E <= 128 and E & (E - 1) == 0
-                and q.dtype in (torch.bfloat16, torch.float16)):
+                and 1 < T <= swa_fast.BLOCK_PREFILL_MAX_T and swa_fast.block_attention_supports(E, q.dtype)):
             # a stream's frame: the ring read in place (no concatenation, mask or kv repeat), then written
             o = swa_fast.block_attention(q, k, v, tok_idx_BT, state.keys, state.values, state.token_index,
                                          window=self.window, scale=E**-0.5)

@@ -286,6 +286,12 @@ def _block_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, T, G, H, TR,
              mask=r_ok[:, None])
 
 
+def block_attention_supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """What `block_attention` runs: a power-of-two head dim in 16..128 (its tiles fit shared memory up to 128)
+    and bf16/fp16 activations (float32 stays on SDPA)."""
+    return 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0 and dtype in (torch.bfloat16, torch.float16)
+
+
 def block_attention(
     q_BTHD: torch.Tensor,
     k_new_BTGD: torch.Tensor,
@@ -307,12 +313,10 @@ def block_attention(
     is written afterwards by the caller."""
     B, T, H, D = q_BTHD.shape
     R, G = keys_BRGD.shape[1], keys_BRGD.shape[2]
-    if H % G or D != triton.next_power_of_2(D) or not 16 <= D <= 128:
-        raise ValueError(f"block_attention needs H % G == 0 and a power-of-two head dim in 16..128 (its tiles "
-                         f"fit shared memory up to 128; H={H}, G={G}, D={D})")
-    if q_BTHD.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"block_attention runs bf16/fp16 activations, got {q_BTHD.dtype}: use SDPA "
-                         f"(ops.swa.sliding_window_attention) for float32")
+    if H % G or not block_attention_supports(D, q_BTHD.dtype):
+        raise ValueError(f"block_attention needs H % G == 0, a power-of-two head dim in 16..128 and bf16/fp16 "
+                         f"activations (H={H}, G={G}, D={D}, {q_BTHD.dtype}): use SDPA "
+                         f"(ops.swa.sliding_window_attention) otherwise")
     REP = H // G
     TR = T * REP
     q = q_BTHD.contiguous()
