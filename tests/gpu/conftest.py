@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from infinitevl.ops.backend import fla_available
 
@@ -12,3 +13,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
             if not _OK:
                 item.add_marker(skip)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of a against b in the 2-norm (float64)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()

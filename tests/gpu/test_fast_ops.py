@@ -11,12 +11,10 @@ from infinitevl.layers.norm import GatedRMSNorm, RMSNorm
 from infinitevl.ops import gated_delta, short_conv, swa
 from infinitevl.ops.rope import apply_rope
 
+from .conftest import rel
+
 DEV = "cuda"
 
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
 def gdn_inputs(B, T, H=4, K=128, V=256, dtype=torch.float32):

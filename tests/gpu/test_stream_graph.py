@@ -13,6 +13,7 @@ from infinitevl.inference.frames import FrameSpec
 from infinitevl.inference.streaming import StreamSession
 
 from ..conftest import ROOT
+from .conftest import rel
 
 TINY = ROOT / "src/infinitevl/assets/tiny-infinitevl"
 SPEC = FrameSpec(height=56, width=84)  # 6 tokens per frame; the tiny window (32) wraps every ~5 frames
@@ -28,10 +29,6 @@ def setup():
 def _frames(n, seed, shape=(56, 84, 3)):
     g = np.random.default_rng(seed)
     return [g.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
-
-
-def rel(x, y):
-    return ((x.float() - y.float()).norm() / y.float().norm().clamp(min=1e-6)).item()
 
 
 def _assert_states_close(a, b, tol=1e-4):
@@ -119,7 +116,7 @@ def test_fast_frame_step_matches_reference_kernels(setup):
         if x.dtype == torch.long:
             assert torch.equal(x, y)
         else:  # fla runs its matmuls in TF32
-            assert ((x.float() - y.float()).norm() / y.float().norm().clamp(min=1e-6)) < 2e-2
+            assert rel(x, y) < 2e-2
 
 
 @torch.no_grad()
