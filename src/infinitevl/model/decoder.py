@@ -60,20 +60,30 @@ class TextDecoder(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs all layers over embeddings; returns the final-normed hidden states [B, T, D]."""
-        B, T, _ = x_BTD.shape
-        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=x_BTD.device)
-        cos, sin = mrope_cos_sin(position_ids_3BT, inv_freq, self.config.mrope_section)
-        tok_idx, seg = token_indices(B, T, x_BTD.device, mask_BT=mask_BT, state=state, cu_seqlens=cu_seqlens)
-        lengths = None if cu_seqlens is None else packed_lengths(cu_seqlens)
+        shared = self.layer_inputs(x_BTD, position_ids_3BT, mask_BT=mask_BT, state=state, cu_seqlens=cu_seqlens)
         for i, layer in enumerate(self.layers):
-            kw = dict(cos=cos, sin=sin, tok_idx=tok_idx, mask=mask_BT, cu_seqlens=cu_seqlens, seg=seg,
-                      seq_lengths=lengths, state=None if state is None else state.layers[i])
+            kw = dict(shared, state=None if state is None else state.layers[i])
             if self.gradient_checkpointing and self.training:
                 x_BTD = torch.utils.checkpoint.checkpoint(lambda x, layer=layer, kw=kw: layer(x, **kw), x_BTD,
                                                           use_reentrant=False)
             else:
                 x_BTD = layer(x_BTD, **kw)
         return self.norm(x_BTD)
+
+
+    def layer_inputs(self, x_BTD: torch.Tensor, position_ids_3BT: torch.Tensor, *, mask_BT=None, state=None,
+                     cu_seqlens=None) -> dict:
+        """What every layer takes besides its own state, computed once per forward: rotary tables, token
+        indices, packed segments and lengths. cu_seqlens becomes one int64 tensor on the input's device for all
+        layers: fla caches what it derives from it (chunk indices, a device sync each) by tensor identity."""
+        B, T, _ = x_BTD.shape
+        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, device=x_BTD.device)
+        cos, sin = mrope_cos_sin(position_ids_3BT, inv_freq, self.config.mrope_section)
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(device=x_BTD.device, dtype=torch.long)
+        tok_idx, seg = token_indices(B, T, x_BTD.device, mask_BT=mask_BT, state=state, cu_seqlens=cu_seqlens)
+        return dict(cos=cos, sin=sin, tok_idx=tok_idx, mask=mask_BT, cu_seqlens=cu_seqlens, seg=seg,
+                    seq_lengths=None if cu_seqlens is None else packed_lengths(cu_seqlens))
 
 
 def packed_lengths(cu_seqlens: torch.Tensor) -> list[int]:

@@ -185,10 +185,6 @@ class InfiniteVL(nn.Module):
                 raise ValueError("cu_seqlens (packed rows) needs batch 1, no attention_mask and no state")
             if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
                 raise ValueError(f"cu_seqlens must start at 0 and end at the token count {T}")
-            # one int64 tensor on the input's device for every layer: fla caches what it derives from cu_seqlens
-            # (chunk indices, each costing a device sync) by tensor identity, and the ops' own .to(long) would
-            # make a new tensor per layer call from int32 lengths
-            cu_seqlens = cu_seqlens.to(device=ref.device, dtype=torch.long)
         if input_ids is not None:
             vocab = self.config.text.vocab_size
             if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:

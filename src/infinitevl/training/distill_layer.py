@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..model.decoder import packed_lengths, token_indices
 from ..model.infinitevl import InfiniteVL
-from ..ops.rope import mrope_cos_sin, rope_inv_freq
 from . import runner
 from .data import DataConfig
 from .loop import Objective, TrainResult
@@ -42,19 +40,6 @@ class DistillLayerConfig:
             raise ValueError("teacher is empty: set it to a transformers Qwen2.5-VL checkpoint directory")
 
 
-def layer_kwargs(decoder, x_BTD: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> dict:
-    """The per-layer keyword arguments TextDecoder.forward builds (rotary tables, token indices)."""
-    c = decoder.config
-    cos, sin = mrope_cos_sin(position_ids, rope_inv_freq(c.head_dim, c.rope_theta, device=x_BTD.device),
-                             c.mrope_section)
-    B, T, _ = x_BTD.shape
-    if cu_seqlens is not None:  # one int64 tensor for every layer, as InfiniteVL.forward does (fla caches by identity)
-        cu_seqlens = cu_seqlens.to(device=x_BTD.device, dtype=torch.long)
-    tok_idx, seg = token_indices(B, T, x_BTD.device, cu_seqlens=cu_seqlens)
-    return dict(cos=cos, sin=sin, tok_idx=tok_idx, mask=None, state=None, cu_seqlens=cu_seqlens, seg=seg,
-                seq_lengths=None if cu_seqlens is None else packed_lengths(cu_seqlens))
-
-
 class LayerwiseObjective(Objective):
     def __init__(self, student: InfiniteVL, teacher: InfiniteVL, *, mse_factor: float = 1000.0):
         super().__init__()
@@ -72,7 +57,7 @@ class LayerwiseObjective(Objective):
         x = t.embed(inputs["input_ids"], **{k: v for k, v in inputs.items()
                                             if k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
                                                      "video_grid_thw")})
-        kw = layer_kwargs(t.model, x, batch.position_ids, batch.cu_seqlens)
+        kw = dict(t.model.layer_inputs(x, batch.position_ids, cu_seqlens=batch.cu_seqlens), state=None)
         ins, outs = [], []
         for layer in t.model.layers:
             ins.append(x)
