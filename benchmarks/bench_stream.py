@@ -362,26 +362,26 @@ def main(argv=None):
     res["backend"] = model.set_backend("auto", vision=True)
     print("gate:", res["gate"], flush=True)
 
-    def save_partial():  # after each part: a run cut short by a time limit keeps what it measured
+    def save():  # after each part too: a run cut short by a time limit keeps what it measured
         (args.out / "results.json").write_text(json.dumps(res, indent=1))
 
     # the headline first (the 10,000-frame single stream), then the rest
     res["single"] = single_stream(model, tok, spec, pool, n_frames, window, warmup=3 * 8 if not args.tiny else 3,
                                   device=device, budget_s=args.budget_s)
     print("single stream:", {k: v for k, v in res["single"].items() if k != "windows"}, flush=True)
-    save_partial()
+    save()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     res["many"] = []
     for B in streams:
         res["many"].append(many_streams(model, tok, spec, pool, B, steps, warmup=3, device=device))
         print("streams:", res["many"][-1], flush=True)
-        save_partial()
+        save()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     res["breakdown"] = [breakdown(model, spec, pool, B, steps, device) for B in (1, streams[-1])]
     print("breakdown:", res["breakdown"], flush=True)
-    save_partial()
+    save()
     eager = single_stream(model, tok, spec, pool, 2 * window // 10 or 2, window // 10 or 1, warmup=3, device=device,
                           cuda_graph=False)
     res["single_eager_fps"] = eager["fps_median_window"]
@@ -393,7 +393,7 @@ def main(argv=None):
                           memory_flat=s["alloc_growth_gib"] == 0 if s["alloc_growth_gib"] is not None else None,
                           aggregate_32_ge_250=agg[32] >= 250 if 32 in agg else None)
     print(table(res))
-    (args.out / "results.json").write_text(json.dumps(res, indent=1))
+    save()
     plot(res, args.out / "stream.png")
     print(json.dumps(dict(
         bench="stream", device=res["device"], shape=res["shape"], gate=res["gate"]["passed"], backend=res["backend"],
