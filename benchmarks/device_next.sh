@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
-#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|x2]
+#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|x2]
 #   stream: GPU tests, frame profile (SDPA vs block kernel), the 10,000-frame benchmark; train: a profiled step;
 #   final: training step, GPU tests, stream benchmark; probe: GPU tests, block-kernel profile, profiled step;
 #   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
@@ -57,6 +57,13 @@ if [[ $what == probe ]]; then
   gpu_tests 170 tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py -k "$STREAM_K"; tests_summary
   stream_profile 100 512; grep "^==" "$OUT/profile_stream.log"
   train_bench 240 train --profile; grep -v TileLang "$OUT/train.log" | tail -45
+fi
+if [[ $what == ab ]]; then  # training step; block-kernel variants; vision beside the LLM; GPU tests
+  train_bench 150 train; grep -v TileLang "$OUT/train.log" | tail -8
+  timeout 90 python3 benchmarks/bench_block_attention.py > "$OUT/block.log" 2>&1; tail -8 "$OUT/block.log"
+  timeout 130 python3 benchmarks/probe_overlap.py > "$OUT/overlap.log" 2>&1; grep -v "^{" "$OUT/overlap.log" | tail -16
+  gpu_tests 130 tests/gpu/test_stream_graph.py tests/gpu/test_fast_ops.py -k "graph or frame or memory or missing or block"
+  tests_summary
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &
