@@ -1,10 +1,11 @@
 """The stream frame's sliding-window attention kernel (ops/swa_fast.block_attention) on its own, 4B shape
 (16 query heads, 2 kv heads, head dim 128, window 8192: a full ring of 8191 slots), a 256-token frame per row.
 
-    python benchmarks/bench_block_attention.py --batch 1 32 --kernels 1 2 3
+    python benchmarks/bench_block_attention.py --batch 1 32 --splits 0 8 16
 
-Each kernel variant (swa_fast.BLOCK_KERNEL) is checked against variant 1 first, then timed with CUDA events
-(warm-up, median of --reps calls). Prints one JSON line per batch size.
+Each split count of the key range (0: the kernel's own choice) is checked against a float32 SDPA reference over
+the ring concatenated with the block (ops/swa.py) first, then timed with CUDA events (warm-up, median of --reps
+calls). Prints one JSON line per batch size.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_inference import time_calls  # noqa: E402
-from infinitevl.ops import swa_fast  # noqa: E402
+from infinitevl.ops import swa, swa_fast  # noqa: E402
 
 
 def inputs(B, T=256, H=16, G=2, D=128, window=8192, seen=20000, device="cuda", dtype=torch.bfloat16):
@@ -39,7 +40,7 @@ def inputs(B, T=256, H=16, G=2, D=128, window=8192, seen=20000, device="cuda", d
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, nargs="*", default=[1, 32])
-    p.add_argument("--kernels", type=int, nargs="*", default=[1, 2, 3])
+    p.add_argument("--splits", type=int, nargs="*", default=[0, 8, 16])
     p.add_argument("--reps", type=int, default=30)
     args = p.parse_args()
     dev = torch.device("cuda")
@@ -47,15 +48,20 @@ def main():
         a, kw = inputs(B)
         T, H, D = a[0].shape[1:]
         flops = 4 * B * T * H * D * (a[4].shape[1] + T / 2)
-        row, ref = {"batch": B}, None
-        for kern in args.kernels:
-            swa_fast.BLOCK_KERNEL = kern
-            o = swa_fast.block_attention(*a, **kw)
-            ref = o if ref is None else ref
-            err = (o.float() - ref.float()).abs().max().item()
-            ms = statistics.median(time_calls(lambda: swa_fast.block_attention(*a, **kw), args.reps, dev))
-            row[f"k{kern}_ms"], row[f"k{kern}_tflops"], row[f"k{kern}_maxdiff"] = ms, flops / ms / 1e9, err
-            print(f"B={B} kernel {kern}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, max |diff| vs first {err:.2e}",
+        q, kn, vn, tok, keys, values, ridx = a
+        kidx = torch.cat([ridx, tok], 1)
+        mask = swa.window_mask(tok, kidx, kw["window"], k_valid_BS=kidx >= 0)
+        want = swa.sliding_window_attention(q.float(), torch.cat([keys, kn], 1).float(),
+                                            torch.cat([values, vn], 1).float(), mask, scale=kw["scale"])
+        row = {"batch": B}
+        for ns in args.splits:
+            run = lambda: swa_fast.block_attention(*a, **kw, num_splits=ns or None)  # noqa: E731
+            err = ((run().float() - want).norm() / want.norm()).item()
+            if err > 1e-2:
+                raise SystemExit(f"B={B} splits {ns}: rel. error {err:.2e} against the float32 reference")
+            ms = statistics.median(time_calls(run, args.reps, dev))
+            row[f"splits{ns}_ms"], row[f"splits{ns}_tflops"], row[f"splits{ns}_relerr"] = ms, flops / ms / 1e9, err
+            print(f"B={B} splits {ns or 'auto'}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, rel. err {err:.1e}",
                   flush=True)
         print(json.dumps(row), flush=True)
 

@@ -58,12 +58,12 @@ if [[ $what == probe ]]; then
   stream_profile 100 512; grep "^==" "$OUT/profile_stream.log"
   train_bench 240 train --profile; grep -v TileLang "$OUT/train.log" | tail -45
 fi
-if [[ $what == ab ]]; then  # training step; block-kernel variants; vision beside the LLM; GPU tests
-  train_bench 150 train; grep -v TileLang "$OUT/train.log" | tail -8
-  timeout 90 python3 benchmarks/bench_block_attention.py > "$OUT/block.log" 2>&1; tail -8 "$OUT/block.log"
-  timeout 130 python3 benchmarks/probe_overlap.py > "$OUT/overlap.log" 2>&1; grep -v "^{" "$OUT/overlap.log" | tail -16
-  gpu_tests 130 tests/gpu/test_stream_graph.py tests/gpu/test_fast_ops.py -k "graph or frame or memory or missing or block"
+if [[ $what == ab ]]; then  # the 10,000-frame stream benchmark; GPU tests; block-kernel split counts
+  stream_bench 300 170; tail -25 "$OUT/stream.log"
+  gpu_tests 180 tests/gpu/test_stream_graph.py tests/gpu/test_fast_ops.py -k "graph or frame or memory or missing or block"
   tests_summary
+  timeout 70 python3 benchmarks/bench_block_attention.py --splits 0 3 8 12 17 > "$OUT/block.log" 2>&1
+  grep -v "^{" "$OUT/block.log" | tail -10
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &

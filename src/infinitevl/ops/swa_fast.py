@@ -201,7 +201,6 @@ def ring_write_step(state, k_new_BGD: torch.Tensor, v_new_BGD: torch.Tensor, cur
 # instead of SDPA over cat([ring, block]). H100, 4B shape, 448x448 frames: the LLM's frame step 12.22 -> 10.93 ms
 # with the first, untuned version (benchmarks/results/README.md); 0 turns it off (env or attribute).
 BLOCK_PREFILL_MAX_T = int(os.environ.get("INFINITEVL_SWA_BLOCK_PREFILL_MAX_T", "512"))
-BLOCK_KERNEL = int(os.environ.get("INFINITEVL_SWA_BLOCK_KERNEL", "2"))  # A/B: 1 old, 2 new, 3 new + mask on every tile
 _SPLIT_ALIGN = 128  # every slice of the key range is a whole number of key tiles, whatever tile autotuning picks
 _LOG2E = 1.4426950408889634
 
@@ -221,8 +220,10 @@ def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr,
                         REP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr):
     """One program: BM query rows of kv head g (row r = token r // REP, head g * REP + r % REP) against the
     slice [i_s * SPLIT, (i_s + 1) * SPLIT) of the virtual key range: ring slots 0..R-1, then the block's own
-    keys R..R+T-1. Writes the slice's online-softmax partials (max and sum in base 2, unnormalised output).
-    16-bit operands: tensor-core dots with float32 accumulation, as flash attention."""
+    keys R..R+T-1, in two loops (one load per key/value tile). Writes the slice's online-softmax partials (max
+    and sum in base 2, unnormalised output). 16-bit operands: tensor-core dots with float32 accumulation, as
+    flash attention. (Skipping the mask on ring tiles wholly inside every row's window was slower on an H100
+    at one stream: the branch cost more than the select it saved.)"""
     i_m, i_s, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     b, g = i_bg // G, i_bg % G
     r = i_m * BM + tl.arange(0, BM)
@@ -232,57 +233,6 @@ def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr,
     d = tl.arange(0, D)
     q = tl.load(q_ptr + ((b * T + t[:, None]) * H + h[:, None]) * D + d[None, :], mask=r_ok[:, None], other=0.0)
     qi = tl.load(qidx_ptr + b * T + t, mask=r_ok, other=0)
-    m_i = tl.full([BM], -1e30, tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, D], tl.float32)
-    start = i_s * SPLIT
-    for j0 in range(0, SPLIT, BS):
-        j = start + j0 + tl.arange(0, BS)
-        in_ring = j < R
-        n = j - R
-        in_new = (j >= R) & (n < T)
-        ring_off = ((b * R + j[:, None]) * G + g) * D + d[None, :]
-        new_off = ((b * T + n[:, None]) * G + g) * D + d[None, :]
-        k = tl.load(k_ptr + ring_off, mask=in_ring[:, None], other=0.0).to(q.dtype) + \
-            tl.load(kn_ptr + new_off, mask=in_new[:, None], other=0.0).to(q.dtype)
-        v = tl.load(v_ptr + ring_off, mask=in_ring[:, None], other=0.0).to(q.dtype) + \
-            tl.load(vn_ptr + new_off, mask=in_new[:, None], other=0.0).to(q.dtype)
-        kidx = tl.where(in_ring, tl.load(ridx_ptr + b * R + j, mask=in_ring, other=-1),
-                        tl.load(qidx_ptr + b * T + n, mask=in_new, other=-1))  # -1: empty slot or past the end
-        ok = (kidx[None, :] >= 0) & (kidx[None, :] <= qi[:, None]) & (kidx[None, :] > qi[:, None] - window)
-        s = tl.where(ok, tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    part = (i_bg * NS + i_s) * TR + r
-    tl.store(m_ptr + part, m_i, mask=r_ok)
-    tl.store(l_ptr + part, l_i, mask=r_ok)
-    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
-
-
-@triton.autotune(configs=_BLOCK_CONFIGS, key=["TR_BUCKET", "REP", "D", "MASK_ALL"])
-@triton.jit
-def _block_split_kernel2(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr, m_ptr, l_ptr, acc_ptr,
-                         T, R, G, H, window, scale_log2, SPLIT, TR, NS, TR_BUCKET,
-                         REP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
-                         MASK_ALL: tl.constexpr):
-    """As `_block_split_kernel`, with the slice's ring slots and the block's own keys in two loops (one load per
-    key/value tile instead of two masked ones) and the window mask applied only to the ring tiles that need it
-    (a tile whose keys are all valid for every query row of the program skips it)."""
-    i_m, i_s, i_bg = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    b, g = i_bg // G, i_bg % G
-    r = i_m * BM + tl.arange(0, BM)
-    r_ok = r < TR
-    t = r // REP
-    h = g * REP + r % REP
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + ((b * T + t[:, None]) * H + h[:, None]) * D + d[None, :], mask=r_ok[:, None], other=0.0)
-    qi = tl.load(qidx_ptr + b * T + t, mask=r_ok, other=0)
-    qi_lo = tl.min(tl.where(r_ok, qi, qi + (1 << 40)))
-    qi_hi = tl.max(tl.where(r_ok, qi, qi - (1 << 40)))
     m_i = tl.full([BM], -1e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
@@ -298,14 +248,8 @@ def _block_split_kernel2(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr
         k = tl.load(k_ptr + off, mask=j_ok[:, None], other=0.0).to(q.dtype)
         v = tl.load(v_ptr + off, mask=j_ok[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * scale_log2
-        if MASK_ALL:
-            ok = (kidx[None, :] >= 0) & (kidx[None, :] <= qi[:, None]) & (kidx[None, :] > qi[:, None] - window)
-            s = tl.where(ok, s, float("-inf"))
-        else:
-            k_lo, k_hi = tl.min(kidx), tl.max(kidx)
-            if (k_lo < 0) | (k_lo <= qi_hi - window) | (k_hi > qi_lo):
-                ok = (kidx[None, :] >= 0) & (kidx[None, :] <= qi[:, None]) & (kidx[None, :] > qi[:, None] - window)
-                s = tl.where(ok, s, float("-inf"))
+        ok = (kidx[None, :] >= 0) & (kidx[None, :] <= qi[:, None]) & (kidx[None, :] > qi[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -409,10 +353,7 @@ def block_attention(
     args = (q, kn, vn, qidx, keys, values, ridx, m, l, acc, T, R, G, H, window, scale * _LOG2E, SPLIT, TR, NS,
             min(triton.next_power_of_2(TR), 4096))
     grid = lambda meta: (triton.cdiv(TR, meta["BM"]), NS, B * G)  # noqa: E731
-    if BLOCK_KERNEL == 1:
-        _block_split_kernel[grid](*args, REP=REP, D=D)
-    else:
-        _block_split_kernel2[grid](*args, REP=REP, D=D, MASK_ALL=BLOCK_KERNEL == 3)
+    _block_split_kernel[grid](*args, REP=REP, D=D)
     o = torch.empty_like(q)
     _block_combine_kernel[(triton.cdiv(TR, 64), B * G)](m, l, acc, o, T, G, H, TR, REP=REP, D=D, BM=64, NS=NS)
     return o
