@@ -285,6 +285,7 @@ def profile_step(trainer: Trainer, dev: torch.device) -> dict:
              "gdn (fla)": ("chunk", "fused_recurrent", "gated_delta", "wy", "solve_tril", "l2norm", "tilelang",
                            "kernel_kernel", "causal_conv"),
              "attention": ("attention", "fmha", "flash", "efficient", "softmax"),
+             "norm/swiglu (fla)": ("layer_norm", "swiglu"),
              "optimizer": ("adam", "multi_tensor", "foreach", "lerp", "addcdiv", "sqrt")}
     out: dict[str, float] = {k: 0.0 for k in kinds} | {"other": 0.0}
     top = []

@@ -42,5 +42,10 @@ class SwiGLU(nn.Module):
             return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
         if self.gate_up is not None:
             gate, up = self.gate_up(x)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.backend == "fla" and x.is_cuda:  # training: fla's SwiGLU with backward
+            from ..ops import train_kernels
+
+            return self.down_proj(train_kernels.swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)

@@ -18,6 +18,10 @@ class RMSNorm(nn.Module):
             from ..ops import fused
 
             return fused.rms_norm(x, self.weight, self.eps)
+        if self.backend == "fla" and x.is_cuda:  # training: fla's kernels with backward
+            from ..ops import train_kernels
+
+            return train_kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -47,6 +51,10 @@ class GatedRMSNorm(nn.Module):
             from ..ops import fused
 
             return fused.gated_rms_norm(x, gate, self.weight, self.eps)
+        if self.backend == "fla" and x.is_cuda:
+            from ..ops import train_kernels
+
+            return train_kernels.gated_rms_norm(x, gate, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
