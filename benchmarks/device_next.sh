@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
-#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|x2]
+#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|x2]
 #   stream: GPU tests, frame profile (SDPA vs block kernel), the 10,000-frame benchmark; train: a profiled step;
 #   final: training step, GPU tests, stream benchmark; probe: GPU tests, block-kernel profile, profiled step;
 #   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
@@ -64,6 +64,10 @@ if [[ $what == ab ]]; then  # the 10,000-frame stream benchmark; GPU tests; bloc
   tests_summary
   timeout 70 python3 benchmarks/bench_block_attention.py --splits 0 3 8 12 17 > "$OUT/block.log" 2>&1
   grep -v "^{" "$OUT/block.log" | tail -10
+fi
+if [[ $what == tk ]]; then  # the fused training kernels' GPU tests, then a profiled training step
+  gpu_tests 100 tests/gpu/test_train_kernels.py; tests_summary
+  train_bench 330 train --profile; grep -v TileLang "$OUT/train.log" | tail -22
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &
