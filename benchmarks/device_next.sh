@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
-#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|x2]
+#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|x2]
 #   stream: GPU tests, frame profile (SDPA vs block kernel), the 10,000-frame benchmark; train: a profiled step;
 #   final: training step, GPU tests, stream benchmark; probe: GPU tests, block-kernel profile, profiled step;
 #   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
@@ -68,6 +68,10 @@ fi
 if [[ $what == tk ]]; then  # the fused training kernels' GPU tests, then a profiled training step
   gpu_tests 100 tests/gpu/test_train_kernels.py; tests_summary
   train_bench 330 train --profile; grep -v TileLang "$OUT/train.log" | tail -22
+fi
+if [[ $what == rpf ]]; then  # the fused training kernels' tests; two 8K rows per step in one forward
+  gpu_tests 60 tests/gpu/test_train_kernels.py; tests_summary
+  train_bench 190 train2 --rows-per-step 2 --rows-per-forward 2; grep -v TileLang "$OUT/train2.log" | tail -16
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &

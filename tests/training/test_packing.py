@@ -87,3 +87,40 @@ def test_every_layer_gets_one_int64_cu_seqlens(setup, monkeypatch):
     n_gdn = sum(t == "linear_attention" for t in model.config.text.layer_types)
     assert len(seen) == 4 * n_gdn  # q, k, v convs and the rule per GDN layer
     assert all(c is seen[0] for c in seen) and seen[0].dtype == torch.int64
+
+
+def test_concatenated_rows_give_the_loss_and_gradients_of_separate_rows(synth_dir):
+    """RunConfig.rows_per_forward: rows with images, concatenated into one forward, change nothing."""
+    from infinitevl import InfiniteVL
+    from infinitevl.model.config import InfiniteVLConfig
+    from infinitevl.training.data import DataConfig, chat_format_for, read_records
+    from infinitevl.training.packing import PackedBatch
+    from infinitevl.training.sft import CausalLMObjective
+    from infinitevl.training.vision_inputs import VisionInputConfig
+
+    from .conftest import TINY_ASSET
+
+    cfg = InfiniteVLConfig.from_file(TINY_ASSET)
+    torch.manual_seed(0)
+    model = InfiniteVL(cfg)
+    fmt = chat_format_for(TINY_ASSET, cfg, DataConfig(vision=VisionInputConfig(image_max_pixels=112 * 112)))
+    recs = read_records(synth_dir / "train.jsonl")[:5]
+    vt = VisionTokens(cfg.image_token_id, cfg.video_token_id, cfg.vision.spatial_merge_size, cfg.vision.tokens_per_second)
+    rows = [pack([fmt.build(r) for r in recs[:2]], vt), pack([fmt.build(r) for r in recs[2:]], vt)]
+    assert all(r.pixel_values is not None for r in rows)
+    both = PackedBatch.concat(rows)
+    assert both.num_tokens == sum(r.num_tokens for r in rows)
+    assert both.cu_seqlens.tolist() == rows[0].cu_seqlens.tolist() + [
+        rows[0].num_tokens + int(c) for c in rows[1].cu_seqlens[1:]]
+    objective = CausalLMObjective(model)
+    grads = []
+    for batches in (rows, [both]):
+        model.zero_grad()
+        total = sum(objective(b)[0] for b in batches)
+        total.backward()
+        grads.append((total.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
+    assert grads[1][1].keys() == grads[0][1].keys()
+    for k, g in grads[0][1].items():
+        rel = ((grads[1][1][k] - g).norm() / g.norm().clamp_min(1e-12)).item()
+        assert rel < 1e-5, (k, rel)

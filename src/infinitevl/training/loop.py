@@ -7,7 +7,7 @@ says what the sum runs over (target tokens, positions, token x channel). The loo
 units of the whole step (all micro-batches, all ranks), so packing, accumulation and the number of
 processes do not change the loss.
 
-Per step: accumulate over `grad_accum` rows under bf16 autocast, clip, AdamW, warmup + cosine.
+Per step: accumulate over `grad_accum` rows (`rows_per_forward` of them concatenated per forward) under bf16 autocast, clip, AdamW, warmup + cosine.
 Checkpoints (see checkpointing.py) restore model, optimizer, scheduler, data position and RNG, so
 a resumed run continues with bitwise the same losses.
 """
@@ -181,8 +181,10 @@ class Trainer:
         loss_sum = 0.0
         extras: dict[str, float] = {}
         dev = self.d.device.type
-        for k, b in enumerate(batches):
-            with no_sync(self.wrapped, last=k == len(batches) - 1):
+        n = self.run.rows_per_forward
+        groups = [PackedBatch.concat(batches[i:i + n]) for i in range(0, len(batches), n)]
+        for k, b in enumerate(groups):
+            with no_sync(self.wrapped, last=k == len(groups) - 1):
                 with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.run.bf16):
                     loss, extra = self.wrapped(b)
                 (loss * scale).backward()

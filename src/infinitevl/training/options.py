@@ -46,6 +46,9 @@ class RunConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # cap on the total number of optimizer steps
     grad_accum: int = 8
+    # rows of a step run in one forward (concatenated, samples still apart by cu_seqlens): the same gradients
+    # with half or fewer kernel launches, for a step whose kernels wait on the host; memory grows with it
+    rows_per_forward: int = 1
     bf16: bool = True  # autocast to bfloat16 (trained weights and optimizer state stay float32)
     # with bf16: frozen weights whose values are bf16 (the released checkpoints) are stored in bfloat16, not as
     # float32 copies that autocast casts again in every forward and recompute; trained weights keep float32
@@ -64,6 +67,8 @@ class RunConfig:
     def __post_init__(self):
         if self.parallel not in ("auto", "ddp", "fsdp", "none"):
             raise ValueError(f"run.parallel must be auto, ddp, fsdp or none, got {self.parallel!r}")
+        if self.rows_per_forward < 1:
+            raise ValueError(f"run.rows_per_forward must be >= 1, got {self.rows_per_forward}")
         if self.epochs <= 0:
             raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
 

@@ -42,6 +42,26 @@ class PackedBatch:
         return PackedBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
                               for f in fields(self)})
 
+    @classmethod
+    def concat(cls, batches: list["PackedBatch"]) -> "PackedBatch":
+        """Several packed rows as one (their samples side by side, still kept apart by cu_seqlens): one forward
+        over all of them gives each sample the same computation as its own row did."""
+        if len(batches) == 1:
+            return batches[0]
+        offsets, total = [], 0
+        for b in batches:
+            offsets.append(total)
+            total += b.num_tokens
+        cu = torch.cat([batches[0].cu_seqlens[:1]] + [b.cu_seqlens[1:] + o for b, o in zip(batches, offsets)])
+        out = dict(input_ids=torch.cat([b.input_ids for b in batches], 1),
+                   targets=torch.cat([b.targets for b in batches], 1),
+                   position_ids=torch.cat([b.position_ids for b in batches], 2),
+                   cu_seqlens=cu.to(batches[0].cu_seqlens.dtype))
+        for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            parts = [getattr(b, k) for b in batches if getattr(b, k) is not None]
+            out[k] = torch.cat(parts, 0) if parts else None
+        return cls(**out)
+
     def model_inputs(self) -> dict:
         """Keyword arguments for `InfiniteVL.forward`."""
         out = dict(input_ids=self.input_ids, position_ids=self.position_ids, cu_seqlens=self.cu_seqlens)
