@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_trainable(model, args.trainable.split(","))
     objective = CausalLMObjective(model)
     run = RunConfig(output_dir=str(args.out / "run"), grad_accum=args.rows_per_step // d.world,
-                    rows_per_forward=args.rows_per_forward,
+                    rows_per_forward=args.rows_per_forward, backend=backend,
                     bf16=args.weights == "fp32", gradient_checkpointing=True, progress=False,
                     max_steps=args.warmup + args.steps + 1, parallel=args.parallel if d.world > 1 else "none")
     loader = FixedRows(rows_per_step=args.rows_per_step, d=d, repeat=True, tokens=args.row_tokens,

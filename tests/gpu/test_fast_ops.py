@@ -281,6 +281,8 @@ def _ring(B, R, seen):
     (1, 7, 9, 10, [0], 3),  # the first block of a stream: ring empty
     (2, 70, 40, 41, [100, 17], None),  # a block longer than the ring
     (1, 256, 127, 128, [1000], None),  # a frame against a full ring (the 4B stream's shape, scaled down)
+    (1, 70, 200, 201, [1000], 4),  # several non-empty splits, one straddling the ring's end (R % 64 != 0)
+    (1, 9, 30, 31, [5], 12),  # more splits than key tiles: empty slices
 ])
 def test_block_attention_reads_ring_in_place(dtype, B, T, R, window, seen, splits):
     H, G, D = 8, 2, 128

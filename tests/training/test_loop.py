@@ -83,3 +83,25 @@ def test_a_bf16_run_keeps_frozen_weights_exact_and_one_dtype(synth_dir, tmp_path
     assert {v.dtype for v in after.values()} == {torch.float32}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".self_attn." in k or ".linear_attn." in k for k in changed), sorted(changed)[:5]
+
+
+
+def test_the_trainer_applies_run_backend(synth_dir, tmp_path):
+    """run.backend reaches the student: 'fla' on a CPU is refused with the remedy (on a GPU it runs fla's
+    training kernels); an unknown name is refused by the config."""
+    import pytest
+
+    from infinitevl.training import sft
+    from infinitevl.training.data import DataConfig
+    from infinitevl.training.options import OptimConfig, RunConfig
+
+    with pytest.raises(ValueError, match="run.backend"):
+        RunConfig(backend="triton")
+    cfg = sft.SFTConfig(model=str(TINY_ASSET), data=DataConfig(train=[str(synth_dir / "train.jsonl")], max_tokens=512,
+                                                              row_tokens=300,
+                                                              vision=VisionInputConfig(image_max_pixels=12544)),
+                        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
+                        run=RunConfig(output_dir=str(tmp_path / "run"), max_steps=1, grad_accum=1, progress=False,
+                                      device="cpu", backend="fla"))
+    with pytest.raises(ValueError, match="backend='fla'"):
+        sft.run(cfg)

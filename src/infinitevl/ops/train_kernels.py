@@ -6,8 +6,10 @@ Why: in a training step of the 4B shape these ran as ~6-10 elementwise PyTorch k
 residual stream, forward, again in the checkpoint recompute, and in backward (autograd's saved intermediates).
 
 The RMSNorm writes its output in the autocast dtype when autocast is on: every consumer is a linear layer, which
-autocast would cast to that dtype anyway, so the values are the same and the 6 separate casts of one norm output
-(the GDN's q/k/v/g/a/b projections) go away.
+autocast would cast to that dtype anyway, so the forward values are the same and the 6 separate casts of one norm
+output (the GDN's q/k/v/g/a/b projections) go away. In backward, autograd then sums the consumers' gradients of
+that output in bf16 rather than float32 (a relative error of ~4e-3 instead of ~3e-3 against float64 with 6
+consumers, found by review): within the training gate's tolerance (worst gradient 7.8e-3 of 2e-2 on an H100).
 """
 from __future__ import annotations
 

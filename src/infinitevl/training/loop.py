@@ -115,6 +115,7 @@ class Trainer:
         self.extra_state = extra_state or {}
         objective.student.model.gradient_checkpointing = run.gradient_checkpointing
         objective.to(d.device).train()
+        self.backend = objective.student.set_backend(run.backend)  # fla's training kernels on a GPU
         strategy = run.parallel
         if strategy == "auto":
             strategy = "fsdp" if d.device.type == "cuda" else "ddp"
@@ -169,7 +170,9 @@ class Trainer:
 
     # ---- one step ----
     def _train_step(self) -> dict[str, Any]:
-        batches = [b.to(self.d.device) for b in self.loader.next_step()]
+        rows = self.loader.next_step()
+        n = self.run.rows_per_forward  # concatenated on the host: no second device copy of the pixels
+        batches = [PackedBatch.concat(rows[i:i + n]).to(self.d.device) for i in range(0, len(rows), n)]
         if all_sum(0 if batches else 1, self.d):
             raise ValueError(f"step {self.step + 1}: every sample of a row failed to load on some rank "
                              f"({dict(self.loader.dataset.skipped)} skipped so far): fix or drop the bad records")
@@ -181,10 +184,8 @@ class Trainer:
         loss_sum = 0.0
         extras: dict[str, float] = {}
         dev = self.d.device.type
-        n = self.run.rows_per_forward
-        groups = [PackedBatch.concat(batches[i:i + n]) for i in range(0, len(batches), n)]
-        for k, b in enumerate(groups):
-            with no_sync(self.wrapped, last=k == len(groups) - 1):
+        for k, b in enumerate(batches):
+            with no_sync(self.wrapped, last=k == len(batches) - 1):
                 with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.run.bf16):
                     loss, extra = self.wrapped(b)
                 (loss * scale).backward()

@@ -62,11 +62,14 @@ class RunConfig:
     stop_after: int | None = None  # end this invocation after that many steps (as if preempted)
     parallel: str = "auto"  # auto (fsdp on GPUs, ddp on CPU) | ddp | fsdp | none
     device: str = "auto"
+    backend: str = "auto"  # the student's decoder kernels: auto (fla on CUDA when installed) | torch | fla
     progress: bool = True
 
     def __post_init__(self):
         if self.parallel not in ("auto", "ddp", "fsdp", "none"):
             raise ValueError(f"run.parallel must be auto, ddp, fsdp or none, got {self.parallel!r}")
+        if self.backend not in ("auto", "torch", "fla"):
+            raise ValueError(f"run.backend must be auto, torch or fla, got {self.backend!r}")
         if self.rows_per_forward < 1:
             raise ValueError(f"run.rows_per_forward must be >= 1, got {self.rows_per_forward}")
         if self.epochs <= 0:

@@ -18,6 +18,9 @@ from ..ops.rope import VisionTokens, get_rope_index
 from .data import IGNORE, Sample
 
 
+_CONCAT_DIM = {"input_ids": 1, "targets": 1, "position_ids": 2}  # the token axis; media tensors: dim 0
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [1, T]
@@ -53,13 +56,12 @@ class PackedBatch:
             offsets.append(total)
             total += b.num_tokens
         cu = torch.cat([batches[0].cu_seqlens[:1]] + [b.cu_seqlens[1:] + o for b, o in zip(batches, offsets)])
-        out = dict(input_ids=torch.cat([b.input_ids for b in batches], 1),
-                   targets=torch.cat([b.targets for b in batches], 1),
-                   position_ids=torch.cat([b.position_ids for b in batches], 2),
-                   cu_seqlens=cu.to(batches[0].cu_seqlens.dtype))
-        for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
-            parts = [getattr(b, k) for b in batches if getattr(b, k) is not None]
-            out[k] = torch.cat(parts, 0) if parts else None
+        out = {"cu_seqlens": cu.to(batches[0].cu_seqlens.dtype)}
+        for f in fields(cls):  # every other field: token-axis tensors along tokens, media along their first dim
+            if f.name == "cu_seqlens":
+                continue
+            parts = [getattr(b, f.name) for b in batches if getattr(b, f.name) is not None]
+            out[f.name] = torch.cat(parts, _CONCAT_DIM.get(f.name, 0)) if parts else None
         return cls(**out)
 
     def model_inputs(self) -> dict:
