@@ -201,7 +201,6 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.device(dev):
         # values a released bf16 checkpoint holds (loaded in `dtype`): the loop then stores frozen ones in bf16
         model = init_weights(InfiniteVL(cfg)).to(torch.bfloat16).to(dtype)
-    model.set_backend(backend)
     set_trainable(model, args.trainable.split(","))
     objective = CausalLMObjective(model)
     run = RunConfig(output_dir=str(args.out / "run"), grad_accum=args.rows_per_step // d.world,

@@ -213,6 +213,18 @@ _BLOCK_CONFIGS = [triton.Config({"BM": bm, "BS": bs}, num_warps=w, num_stages=st
 assert all(_SPLIT_ALIGN % c.kwargs["BS"] == 0 for c in _BLOCK_CONFIGS)  # no key tile straddles two splits
 
 
+@triton.jit
+def _block_tile(q, k, v, kidx, qi, m_i, l_i, acc, window, scale_log2):
+    """One key/value tile into a program's online softmax (base 2): the window rule on the tile's token indices
+    (-1: an empty slot or past the end), then the running max, sum and unnormalised output."""
+    ok = (kidx[None, :] >= 0) & (kidx[None, :] <= qi[:, None]) & (kidx[None, :] > qi[:, None] - window)
+    s = tl.where(ok, tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
 @triton.autotune(configs=_BLOCK_CONFIGS, key=["TR_BUCKET", "REP", "D"])
 @triton.jit
 def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr, m_ptr, l_ptr, acc_ptr,
@@ -247,15 +259,7 @@ def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr,
         off = ((b * R + j[:, None]) * G + g) * D + d[None, :]
         k = tl.load(k_ptr + off, mask=j_ok[:, None], other=0.0).to(q.dtype)
         v = tl.load(v_ptr + off, mask=j_ok[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        ok = (kidx[None, :] >= 0) & (kidx[None, :] <= qi[:, None]) & (kidx[None, :] > qi[:, None] - window)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _block_tile(q, k, v, kidx, qi, m_i, l_i, acc, window, scale_log2)
     # the block's own keys [max(lo, R), hi) - R: causal within the block
     n_lo = tl.maximum(lo, R) - R
     n_hi = hi - R
@@ -266,14 +270,7 @@ def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr,
         off = ((b * T + n[:, None]) * G + g) * D + d[None, :]
         k = tl.load(kn_ptr + off, mask=n_ok[:, None], other=0.0).to(q.dtype)
         v = tl.load(vn_ptr + off, mask=n_ok[:, None], other=0.0).to(q.dtype)
-        ok = (kidx[None, :] >= 0) & (kidx[None, :] <= qi[:, None]) & (kidx[None, :] > qi[:, None] - window)
-        s = tl.where(ok, tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _block_tile(q, k, v, kidx, qi, m_i, l_i, acc, window, scale_log2)
     part = (i_bg * NS + i_s) * TR + r
     tl.store(m_ptr + part, m_i, mask=r_ok)
     tl.store(l_ptr + part, l_i, mask=r_ok)
@@ -343,7 +340,8 @@ def block_attention(
     qidx = tok_idx_BT.to(ridx.dtype).contiguous()
     if num_splits is None:  # about four waves of programs on an H100 (counted with 64-row tiles): at one 256-token
         # frame of the 4B shape 9 splits (0.19 ms a layer against 0.22 ms with 5; bench_block_attention.py)
-        num_splits = max(1, min(32, triton.cdiv(R + T, 4 * _SPLIT_ALIGN), triton.cdiv(528, triton.cdiv(TR, 64) * B * G)))
+        num_splits = max(1, min(32, triton.cdiv(R + T, 4 * _SPLIT_ALIGN),
+                                triton.cdiv(528, triton.cdiv(TR, 64) * B * G)))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     NS = num_splits

@@ -7,7 +7,8 @@ says what the sum runs over (target tokens, positions, token x channel). The loo
 units of the whole step (all micro-batches, all ranks), so packing, accumulation and the number of
 processes do not change the loss.
 
-Per step: accumulate over `grad_accum` rows (`rows_per_forward` of them concatenated per forward) under bf16 autocast, clip, AdamW, warmup + cosine.
+Per step: accumulate over `grad_accum` rows (`rows_per_forward` of them concatenated per forward) under bf16
+autocast, clip, AdamW, warmup + cosine.
 Checkpoints (see checkpointing.py) restore model, optimizer, scheduler, data position and RNG, so
 a resumed run continues with bitwise the same losses.
 """
