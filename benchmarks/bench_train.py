@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows-per-step", type=int, default=1, help="global rows per optimizer step")
     ap.add_argument("--rows-per-forward", type=int, default=1,
                     help="a rank's rows of a step run in one forward, concatenated (RunConfig.rows_per_forward)")
+    ap.add_argument("--recompute-layers", type=int, default=None,
+                    help="layers recomputed under gradient checkpointing (RunConfig.recompute_layers; default all)")
     ap.add_argument("--sample-tokens", type=int, nargs=2, default=[1024, 4096], metavar=("MIN", "MAX"))
     ap.add_argument("--trainable", default="all", help="comma list for set_trainable (all | gdn,attention | ...)")
     ap.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     objective = CausalLMObjective(model)
     run = RunConfig(output_dir=str(args.out / "run"), grad_accum=args.rows_per_step // d.world,
                     rows_per_forward=args.rows_per_forward, backend=backend,
-                    bf16=args.weights == "fp32", gradient_checkpointing=True, progress=False,
+                    bf16=args.weights == "fp32", gradient_checkpointing=True, recompute_layers=args.recompute_layers,
+                    progress=False,
                     max_steps=args.warmup + args.steps + 1, parallel=args.parallel if d.world > 1 else "none")
     loader = FixedRows(rows_per_step=args.rows_per_step, d=d, repeat=True, tokens=args.row_tokens,
                        vocab=cfg.text.vocab_size, min_len=args.sample_tokens[0], max_len=args.sample_tokens[1])
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"bench": "train", "device": gpu, "world": d.world, "shape": "tiny" if args.tiny else "4b",
            "params_total": total, "params_trained": trained, "matmul_params": n_mm, "matmul_params_trained": n_tr,
            "row_tokens": args.row_tokens, "rows_per_step": args.rows_per_step, "rows_per_forward": args.rows_per_forward,
+           "recompute_layers": args.recompute_layers,
            "samples_per_row": len(lens),
            "weights": args.weights, "trainable": args.trainable, "backend": backend,
            "step_ms_median": round(med, 2), "step_ms": [round(x, 2) for x in ms],
@@ -312,6 +316,7 @@ def print_table(r: dict) -> None:
     rows = [("device", r["device"]), ("processes", r["world"]), ("shape", r["shape"]),
             ("params total / trained", f"{r['params_total'] / 1e9:.3f} B / {r['params_trained'] / 1e9:.3f} B"),
             ("row", f"{r['row_tokens']} tokens, {r['samples_per_row']} samples, {r['rows_per_step']} row(s)/step, {r.get('rows_per_forward', 1)} per forward"),
+            ("recomputed layers", "all" if r.get("recompute_layers") is None else str(r["recompute_layers"])),
             ("weights / backend", f"{r['weights']} / {r['backend']}"),
             ("step (median)", f"{r['step_ms_median']:.1f} ms"),
             ("tokens/s per GPU", f"{r['tokens_per_s_per_gpu']:.0f}"),

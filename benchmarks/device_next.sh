@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
-#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|x2]
+#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|x2]
 #   stream: GPU tests, frame profile (SDPA vs block kernel), the 10,000-frame benchmark; train: a profiled step;
 #   final: training step, GPU tests, stream benchmark; probe: GPU tests, block-kernel profile, profiled step;
 #   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
@@ -72,6 +72,16 @@ fi
 if [[ $what == rpf ]]; then  # the fused training kernels' tests; two 8K rows per step in one forward
   gpu_tests 60 tests/gpu/test_train_kernels.py; tests_summary
   train_bench 190 train2 --rows-per-step 2 --rows-per-forward 2; grep -v TileLang "$OUT/train2.log" | tail -16
+fi
+if [[ $what == rc ]]; then  # fp8 GEMM probe; block-kernel GPU tests; recompute_layers trades at 2 rows/step
+  timeout 80 python3 benchmarks/probe_fp8.py > "$OUT/fp8.log" 2>&1; grep -v "^{" "$OUT/fp8.log" | tail -8
+  gpu_tests 100 tests/gpu/test_fast_ops.py -k block; tests_summary
+  for r in 18 9; do
+    train_bench 150 train_rc$r --rows-per-step 2 --rows-per-forward 2 --recompute-layers $r
+    grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_rc$r.log" | tail -6
+  done
+  train_bench 150 train_rc0 --rows-per-step 2 --rows-per-forward 1 --recompute-layers 0
+  grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_rc0.log" | tail -6
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &

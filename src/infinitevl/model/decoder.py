@@ -49,6 +49,9 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, kind) for kind in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # with gradient_checkpointing: how many layers (the first ones) recompute their forward in backward;
+        # None = all. The others keep their activations: less recompute work, more memory.
+        self.recompute_layers: int | None = None
 
     def forward(
         self,
@@ -63,14 +66,18 @@ class TextDecoder(nn.Module):
         shared = self.layer_inputs(x_BTD, position_ids_3BT, mask_BT=mask_BT, state=state, cu_seqlens=cu_seqlens)
         for i, layer in enumerate(self.layers):
             kw = dict(shared, state=None if state is None else state.layers[i])
-            if self.gradient_checkpointing and self.training:
+            if self.recomputes(i):
                 x_BTD = torch.utils.checkpoint.checkpoint(lambda x, layer=layer, kw=kw: layer(x, **kw), x_BTD,
                                                           use_reentrant=False)
             else:
                 x_BTD = layer(x_BTD, **kw)
         return self.norm(x_BTD)
 
-
+    def recomputes(self, i: int) -> bool:
+        """Whether layer i runs under activation checkpointing (training with gradient_checkpointing on)."""
+        if not (self.gradient_checkpointing and self.training):
+            return False
+        return self.recompute_layers is None or i < self.recompute_layers
     def layer_inputs(self, x_BTD: torch.Tensor, position_ids_3BT: torch.Tensor, *, mask_BT=None, state=None,
                      cu_seqlens=None) -> dict:
         """What every layer takes besides its own state, computed once per forward: rotary tables, token

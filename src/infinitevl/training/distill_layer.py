@@ -71,7 +71,7 @@ class LayerwiseObjective(Objective):
         total = ins[0].new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(layers):
             if any(p.requires_grad for p in layer.parameters()):
-                if self.student.model.gradient_checkpointing:
+                if self.student.model.recomputes(i):
                     y = checkpoint(lambda x, layer=layer: layer(x, **kw), ins[i], use_reentrant=False)
                 else:
                     y = layer(ins[i], **kw)

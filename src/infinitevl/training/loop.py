@@ -115,6 +115,7 @@ class Trainer:
         self.out = Path(run.output_dir)
         self.extra_state = extra_state or {}
         objective.student.model.gradient_checkpointing = run.gradient_checkpointing
+        objective.student.model.recompute_layers = run.recompute_layers
         objective.to(d.device).train()
         self.backend = objective.student.set_backend(run.backend)  # fla's training kernels on a GPU
         strategy = run.parallel

@@ -54,6 +54,10 @@ class RunConfig:
     # float32 copies that autocast casts again in every forward and recompute; trained weights keep float32
     frozen_bf16: bool = True
     gradient_checkpointing: bool = True
+    # with gradient_checkpointing: decoder layers (the first N) that recompute their forward in backward; None
+    # = all. The rest keep their activations: spare GPU memory spent on less recompute work
+    # (benchmarks/results/README.md has the measured trade at the 4B shape)
+    recompute_layers: int | None = None
     seed: int = 0
     save_every: int = 500  # steps; the last step is always saved
     keep_last: int = 2  # checkpoints kept (0: all)
@@ -72,6 +76,8 @@ class RunConfig:
             raise ValueError(f"run.backend must be auto, torch or fla, got {self.backend!r}")
         if self.rows_per_forward < 1:
             raise ValueError(f"run.rows_per_forward must be >= 1, got {self.rows_per_forward}")
+        if self.recompute_layers is not None and self.recompute_layers < 0:
+            raise ValueError(f"run.recompute_layers must be >= 0 or null (all layers), got {self.recompute_layers}")
         if self.epochs <= 0:
             raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
 
