@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
-#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|x2]
+#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|ce|x2]
 #   stream: GPU tests, frame profile (SDPA vs block kernel), the 10,000-frame benchmark; train: a profiled step;
 #   final: training step, GPU tests, stream benchmark; probe: GPU tests, block-kernel profile, profiled step;
 #   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
@@ -82,6 +82,14 @@ if [[ $what == rc ]]; then  # fp8 GEMM probe; block-kernel GPU tests; recompute_
   done
   train_bench 150 train_rc0 --rows-per-step 2 --rows-per-forward 1 --recompute-layers 0
   grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_rc0.log" | tail -6
+fi
+if [[ $what == ce ]]; then  # training-kernel + block GPU tests; profiled step with the fused cross-entropy
+  gpu_tests 200 tests/gpu/test_train_kernels.py tests/gpu/test_fast_ops.py -k "block or rms or swiglu or entropy"
+  tests_summary
+  train_bench 230 train_ce9 --rows-per-step 2 --rows-per-forward 2 --recompute-layers 9 --profile
+  grep -v TileLang "$OUT/train_ce9.log" | tail -24
+  train_bench 140 train_ce4 --rows-per-step 2 --rows-per-forward 2 --recompute-layers 4
+  grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_ce4.log" | tail -6
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &

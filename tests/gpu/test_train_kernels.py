@@ -70,3 +70,30 @@ def test_swiglu_mlp_matches_the_layer_formula_with_gradients():
     assert rel(y, y_ref) < 1e-2
     for a, b in zip(g, g_ref):
         assert rel(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_fused_linear_cross_entropy_matches_the_chunked_reference(head_trains):
+    """losses.cross_entropy_sum on backend 'fla' (ops/train_kernels.linear_cross_entropy_sum) against its
+    PyTorch path, under bf16 autocast as in training: loss, d hidden and (when the head trains) d head."""
+    from infinitevl.training.losses import cross_entropy_sum
+
+    torch.manual_seed(0)
+    n, d, v = 5000, 512, 30000  # a chunk boundary inside (chunk 2048) and a vocab above fla's 64K-wide block / 2
+    h = torch.randn(n, d, device=DEV, requires_grad=True)
+    w = (torch.randn(v, d, device=DEV) / d**0.5).requires_grad_(head_trains)
+    t = torch.randint(0, v, (n,), device=DEV)
+    t[::7] = -100  # ignored positions
+    results = {}
+    for backend in ("torch", "fla"):
+        h.grad = w.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = cross_entropy_sum(h, w, t, chunk=2048, backend=backend)
+        (loss * 0.37).backward()  # a scale, as the trainer's 1/units
+        results[backend] = (loss.detach(), h.grad.clone(), None if w.grad is None else w.grad.clone())
+    (l_ref, dh_ref, dw_ref), (l, dh, dw) = results["torch"], results["fla"]
+    assert rel(l, l_ref) < 1e-5
+    assert dh.dtype == torch.float32 and rel(dh, dh_ref) < 1e-2
+    assert (dw is None) == (not head_trains)
+    if head_trains:
+        assert rel(dw, dw_ref) < 1e-2

@@ -33,6 +33,7 @@ class InfiniteVL(nn.Module):
         self.visual = VisionTransformer(config.vision)
         self.model = TextDecoder(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.backend = "torch"  # the decoder's kernels, resolved by set_backend
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.vision_tokens = VisionTokens(
@@ -64,6 +65,7 @@ class InfiniteVL(nn.Module):
         (fla on CUDA when installed). Returns the resolved name. The vision tower runs PyTorch unless
         `vision=True` (streaming): then its norms and MLP take the fused kernels too (inference only)."""
         resolved = resolve_backend(backend, self.lm_head.weight.device)
+        self.backend = resolved
         for module in self.model.modules():
             if hasattr(module, "backend"):
                 module.backend = resolved

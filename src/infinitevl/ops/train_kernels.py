@@ -62,3 +62,47 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from fla.modules.activations.ops import swiglu as fla_swiglu
 
     return fla_swiglu(gate, up)
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_n CE(h_n @ w^T, t_n), a chunk of positions at a time, with the gradients computed in the forward: fla's
+    cross-entropy kernels read a chunk's bf16 logits once for the log-sum-exp and turn them, in place, into
+    d loss / d logits = softmax - onehot; two matmuls then give that chunk's dh (and dw when w trains). Backward
+    only scales them by the incoming gradient. Against the reference (losses._ce_chunk under checkpoint), this
+    drops the logits' recompute matmul and the float32 copies of the [chunk, V] logits in three passes."""
+
+    @staticmethod
+    def forward(ctx, h, w, t, chunk: int, dtype: torch.dtype):
+        from fla.modules.fused_cross_entropy.ops import cross_entropy_bwd, cross_entropy_fwd
+
+        hc, wc = h.to(dtype).contiguous(), w.to(dtype)
+        n = hc.shape[0]
+        dh = torch.empty_like(hc)
+        dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        ones = torch.ones(min(chunk, n), device=h.device, dtype=torch.float32)
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        with torch.cuda.device(h.device):
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                logits = hc[s:e] @ wc.t()  # [C, V] in the compute dtype, as the autocast head's output
+                loss, _, lse, _, _ = cross_entropy_fwd(logits, t[s:e])
+                total += loss.sum()
+                cross_entropy_bwd(logits, t[s:e], lse, ones[: e - s], inplace_backward=True)
+                dh[s:e] = logits @ wc
+                if dw is not None:
+                    dw += (logits.t() @ hc[s:e]).float()
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = (h.dtype, w.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return ((dh * g).to(h_dtype), None if dw is None else (dw * g).to(w_dtype), None, None, None)
+
+
+def linear_cross_entropy_sum(h_ND: torch.Tensor, w_VD: torch.Tensor, t_N: torch.Tensor, *, chunk: int = 4096):
+    """Sum of next-token cross-entropy of the head w over rows h (no ignored targets), in the autocast dtype
+    (else h's), with the gradients computed chunk by chunk in the forward."""
+    return _LinearCrossEntropySum.apply(h_ND, w_VD, t_N, chunk, _out_dtype(h_ND))

@@ -19,11 +19,16 @@ def _chunks(n: int, size: int):
 
 
 def cross_entropy_sum(hidden_ND: torch.Tensor, head_VD: torch.Tensor, targets_N: torch.Tensor, *,
-                      chunk: int = 4096) -> torch.Tensor:
+                      chunk: int = 4096, backend: str = "torch") -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose target is not -100, computing the logits a
-    chunk at a time (recomputed in backward) so a long row never holds [N, V] logits at once."""
+    chunk at a time (recomputed in backward) so a long row never holds [N, V] logits at once. backend 'fla'
+    on a GPU with gradients: fla's fused cross-entropy kernels (ops/train_kernels.linear_cross_entropy_sum)."""
     keep = targets_N != IGNORE
     h, t = hidden_ND[keep], targets_N[keep]
+    if backend == "fla" and h.is_cuda and torch.is_grad_enabled():
+        from ..ops.train_kernels import linear_cross_entropy_sum
+
+        return linear_cross_entropy_sum(h, head_VD, t, chunk=chunk)
     total = hidden_ND.new_zeros((), dtype=torch.float32)
     for s, e in _chunks(h.shape[0], chunk):
         total = total + checkpoint(_ce_chunk, h[s:e], head_VD, t[s:e], use_reentrant=False)

@@ -50,7 +50,8 @@ class CausalLMObjective(Objective):
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
         hidden = self.student(**batch.model_inputs(), return_hidden=True)[0]
-        loss = cross_entropy_sum(hidden, self.student.lm_head.weight, batch.targets[0], chunk=self.chunk)
+        loss = cross_entropy_sum(hidden, self.student.lm_head.weight, batch.targets[0], chunk=self.chunk,
+                                 backend=getattr(self.student, "backend", "torch"))
         return loss, {}
 
 
