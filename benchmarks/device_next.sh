@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
-#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|ce|x2]
+#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|ce|fp|x2]
 #   stream: GPU tests, frame profile (SDPA vs block kernel), the 10,000-frame benchmark; train: a profiled step;
 #   final: training step, GPU tests, stream benchmark; probe: GPU tests, block-kernel profile, profiled step;
 #   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
@@ -90,6 +90,13 @@ if [[ $what == ce ]]; then  # training-kernel + block GPU tests; profiled step w
   grep -v TileLang "$OUT/train_ce9.log" | tail -24
   train_bench 140 train_ce4 --rows-per-step 2 --rows-per-forward 2 --recompute-layers 4
   grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_ce4.log" | tail -6
+fi
+if [[ $what == fp ]]; then  # training-kernel GPU tests; 2 rows/step with fused projections, 9 and 7 recomputed
+  gpu_tests 120 tests/gpu/test_train_kernels.py; tests_summary
+  for r in 9 7; do
+    train_bench 150 train_fp$r --rows-per-step 2 --rows-per-forward 2 --recompute-layers $r
+    grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_fp$r.log" | tail -6
+  done
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &

@@ -97,3 +97,46 @@ def test_fused_linear_cross_entropy_matches_the_chunked_reference(head_trains):
     assert (dw is None) == (not head_trains)
     if head_trains:
         assert rel(dw, dw_ref) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["linear_attention", "sliding_attention"])
+def test_projections_in_one_matmul_match_separate_ones_in_training(kind, monkeypatch):
+    """layers/fuse.project_together (training on the fast backend: a layer's sibling projections as one matmul)
+    against the separate projections: the layer's output and every gradient, under bf16 autocast, packed row."""
+    import importlib
+
+    from infinitevl.model.config import preset
+    from infinitevl.model.decoder import TextDecoder
+
+    cfg = preset("tiny").text
+    torch.manual_seed(0)
+    decoder = TextDecoder(cfg).to(DEV).train()
+    for m in decoder.modules():
+        if hasattr(m, "backend"):
+            m.backend = "fla"
+    i = cfg.layer_types.index(kind)
+    layer = decoder.layers[i]
+    mod = importlib.import_module("infinitevl.layers." + ("gated_deltanet" if kind == "linear_attention" else "swa_attention"))
+    x = torch.randn(1, 300, cfg.hidden_size, device=DEV, requires_grad=True)
+    pos = torch.cat([torch.arange(100), torch.arange(200)]).to(DEV).expand(3, 1, 300)
+    kw = decoder.layer_inputs(x, pos, cu_seqlens=torch.tensor([0, 100, 300], device=DEV, dtype=torch.int32))
+    dy = torch.randn_like(x)
+    results = []
+    for together in (True, False):
+        fused_calls = []
+        real = mod.project_together
+        monkeypatch.setattr(mod, "project_together", lambda *a: fused_calls.append(1) or real(*a))
+        if not together:
+            monkeypatch.setattr(mod, "train_fusable", lambda *a: False)
+        layer.zero_grad()
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x, **kw, state=None)
+        (y.float() * dy).sum().backward()
+        assert len(fused_calls) == (1 if together else 0)
+        results.append((y.detach().float(), [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]))
+    (y1, g1), (y0, g0) = results
+    assert rel(y1, y0) < 2e-3
+    assert len(g1) == len(g0)
+    for a, b in zip(g1, g0):
+        assert rel(a, b) < 1e-2

@@ -22,6 +22,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def train_fusable(x: torch.Tensor, linears: list[nn.Linear], backend: str) -> bool:
+    """Whether `project_together` applies: training (gradients on) on the fast backend's GPU, every projection a
+    plain nn.Linear (a PEFT-wrapped one, LoRA, must run as a module call so its adapter applies)."""
+    return backend == "fla" and x.is_cuda and torch.is_grad_enabled() and all(type(m) is nn.Linear for m in linears)
+
+
+def project_together(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
+    """Training: sibling projections of x as one matmul over their weights concatenated in this forward (cast
+    first to the autocast dtype, as autocast would cast each). Backward then computes dx in one matmul instead of
+    one per projection plus the adds that sum them, and each weight gets its slice of one weight gradient. Same
+    values as the separate projections; outputs are views of one [..., sum(out)] tensor."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    weight = torch.cat([m.weight.to(dtype) for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias.to(dtype) for m in linears])
+    return list(F.linear(x.to(dtype), weight, bias).split([m.out_features for m in linears], dim=-1))
+
+
 class FusedLinears:
     """The concatenated weight [sum(out), in] (and bias) of several nn.Linear, and how to split its output.
 

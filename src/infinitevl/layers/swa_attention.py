@@ -12,7 +12,7 @@ from torch import nn
 from ..model.config import TextConfig
 from ..model.state import SWAState
 from ..ops.rope import apply_rope
-from .fuse import linear
+from .fuse import linear, project_together, train_fusable
 from ..ops.swa import (causal_segments_attention, folded_gqa_attention, ring_write, ring_write_last,
                        sliding_window_attention, window_mask)
 
@@ -61,6 +61,8 @@ class SlidingWindowAttention(nn.Module):
             rope = swa_fast.apply_rope
         if self.qkv is not None:
             q_in, k_in, v_in = self.qkv(x_BTD, backend=self.backend)
+        elif train_fusable(x_BTD, [self.q_proj, self.k_proj, self.v_proj], self.backend):
+            q_in, k_in, v_in = project_together(x_BTD, [self.q_proj, self.k_proj, self.v_proj])
         else:
             q_in, k_in, v_in = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         q = rope(q_in.view(B, T, H, E), cos_BTE, sin_BTE)
