@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
-#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|ce|fp|x2]
+#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|ce|fp|b8|x2]
 #   stream: GPU tests, frame profile (SDPA vs block kernel), the 10,000-frame benchmark; train: a profiled step;
 #   final: training step, GPU tests, stream benchmark; probe: GPU tests, block-kernel profile, profiled step;
 #   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
@@ -97,6 +97,14 @@ if [[ $what == fp ]]; then  # training-kernel GPU tests; 2 rows/step with fused 
     train_bench 150 train_fp$r --rows-per-step 2 --rows-per-forward 2 --recompute-layers $r
     grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_fp$r.log" | tail -6
   done
+fi
+if [[ $what == b8 ]]; then  # a GPU's share of the published batch (8 rows/step, 2 per forward); then the tests
+  train_bench 170 train_b8r9 --rows-per-step 8 --rows-per-forward 2 --recompute-layers 9
+  grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_b8r9.log" | tail -6
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    train_bench 170 train_b8r8 --rows-per-step 8 --rows-per-forward 2 --recompute-layers 8
+  grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_b8r8.log" | tail -6
+  gpu_tests 200 tests/gpu/test_train_kernels.py; tests_summary
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &
