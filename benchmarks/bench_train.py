@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a rank's rows of a step run in one forward, concatenated (RunConfig.rows_per_forward)")
     ap.add_argument("--recompute-layers", type=int, default=None,
                     help="layers recomputed under gradient checkpointing (RunConfig.recompute_layers; default all)")
+    ap.add_argument("--loss-chunk", type=int, default=4096, help="positions per chunk of the head + cross-entropy")
     ap.add_argument("--sample-tokens", type=int, nargs=2, default=[1024, 4096], metavar=("MIN", "MAX"))
     ap.add_argument("--trainable", default="all", help="comma list for set_trainable (all | gdn,attention | ...)")
     ap.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         # values a released bf16 checkpoint holds (loaded in `dtype`): the loop then stores frozen ones in bf16
         model = init_weights(InfiniteVL(cfg)).to(torch.bfloat16).to(dtype)
     set_trainable(model, args.trainable.split(","))
-    objective = CausalLMObjective(model)
+    objective = CausalLMObjective(model, chunk=args.loss_chunk)
     run = RunConfig(output_dir=str(args.out / "run"), grad_accum=args.rows_per_step // d.world,
                     rows_per_forward=args.rows_per_forward, backend=backend,
                     bf16=args.weights == "fp32", gradient_checkpointing=True, recompute_layers=args.recompute_layers,
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"bench": "train", "device": gpu, "world": d.world, "shape": "tiny" if args.tiny else "4b",
            "params_total": total, "params_trained": trained, "matmul_params": n_mm, "matmul_params_trained": n_tr,
            "row_tokens": args.row_tokens, "rows_per_step": args.rows_per_step, "rows_per_forward": args.rows_per_forward,
-           "recompute_layers": args.recompute_layers,
+           "recompute_layers": args.recompute_layers, "loss_chunk": args.loss_chunk,
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
            "samples_per_row": len(lens),
            "weights": args.weights, "trainable": args.trainable, "backend": backend,
            "step_ms_median": round(med, 2), "step_ms": [round(x, 2) for x in ms],

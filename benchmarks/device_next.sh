@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
-#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|ce|fp|b8|x2]
+#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|ce|fp|b8|x2|x2b]
 #   stream: GPU tests, frame profile (SDPA vs block kernel), the 10,000-frame benchmark; train: a profiled step;
 #   final: training step, GPU tests, stream benchmark; probe: GPU tests, block-kernel profile, profiled step;
 #   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
@@ -105,6 +105,18 @@ if [[ $what == b8 ]]; then  # a GPU's share of the published batch (8 rows/step,
     train_bench 170 train_b8r8 --rows-per-step 8 --rows-per-forward 2 --recompute-layers 8
   grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/train_b8r8.log" | tail -6
   gpu_tests 200 tests/gpu/test_train_kernels.py; tests_summary
+fi
+if [[ $what == x2b ]]; then  # 2-GPU machine: two 1-GPU variants side by side, then FSDP2 over both GPUs
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  ( CUDA_VISIBLE_DEVICES=0 train_bench 230 g1_b8r11 --rows-per-step 8 --rows-per-forward 2 --recompute-layers 11 \
+      --loss-chunk 2048 ) &
+  ( CUDA_VISIBLE_DEVICES=1 train_bench 230 g1_b2r8 --rows-per-step 2 --rows-per-forward 2 --recompute-layers 8 ) &
+  wait
+  for f in g1_b8r11 g1_b2r8; do echo "== $f"; grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/$f.log" | tail -6; done
+  timeout 240 torchrun --standalone --nproc_per_node 2 benchmarks/bench_train.py --trainable gdn,attention \
+    --rows-per-step 4 --rows-per-forward 2 --recompute-layers 8 --warmup 1 --steps 3 --out "$OUT/g2_b4r8" \
+    > "$OUT/g2_b4r8.log" 2>&1
+  echo "== g2_b4r8"; grep -v TileLang "$OUT/g2_b4r8.log" | grep -E "step \(|MFU|memory|tokens/s|processes|Error|error" | tail -8
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &
