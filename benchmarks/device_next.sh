@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
-#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|ce|fp|b8|x2|x2b]
+#          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh [stream|train|all|final|probe|ab|tk|rpf|rc|ce|fp|b8|b64|x2|x2b]
 #   stream: GPU tests, frame profile (SDPA vs block kernel), the 10,000-frame benchmark; train: a profiled step;
 #   final: training step, GPU tests, stream benchmark; probe: GPU tests, block-kernel profile, profiled step;
 #   x2 (a 2-GPU machine): GPU 0 trains on 1 GPU (2 rows/step, profiled) while GPU 1 runs the stream GPU tests
@@ -117,6 +117,12 @@ if [[ $what == x2b ]]; then  # 2-GPU machine: two 1-GPU variants side by side, t
     --rows-per-step 4 --rows-per-forward 2 --recompute-layers 8 --warmup 1 --steps 3 --out "$OUT/g2_b4r8" \
     > "$OUT/g2_b4r8.log" 2>&1
   echo "== g2_b4r8"; grep -v TileLang "$OUT/g2_b4r8.log" | grep -E "step \(|MFU|memory|tokens/s|processes|Error|error" | tail -8
+fi
+if [[ $what == b64 ]]; then  # 1 GPU: the published batch of 64 rows per step, then 8 (a GPU's share on 8 GPUs)
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  train_bench 210 h_b64r10 --rows-per-step 64 --rows-per-forward 2 --recompute-layers 10 --loss-chunk 2048 --steps 2
+  train_bench 120 h_b8r10 --rows-per-step 8 --rows-per-forward 2 --recompute-layers 10 --loss-chunk 2048
+  for f in h_b64r10 h_b8r10; do echo "== $f"; grep -E "step \(|MFU|memory|tokens/s|Error|error" "$OUT/$f.log" | tail -6; done
 fi
 if [[ $what == x2 ]]; then
   ( CUDA_VISIBLE_DEVICES=0 train_bench 280 train1 --rows-per-step 2 --profile ) &
