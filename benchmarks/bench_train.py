@@ -54,9 +54,16 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
 
 # ---------------------------------------------------------------- data
+def text_vocab(cfg) -> int:
+    """Token ids below every vision special token (image/video placeholders, vision start/end): random text
+    drawn from the whole vocabulary would now and then hold an image placeholder without pixels."""
+    return min(cfg.text.vocab_size, cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+               cfg.vision_end_token_id)
+
+
 def packed_row(index: int, *, tokens: int, vocab: int, min_len: int, max_len: int) -> PackedBatch:
-    """Row `index` of the benchmark stream: random samples of min_len..max_len tokens filling `tokens`
-    (seeded by the row index, so every process count sees the same rows)."""
+    """Row `index` of the benchmark stream: random samples of min_len..max_len tokens filling `tokens`, ids
+    below `vocab` (pass text_vocab(cfg)), seeded by the row index so every process count sees the same rows."""
     g = torch.Generator().manual_seed(1000 + index)
     lens = []
     while sum(lens) < tokens:
@@ -143,7 +150,7 @@ def gradient_gate(device: torch.device, backend: str) -> dict:
     fast.load_state_dict(ref.state_dict())
     fast.set_backend(backend)
     fast.model.gradient_checkpointing = True
-    b = packed_row(0, tokens=512, vocab=cfg.text.vocab_size, min_len=40, max_len=200).to(device)
+    b = packed_row(0, tokens=512, vocab=text_vocab(cfg), min_len=40, max_len=200).to(device)
     out = {}
     for name, m in (("ref", ref), ("fast", fast)):
         loss, _ = CausalLMObjective(m)(b)
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                     progress=False,
                     max_steps=args.warmup + args.steps + 1, parallel=args.parallel if d.world > 1 else "none")
     loader = FixedRows(rows_per_step=args.rows_per_step, d=d, repeat=True, tokens=args.row_tokens,
-                       vocab=cfg.text.vocab_size, min_len=args.sample_tokens[0], max_len=args.sample_tokens[1])
+                       vocab=text_vocab(cfg), min_len=args.sample_tokens[0], max_len=args.sample_tokens[1])
     trainer = Trainer(objective, loader, run=run, optim=OptimConfig(lr=1e-4 if args.tiny else 2e-5, warmup_ratio=0.0),
                       d=d, model_config=cfg, init_dir=None)
     trained, total = count(model)
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         faulthandler.cancel_dump_traceback_later()
     breakdown = profile_step(trainer, dev) if args.profile and d.main else None
-    lens = [int(n) for n in (packed_row(0, tokens=args.row_tokens, vocab=cfg.text.vocab_size,
+    lens = [int(n) for n in (packed_row(0, tokens=args.row_tokens, vocab=text_vocab(cfg),
                                         min_len=args.sample_tokens[0], max_len=args.sample_tokens[1]).cu_seqlens.diff())]
     n_mm, n_tr = matmul_params(model, trained_only=False), matmul_params(model, trained_only=True)
     dense = 4 * n_mm + 2 * n_tr

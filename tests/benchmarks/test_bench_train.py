@@ -3,6 +3,8 @@ table, JSON line)."""
 import importlib.util
 import json
 
+import torch
+
 from ..conftest import ROOT
 
 
@@ -34,3 +36,21 @@ def test_flops_count_frozen_weights_once_less():
     assert 0 < n_tr < n_all
     swa, gdn = bench.attention_flops_per_token(m.config, [10, 100])
     assert swa > 0 and gdn > 0
+
+
+def test_benchmark_rows_hold_no_vision_tokens():
+    """Random text rows must not contain image/video placeholders (a 64-row step at the 4B shape once drew one
+    and the model rightly refused a placeholder without pixels)."""
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from infinitevl import preset
+
+    for name in ("tiny", "4b"):
+        cfg = preset(name)
+        special = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+        vocab = bench.text_vocab(cfg)
+        assert vocab <= min(special)
+        ids = torch.cat([bench.packed_row(i, tokens=8192, vocab=vocab, min_len=1024, max_len=4096).input_ids
+                         for i in range(4)])
+        assert not set(ids.unique().tolist()) & special
