@@ -79,9 +79,51 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, mask=None):
-        x, h = self.norm2.add_and_norm(x, self.attn(self.norm1(x), cos, sin, mask))
+    def forward(self, x, cos, sin, mask=None, segments: "Segments | None" = None):
+        """x [..., S, E]; with `segments`, x is [N, E] and attention stays inside each segment."""
+        h = self.norm1(x)
+        a = self.attn(h, cos, sin, mask) if segments is None else segments.attend(self.attn, h, cos, sin)
+        x, h = self.norm2.add_and_norm(x, a)
         return x + self.mlp(h)
+
+
+@dataclass
+class Segments:
+    """Contiguous runs of patches that attend only among themselves (frames, or windows), batched by length:
+    the runs of each length are gathered into one [G, S, E] batch. No [N, N] mask, and only the attention
+    inside each run is computed, whatever the number of images in a forward. Built on the host from the
+    layout, so attending never syncs."""
+
+    lengths: list[int]  # one per batch of equal-length runs
+    index: list[torch.Tensor | None]  # the patches of each batch (None: all N in order, a plain reshape)
+    restore: torch.Tensor | None  # concatenated batch outputs -> patch order (None when already in order)
+
+    @staticmethod
+    def of(ids_N: torch.Tensor, device) -> "Segments":
+        """ids_N (host): each patch's run id, equal ids contiguous."""
+        counts = torch.unique_consecutive(ids_N, return_counts=True)[1].tolist()
+        starts, by_len = 0, {}
+        for n in counts:
+            by_len.setdefault(n, []).append(starts)
+            starts += n
+        if len(by_len) == 1:
+            return Segments(list(by_len), [None], None)
+        lengths, index = [], []
+        for n, firsts in by_len.items():
+            lengths.append(n)
+            index.append((torch.tensor(firsts)[:, None] + torch.arange(n)).flatten())
+        restore = torch.argsort(torch.cat(index))
+        return Segments(lengths, [i.to(device) for i in index], restore.to(device))
+
+    def attend(self, attn: "VisionAttention", h_NE, cos_NF, sin_NF):
+        E, F = h_NE.shape[-1], cos_NF.shape[-1]
+        outs = []
+        for n, idx in zip(self.lengths, self.index):
+            h, cos, sin = (h_NE, cos_NF, sin_NF) if idx is None else (h_NE[idx], cos_NF[idx], sin_NF[idx])
+            outs.append(attn(h.view(-1, n, E), cos.view(-1, n, F), sin.view(-1, n, F)).reshape(-1, E))
+        if self.restore is None:
+            return outs[0]
+        return torch.cat(outs)[self.restore]
 
 
 class PatchMerger(nn.Module):
@@ -123,21 +165,20 @@ class VisionTransformer(nn.Module):
         device = pixels_NP.device
         x = self.patch_embed(pixels_NP)
         pos_N2, frame_N, window_N, order = _layout(grid_thw, m, cfg.window_size // m // cfg.patch_size)
-        pos_N2, frame_N, window_N, order = (t.to(device) for t in (pos_N2, frame_N, window_N, order))
+        pos_N2 = pos_N2.to(device)
         inv_freq = rope_inv_freq(cfg.head_dim // 2, 10000.0, device=device)
         freqs = (pos_N2[..., None].float() * inv_freq).flatten(1)  # [N, F/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        # Reorder the merge groups window by window; windowed attention is then block-diagonal.
-        idx = (order[:, None] * m * m + torch.arange(m * m, device=device)).flatten()
+        # Reorder the merge groups window by window: frames and windows are then contiguous runs of patches.
+        idx_host = (order[:, None] * m * m + torch.arange(m * m)).flatten()
+        idx = idx_host.to(device)
         x, cos, sin = x[idx], cos[idx], sin[idx]
-        frame_N, window_N = frame_N[idx], window_N[idx]
-        masks = {True: frame_N[:, None] == frame_N[None, :], False: window_N[:, None] == window_N[None, :]}
-        x = x[None]
+        segments = {True: Segments.of(frame_N[idx_host], device), False: Segments.of(window_N[idx_host], device)}
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, masks[i in cfg.fullatt_block_indexes][None])
-        merged = self.merger(x[0])
-        return merged[torch.argsort(order)]
+            x = block(x, cos, sin, segments=segments[i in cfg.fullatt_block_indexes])
+        merged = self.merger(x)
+        return merged[torch.argsort(order.to(device))]
 
     def frame_layout(self, height_patches: int, width_patches: int, device) -> "FrameLayout":
         """Everything `forward_frames` needs for frames of one size, computed once (on the host, then moved)."""
