@@ -54,7 +54,9 @@ def train_main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(cfg), indent=2))
         return 0
     # before the first CUDA allocation: a training step's activations and loss chunks come in many sizes, and
-    # expandable segments stop their free blocks from fragmenting the GPU's memory (~1.5 GiB at the 4B shape)
+    # expandable segments stop their free blocks from fragmenting the GPU's memory (~1.5 GiB at the 4B shape).
+    # A caller that already used CUDA in this process keeps its allocator; the variable then stays set for
+    # the process and its children.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch.distributed as torch_dist
 

@@ -78,6 +78,7 @@ class TextDecoder(nn.Module):
         if not (self.gradient_checkpointing and self.training):
             return False
         return self.recompute_layers is None or i < self.recompute_layers
+
     def layer_inputs(self, x_BTD: torch.Tensor, position_ids_3BT: torch.Tensor, *, mask_BT=None, state=None,
                      cu_seqlens=None) -> dict:
         """What every layer takes besides its own state, computed once per forward: rotary tables, token

@@ -33,7 +33,7 @@ class InfiniteVL(nn.Module):
         self.visual = VisionTransformer(config.vision)
         self.model = TextDecoder(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        self.backend = "torch"  # the decoder's kernels, resolved by set_backend
+        self.backend = "torch"  # the decoder's kernels as set_backend resolved them (the training loss reads it)
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.vision_tokens = VisionTokens(

@@ -77,7 +77,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
         hc, wc = h.to(dtype).contiguous(), w.to(dtype)
         n = hc.shape[0]
-        dh = torch.empty_like(hc)
+        dh = torch.empty_like(hc) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         ones = torch.ones(min(chunk, n), device=h.device, dtype=torch.float32)
         total = torch.zeros((), device=h.device, dtype=torch.float32)
@@ -88,7 +88,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 loss, _, lse, _, _ = cross_entropy_fwd(logits, t[s:e])
                 total += loss.sum()
                 cross_entropy_bwd(logits, t[s:e], lse, ones[: e - s], inplace_backward=True)
-                dh[s:e] = logits @ wc
+                if dh is not None:
+                    dh[s:e] = logits @ wc
                 if dw is not None:
                     dw += (logits.t() @ hc[s:e]).float()
         ctx.save_for_backward(dh, dw)
@@ -99,7 +100,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def backward(ctx, g):
         dh, dw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return ((dh * g).to(h_dtype), None if dw is None else (dw * g).to(w_dtype), None, None, None)
+        return (None if dh is None else (dh * g).to(h_dtype), None if dw is None else (dw * g).to(w_dtype), None,
+                None, None)
 
 
 def linear_cross_entropy_sum(h_ND: torch.Tensor, w_VD: torch.Tensor, t_N: torch.Tensor, *, chunk: int = 4096):

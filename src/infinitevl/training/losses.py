@@ -25,7 +25,7 @@ def cross_entropy_sum(hidden_ND: torch.Tensor, head_VD: torch.Tensor, targets_N:
     on a GPU with gradients: fla's fused cross-entropy kernels (ops/train_kernels.linear_cross_entropy_sum)."""
     keep = targets_N != IGNORE
     h, t = hidden_ND[keep], targets_N[keep]
-    if backend == "fla" and h.is_cuda and torch.is_grad_enabled():
+    if backend == "fla" and h.is_cuda and torch.is_grad_enabled() and (h.requires_grad or head_VD.requires_grad):
         from ..ops.train_kernels import linear_cross_entropy_sum
 
         return linear_cross_entropy_sum(h, head_VD, t, chunk=chunk)

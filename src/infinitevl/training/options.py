@@ -76,8 +76,9 @@ class RunConfig:
             raise ValueError(f"run.backend must be auto, torch or fla, got {self.backend!r}")
         if self.rows_per_forward < 1:
             raise ValueError(f"run.rows_per_forward must be >= 1, got {self.rows_per_forward}")
-        if self.recompute_layers is not None and self.recompute_layers < 0:
-            raise ValueError(f"run.recompute_layers must be >= 0 or null (all layers), got {self.recompute_layers}")
+        r = self.recompute_layers
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ValueError(f"run.recompute_layers must be a whole number >= 0, or null for all layers; got {r!r}")
         if self.epochs <= 0:
             raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
 
