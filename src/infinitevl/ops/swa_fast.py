@@ -225,6 +225,22 @@ def _block_tile(q, k, v, kidx, qi, m_i, l_i, acc, window, scale_log2):
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
+@triton.jit
+def _block_keys(q, qi, m_i, l_i, acc, idx_ptr, k_ptr, v_ptr, base, lo, hi, g, G, d, window, scale_log2,
+                D: tl.constexpr, BS: tl.constexpr):
+    """The online-softmax step over keys [lo, hi) of one key buffer (rows base + j of [*, G, D] keys/values and
+    their token indices): the ring (base b * R) or the block's own keys (base b * T)."""
+    for j0 in range(lo, hi, BS):
+        j = j0 + tl.arange(0, BS)
+        j_ok = j < hi
+        kidx = tl.load(idx_ptr + base + j, mask=j_ok, other=-1)
+        off = ((base + j[:, None]) * G + g) * D + d[None, :]
+        k = tl.load(k_ptr + off, mask=j_ok[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_ptr + off, mask=j_ok[:, None], other=0.0).to(q.dtype)
+        m_i, l_i, acc = _block_tile(q, k, v, kidx, qi, m_i, l_i, acc, window, scale_log2)
+    return m_i, l_i, acc
+
+
 @triton.autotune(configs=_BLOCK_CONFIGS, key=["TR_BUCKET", "REP", "D"])
 @triton.jit
 def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr, m_ptr, l_ptr, acc_ptr,
@@ -250,27 +266,11 @@ def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr,
     acc = tl.zeros([BM, D], tl.float32)
     lo = i_s * SPLIT
     hi = tl.minimum(lo + SPLIT, R + T)
-    # ring slots [lo, min(hi, R))
-    ring_hi = tl.minimum(hi, R)
-    for j0 in range(lo, ring_hi, BS):
-        j = j0 + tl.arange(0, BS)
-        j_ok = j < ring_hi
-        kidx = tl.load(ridx_ptr + b * R + j, mask=j_ok, other=-1)
-        off = ((b * R + j[:, None]) * G + g) * D + d[None, :]
-        k = tl.load(k_ptr + off, mask=j_ok[:, None], other=0.0).to(q.dtype)
-        v = tl.load(v_ptr + off, mask=j_ok[:, None], other=0.0).to(q.dtype)
-        m_i, l_i, acc = _block_tile(q, k, v, kidx, qi, m_i, l_i, acc, window, scale_log2)
-    # the block's own keys [max(lo, R), hi) - R: causal within the block
-    n_lo = tl.maximum(lo, R) - R
-    n_hi = hi - R
-    for n0 in range(n_lo, n_hi, BS):
-        n = n0 + tl.arange(0, BS)
-        n_ok = n < n_hi
-        kidx = tl.load(qidx_ptr + b * T + n, mask=n_ok, other=-1)
-        off = ((b * T + n[:, None]) * G + g) * D + d[None, :]
-        k = tl.load(kn_ptr + off, mask=n_ok[:, None], other=0.0).to(q.dtype)
-        v = tl.load(vn_ptr + off, mask=n_ok[:, None], other=0.0).to(q.dtype)
-        m_i, l_i, acc = _block_tile(q, k, v, kidx, qi, m_i, l_i, acc, window, scale_log2)
+    # ring slots [lo, min(hi, R)), then the block's own keys [max(lo, R), hi) - R (causal within the block)
+    m_i, l_i, acc = _block_keys(q, qi, m_i, l_i, acc, ridx_ptr, k_ptr, v_ptr, b * R, lo, tl.minimum(hi, R),
+                                g, G, d, window, scale_log2, D=D, BS=BS)
+    m_i, l_i, acc = _block_keys(q, qi, m_i, l_i, acc, qidx_ptr, kn_ptr, vn_ptr, b * T, tl.maximum(lo, R) - R,
+                                hi - R, g, G, d, window, scale_log2, D=D, BS=BS)
     part = (i_bg * NS + i_s) * TR + r
     tl.store(m_ptr + part, m_i, mask=r_ok)
     tl.store(l_ptr + part, l_i, mask=r_ok)
