@@ -33,7 +33,9 @@ def project_together(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Te
     first to the autocast dtype, as autocast would cast each). Backward then computes dx in one matmul instead of
     one per projection plus the adds that sum them, and each weight gets its slice of one weight gradient. Same
     values as the separate projections; outputs are views of one [..., sum(out)] tensor."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    from ..ops.train_kernels import autocast_dtype
+
+    dtype = autocast_dtype(x)
     weight = torch.cat([m.weight.to(dtype) for m in linears])
     bias = None if linears[0].bias is None else torch.cat([m.bias.to(dtype) for m in linears])
     return list(F.linear(x.to(dtype), weight, bias).split([m.out_features for m in linears], dim=-1))

@@ -90,14 +90,14 @@ class GatedDeltaNet(nn.Module):
         """Mixes tokens; updates `state` in place when given. Pad tokens (mask 0) leave it untouched."""
         B, T, _ = x_BTD.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-        projs = [self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj]
         if self.in_proj is not None:
             q_in, k_in, v_in, g_in, a_in, b_in = self.in_proj(x_BTD, backend=self.backend)
-        elif train_fusable(x_BTD, projs, self.backend):
-            q_in, k_in, v_in, g_in, a_in, b_in = project_together(x_BTD, projs)
         else:
-            q_in, k_in, v_in = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
-            g_in, a_in, b_in = self.g_proj(x_BTD), self.a_proj(x_BTD), self.b_proj(x_BTD)
+            projs = [self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj]
+            if train_fusable(x_BTD, projs, self.backend):
+                q_in, k_in, v_in, g_in, a_in, b_in = project_together(x_BTD, projs)
+            else:  # module calls, so wrappers (LoRA adapters, hooks) apply
+                q_in, k_in, v_in, g_in, a_in, b_in = (proj(x_BTD) for proj in projs)
         if self.backend == "fla" and T == 1 and state is not None and cu_seqlens is None:
             # decode: the three short convs in one kernel, states advanced in place
             from ..ops import short_conv_fast

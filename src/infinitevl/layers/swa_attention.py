@@ -61,10 +61,12 @@ class SlidingWindowAttention(nn.Module):
             rope = swa_fast.apply_rope
         if self.qkv is not None:
             q_in, k_in, v_in = self.qkv(x_BTD, backend=self.backend)
-        elif train_fusable(x_BTD, [self.q_proj, self.k_proj, self.v_proj], self.backend):
-            q_in, k_in, v_in = project_together(x_BTD, [self.q_proj, self.k_proj, self.v_proj])
         else:
-            q_in, k_in, v_in = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+            projs = [self.q_proj, self.k_proj, self.v_proj]
+            if train_fusable(x_BTD, projs, self.backend):
+                q_in, k_in, v_in = project_together(x_BTD, projs)
+            else:  # module calls, so wrappers (LoRA adapters, hooks) apply
+                q_in, k_in, v_in = (proj(x_BTD) for proj in projs)
         q = rope(q_in.view(B, T, H, E), cos_BTE, sin_BTE)
         k = rope(k_in.view(B, T, G, E), cos_BTE, sin_BTE)
         v = v_in.view(B, T, G, E)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes x's matmuls in (x's own when autocast is off)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -47,7 +48,7 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x), computed in float32; output in the autocast dtype (else x's)."""
-    return _RMSNorm.apply(x, weight, eps, _out_dtype(x))
+    return _RMSNorm.apply(x, weight, eps, autocast_dtype(x))
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,4 +108,4 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 def linear_cross_entropy_sum(h_ND: torch.Tensor, w_VD: torch.Tensor, t_N: torch.Tensor, *, chunk: int = 4096):
     """Sum of next-token cross-entropy of the head w over rows h (no ignored targets), in the autocast dtype
     (else h's), with the gradients computed chunk by chunk in the forward."""
-    return _LinearCrossEntropySum.apply(h_ND, w_VD, t_N, chunk, _out_dtype(h_ND))
+    return _LinearCrossEntropySum.apply(h_ND, w_VD, t_N, chunk, autocast_dtype(h_ND))
