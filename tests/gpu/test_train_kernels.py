@@ -38,6 +38,36 @@ def test_rms_norm_matches_the_layer_formula_with_gradients(autocast):
     assert rel(g[1], g_ref[1]) < 1e-2 if autocast else rel(g[1], g_ref[1]) < 1e-4
 
 
+@pytest.mark.parametrize("h_dtype", [torch.bfloat16, torch.float32])
+def test_add_rms_norm_matches_the_layer_formula_with_gradients(h_dtype):
+    """RMSNorm.add_and_norm on backend 'fla' (train_kernels.add_rms_norm): the float32 residual stream plus a
+    sub-layer's update, under bf16 autocast as in training; both outputs carry a gradient (the stream goes on to
+    the next layer, the norm to the sub-layer), so backward adds them inside the kernel."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 300, 2048, device=DEV, requires_grad=True)
+    h = torch.randn(2, 300, 2048, device=DEV).to(h_dtype).requires_grad_()
+    norm = RMSNorm(2048, eps=1e-6).to(DEV)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    ds, dy = torch.randn(2, 300, 2048, device=DEV), torch.randn(2, 300, 2048, device=DEV)
+    results = {}
+    for backend in ("torch", "fla"):
+        norm.backend = backend
+        for t in (x, h, norm.weight):
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            s, y = norm.add_and_norm(x, h)
+        ((s.float() * ds).sum() + (y.float() * dy).sum()).backward()
+        results[backend] = (s.detach(), y.detach(), [t.grad.clone() for t in (x, h, norm.weight)])
+    (s_ref, y_ref, g_ref), (s, y, g) = results["torch"], results["fla"]
+    assert s.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert g[0].dtype == torch.float32 and g[1].dtype == h_dtype
+    assert torch.equal(s, s_ref)  # the stream itself: the same float32 add
+    assert rel(y.float(), y_ref.to(torch.bfloat16).float()) < 1e-3
+    for a, b in zip(g, g_ref):
+        assert rel(a.float(), b.float()) < 1e-2
+
+
 def test_gated_rms_norm_matches_the_layer_formula_with_gradients():
     torch.manual_seed(0)
     x = torch.randn(2, 100, 16, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)

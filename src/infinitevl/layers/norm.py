@@ -33,6 +33,10 @@ class RMSNorm(nn.Module):
             from ..ops import fused
 
             return fused.add_rms_norm(x, h, self.weight, self.eps)
+        if self.backend == "fla" and x.is_cuda and torch.promote_types(x.dtype, h.dtype) == x.dtype:
+            from ..ops import train_kernels  # training: fla's add + norm kernels with backward
+
+            return train_kernels.add_rms_norm(x, h, self.weight, self.eps)
         s = x + h
         return s, self(s)
 

@@ -30,14 +30,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x_BTD, *, cos, sin, tok_idx, mask, state, cu_seqlens, seg, seq_lengths=None):
-        h = self.input_layernorm(x_BTD)
+    def forward(self, x_BTD, pending_BTD=None, *, cos, sin, tok_idx, mask, state, cu_seqlens, seg,
+                seq_lengths=None, unadded: bool = False):
+        """The layer's output for input x (+ pending, when given). With unadded=True: (residual, update) whose
+        sum is that output; the decoder leaves the last add to the next norm, which does it in the same kernel as
+        the norm (forward and backward) on the fast backend. (Called as a module either way: FSDP's and PEFT's
+        hooks see every call.)"""
+        if pending_BTD is None:
+            h = self.input_layernorm(x_BTD)
+        else:
+            x_BTD, h = self.input_layernorm.add_and_norm(x_BTD, pending_BTD)
         if self.layer_type == "linear_attention":
             h = self.self_attn(h, state=state, mask_BT=mask, cu_seqlens=cu_seqlens)
         else:
             h = self.self_attn(h, cos, sin, tok_idx_BT=tok_idx, mask_BT=mask, state=state, seg_BT=seg,
                                seq_lengths=seq_lengths)
         x_BTD, h = self.post_attention_layernorm.add_and_norm(x_BTD, h)
+        if unadded:
+            return x_BTD, self.mlp(h)
         return x_BTD + self.mlp(h)
 
 
@@ -64,14 +74,18 @@ class TextDecoder(nn.Module):
     ) -> torch.Tensor:
         """Runs all layers over embeddings; returns the final-normed hidden states [B, T, D]."""
         shared = self.layer_inputs(x_BTD, position_ids_3BT, mask_BT=mask_BT, state=state, cu_seqlens=cu_seqlens)
+        pending = None  # each layer's last residual add is done by the next norm (DecoderLayer.forward)
         for i, layer in enumerate(self.layers):
             kw = dict(shared, state=None if state is None else state.layers[i])
             if self.recomputes(i):
-                x_BTD = torch.utils.checkpoint.checkpoint(lambda x, layer=layer, kw=kw: layer(x, **kw), x_BTD,
-                                                          use_reentrant=False)
+                x_BTD, pending = torch.utils.checkpoint.checkpoint(
+                    lambda x, p, layer=layer, kw=kw: layer(x, p, unadded=True, **kw), x_BTD, pending,
+                    use_reentrant=False)
             else:
-                x_BTD = layer(x_BTD, **kw)
-        return self.norm(x_BTD)
+                x_BTD, pending = layer(x_BTD, pending, unadded=True, **kw)
+        if pending is None:
+            return self.norm(x_BTD)
+        return self.norm.add_and_norm(x_BTD, pending)[1]
 
     def recomputes(self, i: int) -> bool:
         """Whether layer i runs under activation checkpointing (training with gradient_checkpointing on)."""

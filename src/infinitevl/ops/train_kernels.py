@@ -1,5 +1,5 @@
-"""Fused training kernels (forward and backward, CUDA) from flash-linear-attention: the decoder's RMSNorm, the
-Gated DeltaNet output's gated RMSNorm and the MLP's SwiGLU. Their plain-PyTorch formulas in layers/norm.py and
+"""Fused training kernels (forward and backward, CUDA) from flash-linear-attention: the decoder's RMSNorm (alone
+and after the residual add), the Gated DeltaNet output's gated RMSNorm and the MLP's SwiGLU. Their plain-PyTorch formulas in layers/norm.py and
 layers/mlp.py are the reference (tests/gpu/test_train_kernels.py compares values and gradients).
 
 Why: in a training step of the 4B shape these ran as ~6-10 elementwise PyTorch kernels each over the float32
@@ -49,6 +49,47 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x), computed in float32; output in the autocast dtype (else x's)."""
     return _RMSNorm.apply(x, weight, eps, autocast_dtype(x))
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    """(s, y) = (x + h, weight * s / rms(s)): the residual add and the next norm in one kernel each way. Forward
+    writes s in x's dtype (the float32 residual stream) and y in out_dtype; backward gets d y and d s (the
+    stream's gradient from later layers), adds them after the norm's backward and writes the sum twice: in x's
+    dtype for the stream, in h's for the sub-layer (what autograd's add and cast kernels did separately)."""
+
+    @staticmethod
+    def forward(ctx, x, h, weight, eps: float, out_dtype: torch.dtype):
+        from fla.modules.norm.layernorm import layer_norm_fwd
+
+        D = x.shape[-1]
+        x2, h2 = x.reshape(-1, D).contiguous(), h.reshape(-1, D).contiguous()
+        with torch.cuda.device(x.device):
+            y, _, rstd, s = layer_norm_fwd(h2, weight, None, eps, residual=x2, out_dtype=out_dtype, is_rms_norm=True)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.shape, ctx.h_dtype = x.shape, h.dtype
+        return s.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        from fla.modules.norm.layernorm import layer_norm_bwd
+
+        s, weight, rstd = ctx.saved_tensors
+        dy = torch.zeros_like(s) if dy is None else dy.reshape(s.shape).contiguous()
+        ds = None if ds is None else ds.reshape(s.shape).contiguous()
+        with torch.cuda.device(s.device):
+            dh, dw, _, dx = layer_norm_bwd(dy, s, weight, None, rstd=rstd, dres=ds, has_residual=True,
+                                           is_rms_norm=True, x_dtype=ctx.h_dtype)
+        if dx is dh:  # same dtype: one buffer; autograd may accumulate into a gradient in place, so split them
+            dx = dh.clone()
+        return (dx.view(ctx.shape), dh.view(ctx.shape), dw if ctx.needs_input_grad[2] else None, None, None)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + h, rms_norm(x + h)): the sum in x's dtype (the residual stream; x's dtype must be at least as wide as
+    h's), the norm in float32, written in the autocast dtype (else x's)."""
+    if torch.promote_types(x.dtype, h.dtype) != x.dtype:
+        raise ValueError(f"the residual stream ({x.dtype}) must be at least as wide as the update ({h.dtype})")
+    return _AddRMSNorm.apply(x, h, weight, eps, autocast_dtype(x))
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
