@@ -172,3 +172,49 @@ def test_projections_in_one_matmul_match_separate_ones_in_training(kind, monkeyp
     assert len(g1) == len(g0)
     for a, b in zip(g1, g0):
         assert rel(a, b) < 1e-2
+
+
+def test_gates_inside_the_chunk_kernel_match_the_gate_formulas():
+    """ops/gated_delta/fla.chunk_gated_delta_rule_from_gates (training: fla computes g = -exp(A_log) softplus(a +
+    dt_bias) and beta = sigmoid(b) inside its kernels) against the same chunk kernel fed with the layer's PyTorch
+    gate formulas: output and every gradient, A_log and dt_bias included, packed sequences, bf16 inputs; both
+    against the float32 reference too (fla's TF32)."""
+    from infinitevl.ops.gated_delta import fla as fla_rule, reference
+
+    torch.manual_seed(0)
+    B, T, H, K = 1, 300, 4, 64
+    cu = torch.tensor([0, 100, 300], device=DEV)
+    q, k, v = (torch.randn(B, T, H, K, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    a, b = (torch.randn(B, T, H, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    A_log = torch.empty(H, device=DEV).uniform_(0, 2.7).requires_grad_()
+    dt_bias = torch.empty(H, device=DEV).uniform_(-4, 0).requires_grad_()
+    do = torch.randn(B, T, H, K, device=DEV)
+    leaves = [q, k, v, a, b, A_log, dt_bias]
+
+    def formulas():
+        g = -A_log.exp() * torch.nn.functional.softplus(a.float() + dt_bias)
+        return g, b.float().sigmoid()
+
+    def in_kernel():
+        return fla_rule.chunk_gated_delta_rule_from_gates(q, k, v, a, b, A_log, dt_bias, cu_seqlens=cu)
+
+    def fla_formulas():
+        return fla_rule.chunk_gated_delta_rule(q, k, v, *formulas(), cu_seqlens=cu)[0]
+
+    def ref():
+        return reference.chunk_gated_delta_rule(q.float(), k.float(), v.float(), *formulas(), cu_seqlens=cu)[0]
+
+    results = []
+    for fn in (in_kernel, fla_formulas, ref):
+        for t in leaves:
+            t.grad = None
+        o = fn()
+        (o.float() * do).sum().backward()
+        results.append((o.detach().float(), [t.grad.float().clone() for t in leaves]))
+    (o1, g1), (o0, g0), (o_ref, g_ref) = results
+    assert rel(o1, o0) < 1e-3
+    for name, x, y in zip("q k v a b A_log dt_bias".split(), g1, g0):
+        assert rel(x, y) < 5e-3, name
+    assert rel(o1, o_ref) < 1e-2
+    for name, x, y in zip("q k v a b A_log dt_bias".split(), g1, g_ref):
+        assert rel(x, y) < 5e-2, name

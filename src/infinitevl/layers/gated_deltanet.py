@@ -115,6 +115,14 @@ class GatedDeltaNet(nn.Module):
             v, cv = self.v_conv1d(v_in, state=None if state is None else state.conv_v, **conv_kw)
         q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
 
+        if self.backend == "fla" and torch.is_grad_enabled() and state is None and mask_BT is None:
+            # training: the gates inside fla's chunk kernel, forward and backward
+            from ..ops.gated_delta import fla as fla_rule
+
+            cu = None if cu_seqlens is None else cu_seqlens.to(device=q.device, dtype=torch.long)
+            o = fla_rule.chunk_gated_delta_rule_from_gates(q, k, v, a_in, b_in,
+                                                           self.A_log, self.dt_bias, cu_seqlens=cu)
+            return self._output(o, g_in, B, T)
         if self.backend == "fla" and not torch.is_grad_enabled():  # fused gates: forward only
             from ..ops import fused
 
@@ -136,8 +144,12 @@ class GatedDeltaNet(nn.Module):
             for dst, src in ((state.conv_q, cq), (state.conv_k, ck), (state.conv_v, cv), (state.recurrent, final)):
                 if src is not dst:  # the fast decode step already advanced it in place
                     dst.copy_(src)
-        gate = g_in.view(B, T, H, V)
-        o = self.o_norm(o, gate).reshape(B, T, H * V)
+        return self._output(o, g_in, B, T)
+
+    def _output(self, o_BTHV: torch.Tensor, g_in: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """The gated norm of the rule's output, then o_proj."""
+        H, V = self.num_heads, self.head_v_dim
+        o = self.o_norm(o_BTHV, g_in.view(B, T, H, V)).reshape(B, T, H * V)
         if self.backend == "fla" and T == 1:  # decode: the Triton GEMV on the plain weight
             return linear(o, self.o_proj.weight, backend=self.backend)
         return self.o_proj(o)  # a module call, so wrappers (LoRA adapters, hooks) apply

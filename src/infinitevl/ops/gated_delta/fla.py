@@ -71,3 +71,27 @@ def chunk_gated_delta_rule(
         use_qk_l2norm_in_kernel=use_qk_l2norm, cu_seqlens=cu_seqlens,
     )
     return o, final
+
+
+def chunk_gated_delta_rule_from_gates(
+    q_BTHK: torch.Tensor,
+    k_BTHK: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    a_BTH: torch.Tensor,
+    b_BTH: torch.Tensor,
+    A_log_H: torch.Tensor,
+    dt_bias_H: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """Training: fla's chunk kernel given the gates' raw inputs. It computes g = -exp(A_log) * softplus(a + dt_bias)
+    inside its chunk cumsum and beta = sigmoid(b) in one kernel (float32), and their gradients (A_log and dt_bias
+    included) in its backward: the ~20 small elementwise kernels per layer of the PyTorch formulas go away. Same
+    values as `chunk_gated_delta_rule(q, k, v, g, beta)` with g and beta from those formulas; no state in or out."""
+    o, _ = _fla_chunk(
+        q=q_BTHK, k=k_BTHK, v=v_BTHV, g=a_BTH, beta=b_BTH, use_qk_l2norm_in_kernel=use_qk_l2norm,
+        use_gate_in_kernel=True, A_log=A_log_H, dt_bias=dt_bias_H, use_beta_sigmoid_in_kernel=True,
+        cu_seqlens=cu_seqlens,
+    )
+    return o
