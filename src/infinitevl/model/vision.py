@@ -79,11 +79,19 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, mask=None, segments: "Segments | None" = None):
-        """x [..., S, E]; with `segments`, x is [N, E] and attention stays inside each segment."""
-        h = self.norm1(x)
+    def forward(self, x, cos, sin, mask=None, segments: "Segments | None" = None, pending=None,
+                unadded: bool = False):
+        """x [..., S, E]; with `segments`, x is [N, E] and attention stays inside each segment. The input is
+        x + pending when pending is given; with unadded=True the output is (residual, update), their sum left to
+        the next norm (one kernel with it on the fast backend), as in the LLM decoder."""
+        if pending is None:
+            h = self.norm1(x)
+        else:
+            x, h = self.norm1.add_and_norm(x, pending)
         a = self.attn(h, cos, sin, mask) if segments is None else segments.attend(self.attn, h, cos, sin)
         x, h = self.norm2.add_and_norm(x, a)
+        if unadded:
+            return x, self.mlp(h)
         return x + self.mlp(h)
 
 
@@ -135,8 +143,10 @@ class PatchMerger(nn.Module):
             nn.Linear(self.group, self.group), nn.GELU(), nn.Linear(self.group, config.out_hidden_size)
         )
 
-    def forward(self, x_NE: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln_q(x_NE).view(-1, self.group))
+    def forward(self, x_NE: torch.Tensor, pending_NE: torch.Tensor | None = None) -> torch.Tensor:
+        """Merged tokens of x (+ pending: the last block's unadded update)."""
+        h = self.ln_q(x_NE) if pending_NE is None else self.ln_q.add_and_norm(x_NE, pending_NE)[1]
+        return self.mlp(h.view(-1, self.group))
 
 
 class VisionTransformer(nn.Module):
@@ -175,9 +185,11 @@ class VisionTransformer(nn.Module):
         idx = idx_host.to(device)
         x, cos, sin = x[idx], cos[idx], sin[idx]
         segments = {True: Segments.of(frame_N[idx_host], device), False: Segments.of(window_N[idx_host], device)}
+        pending = None  # each block's last residual add is done by the next norm (VisionBlock.forward)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, segments=segments[i in cfg.fullatt_block_indexes])
-        merged = self.merger(x)
+            x, pending = block(x, cos, sin, segments=segments[i in cfg.fullatt_block_indexes], pending=pending,
+                               unadded=True)
+        merged = self.merger(x, pending)
         return merged[torch.argsort(order.to(device))]
 
     def frame_layout(self, height_patches: int, width_patches: int, device) -> "FrameLayout":
@@ -213,14 +225,18 @@ class VisionTransformer(nn.Module):
         B = x.shape[0]
         nw = layout.windows
         cos_w, sin_w = (t.view(nw, n // nw, -1) for t in (layout.cos, layout.sin)) if nw else (None, None)
+        p = None  # the last block's update, added by the next norm
         for i, block in enumerate(self.blocks):
             if i in self.config.fullatt_block_indexes:
-                x = block(x, layout.cos, layout.sin)
+                x, p = block(x, layout.cos, layout.sin, pending=p, unadded=True)
             elif nw:
-                x = block(x.view(B, nw, n // nw, E), cos_w, sin_w).view(B, n, E)
+                windows = (B, nw, n // nw, E)
+                x, p = block(x.view(windows), cos_w, sin_w, pending=None if p is None else p.view(windows),
+                             unadded=True)
+                x, p = x.view(B, n, E), p.view(B, n, E)
             else:
-                x = block(x, layout.cos, layout.sin, layout.window_mask)
-        merged = self.merger(x.reshape(B * n, E))
+                x, p = block(x, layout.cos, layout.sin, layout.window_mask, pending=p, unadded=True)
+        merged = self.merger(x.reshape(B * n, E), None if p is None else p.reshape(B * n, E))
         return merged.view(B, -1, merged.shape[-1])[:, layout.token_restore].reshape(-1, merged.shape[-1])
 
 
