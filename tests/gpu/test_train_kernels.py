@@ -68,6 +68,35 @@ def test_add_rms_norm_matches_the_layer_formula_with_gradients(h_dtype):
         assert rel(a.float(), b.float()) < 1e-2
 
 
+def test_add_and_norm_without_gradients_takes_mixed_dtypes():
+    """A float32 stream plus a bf16 update under no_grad on the fast backend (frozen student layers in layer-wise
+    distillation run so inside the trainer's autocast): the fused inference kernel wants equal dtypes, so this
+    takes the formula, with the formula's values; the final norm's unused stream output needs no gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 256, device=DEV)
+    h = torch.randn(3, 50, 256, device=DEV, dtype=torch.bfloat16)
+    norm = RMSNorm(256, eps=1e-6).to(DEV)
+    out = {}
+    for backend in ("torch", "fla"):
+        norm.backend = backend
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out[backend] = norm.add_and_norm(x, h)
+    assert torch.equal(out["fla"][0], out["torch"][0])
+    assert rel(out["fla"][1].float(), out["torch"][1].float()) < 1e-3
+    # grad mode, only the norm output used: the stream's gradient comes from the norm alone
+    xg = x.clone().requires_grad_()
+    norm.backend = "fla"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = norm.add_and_norm(xg, h)[1]
+    y.float().sum().backward()
+    norm.backend = "torch"
+    xr = x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        yr = norm.add_and_norm(xr, h)[1]
+    yr.float().sum().backward()
+    assert rel(xg.grad, xr.grad) < 1e-2
+
+
 def test_gated_rms_norm_matches_the_layer_formula_with_gradients():
     torch.manual_seed(0)
     x = torch.randn(2, 100, 16, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)

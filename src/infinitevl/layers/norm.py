@@ -29,12 +29,14 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + h, norm(x + h)): a residual add and the next norm (one kernel on the fast backend)."""
-        if self.backend == "fla" and not torch.is_grad_enabled():
+        if self.backend == "fla" and not torch.is_grad_enabled() and x.dtype == h.dtype:
             from ..ops import fused
 
             return fused.add_rms_norm(x, h, self.weight, self.eps)
-        if self.backend == "fla" and x.is_cuda and torch.promote_types(x.dtype, h.dtype) == x.dtype:
-            from ..ops import train_kernels  # training: fla's add + norm kernels with backward
+        if self.backend == "fla" and x.is_cuda and torch.is_grad_enabled() and x.dtype == torch.float32:
+            # training (the float32 residual stream): fla's add + norm kernels with backward. The sum is exact
+            # torch's `x + h`; a narrower stream would be normalised before its rounding, so it takes the formula.
+            from ..ops import train_kernels
 
             return train_kernels.add_rms_norm(x, h, self.weight, self.eps)
         s = x + h

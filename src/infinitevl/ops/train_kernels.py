@@ -14,6 +14,7 @@ consumers, found by review): within the training gate's tolerance (worst gradien
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -36,6 +37,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         from fla.modules.norm.layernorm import layer_norm_bwd
 
@@ -67,9 +69,11 @@ class _AddRMSNorm(torch.autograd.Function):
             y, _, rstd, s = layer_norm_fwd(h2, weight, None, eps, residual=x2, out_dtype=out_dtype, is_rms_norm=True)
         ctx.save_for_backward(s, weight, rstd)
         ctx.shape, ctx.h_dtype = x.shape, h.dtype
+        ctx.set_materialize_grads(False)  # the final norm's stream output is unused: no zero gradient to read
         return s.view(x.shape), y.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, ds, dy):
         from fla.modules.norm.layernorm import layer_norm_bwd
 
@@ -85,8 +89,9 @@ class _AddRMSNorm(torch.autograd.Function):
 
 
 def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(x + h, rms_norm(x + h)): the sum in x's dtype (the residual stream; x's dtype must be at least as wide as
-    h's), the norm in float32, written in the autocast dtype (else x's)."""
+    """(x + h, rms_norm(x + h)): the sum in x's dtype (the residual stream; at least as wide as h's; float32 for
+    the norm of the sum to be the norm of the rounded sum), the norm in float32, written in the autocast dtype
+    (else x's)."""
     if torch.promote_types(x.dtype, h.dtype) != x.dtype:
         raise ValueError(f"the residual stream ({x.dtype}) must be at least as wide as the update ({h.dtype})")
     return _AddRMSNorm.apply(x, h, weight, eps, autocast_dtype(x))
