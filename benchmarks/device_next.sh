@@ -8,13 +8,17 @@
 #           one forward, RC=9 layers recomputed) and the same step profiled (kernel time by kind)
 #   probe:  per-kernel profile of a frame step, the block-attention and FP8 GEMM microbenchmarks
 #   x2:     (a 2-GPU machine) the training step with FSDP2 over both GPUs, 2 rows per GPU in one forward
-#   Results go to $OUT (logs, JSON); copy $OUT/kernel_cache.tar.xz.* into .carry/ afterwards.
+#   Results go to $OUT (logs, JSON); copy $OUT/kernel_cache.tar.xz.* into .carry/ afterwards (recompress it here with
+#   `xz -9e` when the carry nears 64 MiB: the device's xz -6 -T0 pieces are ~2x larger).
+#   tests needs the parity fixture: copy ../shared/fixtures/reference-tiny to .gpu_carry/shared/fixtures/ and carry
+#   [".carry/site312.tar.xz", ".gpu_carry"] (with the kernel cache too the carry passes 64 MiB; kernels then compile).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 what=${1:-}
 OUT=${OUT:-out/device}; mkdir -p "$OUT"
 mkdir -p /tmp/s && tar xJf .carry/site312.tar.xz -C /tmp/s || exit 1
 export PYTHONPATH=/tmp/s/site312:$PWD/src
+[ -d .gpu_carry/shared ] && export INFINITEVL_SHARED=$PWD/.gpu_carry/shared
 source benchmarks/device_cache.sh && cache_restore
 
 # gpu_tests LIMIT FILE... -k EXPR: the GPU tests into $OUT/gpu_tests.log
