@@ -1,6 +1,7 @@
 """Fused training kernels (forward and backward, CUDA) from flash-linear-attention: the decoder's RMSNorm (alone
-and after the residual add), the Gated DeltaNet output's gated RMSNorm and the MLP's SwiGLU. Their plain-PyTorch formulas in layers/norm.py and
-layers/mlp.py are the reference (tests/gpu/test_train_kernels.py compares values and gradients).
+and after the residual add), the Gated DeltaNet output's gated RMSNorm and the MLP's SwiGLU. Their plain-PyTorch
+formulas in layers/norm.py and layers/mlp.py are the reference (tests/gpu/test_train_kernels.py compares values
+and gradients).
 
 Why: in a training step of the 4B shape these ran as ~6-10 elementwise PyTorch kernels each over the float32
 residual stream, forward, again in the checkpoint recompute, and in backward (autograd's saved intermediates).
