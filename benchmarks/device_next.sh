@@ -7,6 +7,9 @@
 #   train:  the training-kernel GPU tests, then the 4B stage-2 step in the best known one-GPU setting (2 rows in
 #           one forward, RC=9 layers recomputed) and the same step profiled (kernel time by kind)
 #   probe:  per-kernel profile of a frame step, the block-attention and FP8 GEMM microbenchmarks
+#   train_ab: the training step (same setting as train) on this tree, then again with the files under .devrun/base/
+#           copied over it (their repo paths mirrored; e.g. `git show REF:src/x.py > .devrun/base/src/x.py`);
+#           carry [".carry", ".devrun"]: an A/B of a change on one machine in one call
 #   x2:     (a 2-GPU machine) the training step with FSDP2 over both GPUs, 2 rows per GPU in one forward
 #   Results go to $OUT (logs, JSON); copy $OUT/kernel_cache.tar.xz.* into .carry/ afterwards (recompress it here with
 #   `xz -9e` when the carry nears 64 MiB: the device's xz -6 -T0 pieces are ~2x larger).
@@ -64,11 +67,16 @@ case $what in
     stream_profile 200 512; grep "^==" "$OUT/profile_stream.log"
     timeout 90 python3 benchmarks/bench_block_attention.py > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6
     timeout 90 python3 benchmarks/probe_fp8.py > "$OUT/fp8.log" 2>&1; grep -v "^{" "$OUT/fp8.log" | tail -5 ;;
+  train_ab)
+    [ -d .devrun/base ] || { echo "train_ab needs .devrun/base/<repo paths>"; exit 2; }
+    train_bench 200 train_new --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_new
+    cp -r .devrun/base/. .
+    train_bench 200 train_base --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_base ;;
   x2)
     timeout 300 torchrun --standalone --nproc_per_node 2 benchmarks/bench_train.py --trainable gdn,attention \
       --rows-per-step 4 --rows-per-forward 2 --recompute-layers "$RC" --warmup 1 --steps 3 --out "$OUT/train_x2" \
       > "$OUT/train_x2.log" 2>&1
     summary train_x2 ;;
-  *) echo "unknown mode $what: tests | stream | train | probe | x2"; exit 2 ;;
+  *) echo "unknown mode $what: tests | stream | train | train_ab | probe | x2"; exit 2 ;;
 esac
 cache_save
