@@ -9,7 +9,8 @@
 #   probe:  per-kernel profile of a frame step, the block-attention and FP8 GEMM microbenchmarks
 #   train_ab: the training step (same setting as train) on this tree, then again with the files under .devrun/base/
 #           copied over it (their repo paths mirrored; e.g. `git show REF:src/x.py > .devrun/base/src/x.py`);
-#           carry [".carry", ".devrun"]: an A/B of a change on one machine in one call
+#           carry [".carry", ".devrun"]: an A/B of a change on one machine in one call; AB_TESTS="FILE..." runs
+#           those GPU tests first
 #   x2:     (a 2-GPU machine) the training step with FSDP2 over both GPUs, 2 rows per GPU in one forward
 #   Results go to $OUT (logs, JSON); copy $OUT/kernel_cache.tar.xz.* into .carry/ afterwards (recompress it here with
 #   `xz -9e` when the carry nears 64 MiB: the device's xz -6 -T0 pieces are ~2x larger).
@@ -69,6 +70,7 @@ case $what in
     timeout 90 python3 benchmarks/probe_fp8.py > "$OUT/fp8.log" 2>&1; grep -v "^{" "$OUT/fp8.log" | tail -5 ;;
   train_ab)
     [ -d .devrun/base ] || { echo "train_ab needs .devrun/base/<repo paths>"; exit 2; }
+    [ -n "${AB_TESTS:-}" ] && { gpu_tests 150 $AB_TESTS; tests_summary; }
     train_bench 200 train_new --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_new
     cp -r .devrun/base/. .
     train_bench 200 train_base --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_base ;;
