@@ -40,7 +40,8 @@ def kernel_table(fn, n: int) -> tuple[float, str]:
         if e.device_type == torch.autograd.DeviceType.CUDA:
             rows.setdefault(e.name, []).append(e.device_time / 1e3)
     total = sum(sum(v) for v in rows.values())
-    lines = [f"{'ms':>8} {'%':>5} {'calls':>5}  kernel"]
+    calls = sum(len(v) for v in rows.values())
+    lines = [f"{calls} kernels in the step", f"{'ms':>8} {'%':>5} {'calls':>5}  kernel"]
     for name, ts in sorted(rows.items(), key=lambda kv: -sum(kv[1]))[:n]:
         lines.append(f"{sum(ts):8.3f} {100 * sum(ts) / total:5.1f} {len(ts):5d}  {name[:110]}")
     return total, "\n".join(lines)
