@@ -108,6 +108,24 @@ def test_short_conv_fast_matches_reference(dtype, T):
         assert torch.equal(st3[0], st[0]) and torch.equal(st3[1], s_r[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,W", [(2, 1, 4), (1, 2, 4), (2, 3, 4), (3, 256, 4), (1, 70, 3), (2, 5, 2)])
+def test_short_conv_chunk3_continues_and_advances_states_in_place(dtype, B, T, W):
+    from infinitevl.ops import short_conv_fast
+
+    Cs = (2048, 64, 130)
+    fused = torch.randn(B, T, sum(Cs) + 40, device=DEV, dtype=dtype)  # strided slices, as the fused projection's
+    xs = list(torch.split(fused, [*Cs, 40], dim=-1)[:3])
+    ws = [torch.randn(C, W, device=DEV, dtype=dtype) * 0.5 for C in Cs]
+    states = [torch.randn(B, C, W - 1, device=DEV, dtype=dtype) for C in Cs]
+    refs = [short_conv.short_conv(x, w, state_BCW=s) for x, w, s in zip(xs, ws, states)]
+    ys = short_conv_fast.short_conv_chunk3(xs, ws, states)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for (y_r, s_r), y, s in zip(refs, ys, states):
+        torch.testing.assert_close(y, y_r, **tol)
+        assert torch.equal(s, s_r)  # the state is the last W-1 inputs: copied, never rounded
+
+
 def test_short_conv_packed_matches_reference():
     from infinitevl.ops import short_conv_fast
 

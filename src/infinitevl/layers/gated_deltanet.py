@@ -98,16 +98,19 @@ class GatedDeltaNet(nn.Module):
                 q_in, k_in, v_in, g_in, a_in, b_in = project_together(x_BTD, projs)
             else:  # module calls, so wrappers (LoRA adapters, hooks) apply
                 q_in, k_in, v_in, g_in, a_in, b_in = (proj(x_BTD) for proj in projs)
-        if self.backend == "fla" and T == 1 and state is not None and cu_seqlens is None:
-            # decode: the three short convs in one kernel, states advanced in place
+        fast_convs = self.backend == "fla" and state is not None and cu_seqlens is None
+        if fast_convs and (T == 1 or (mask_BT is None and not torch.is_grad_enabled())):
+            # decode, or a chunk continuing a state (a stream's frame): the three short convs in one kernel,
+            # states advanced in place
             from ..ops import short_conv_fast
 
-            convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+            weights = tuple(c.weight[:, 0, :] for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d))
             cq, ck, cv = state.conv_q, state.conv_k, state.conv_v
-            q, k, v = short_conv_fast.short_conv_step3(
-                (q_in, k_in, v_in), tuple(c.weight[:, 0, :] for c in convs), (cq, ck, cv),
-                keep_B=None if mask_BT is None else mask_BT[:, 0],
-            )
+            if T == 1:
+                q, k, v = short_conv_fast.short_conv_step3(
+                    (q_in, k_in, v_in), weights, (cq, ck, cv), keep_B=None if mask_BT is None else mask_BT[:, 0])
+            else:
+                q, k, v = short_conv_fast.short_conv_chunk3((q_in, k_in, v_in), weights, (cq, ck, cv))
         else:
             conv_kw = dict(mask_BT=mask_BT, cu_seqlens=cu_seqlens, backend=self.backend)
             q, cq = self.q_conv1d(q_in, state=None if state is None else state.conv_q, **conv_kw)

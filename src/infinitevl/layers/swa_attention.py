@@ -70,14 +70,13 @@ class SlidingWindowAttention(nn.Module):
         q = rope(q_in.view(B, T, H, E), cos_BTE, sin_BTE)
         k = rope(k_in.view(B, T, G, E), cos_BTE, sin_BTE)
         v = v_in.view(B, T, G, E)
-        valid = torch.ones(B, T, dtype=torch.bool, device=x_BTD.device) if mask_BT is None else mask_BT.bool()
-
         if self.backend == "fla" and state is not None and T == 1 and seg_BT is None:
             # Decode: read the ring in place, then write this token into it (see ops/swa_fast.py).
             cur = tok_idx_BT[:, 0]
             o = swa_fast.decode_attention(q[:, 0], k[:, 0], v[:, 0], state.keys, state.values, state.token_index,
                                           cur, window=self.window, scale=E**-0.5)
-            swa_fast.ring_write_step(state, k[:, 0], v[:, 0], cur, keep_B=None if mask_BT is None else valid[:, 0])
+            keep = None if mask_BT is None else mask_BT[:, 0].bool()
+            swa_fast.ring_write_step(state, k[:, 0], v[:, 0], cur, keep_B=keep)
             return linear(o.reshape(B, T, H * E), self.o_proj.weight, backend=self.backend)
 
         if state is not None and seg_BT is not None:
@@ -95,6 +94,7 @@ class SlidingWindowAttention(nn.Module):
             if max(lengths) <= self.window and (seg_BT is None or B == 1):
                 o = causal_segments_attention(q, k, v, lengths, scale=E**-0.5)
                 return self.o_proj(o.reshape(B, T, H * E))
+        valid = torch.ones(B, T, dtype=torch.bool, device=x_BTD.device) if mask_BT is None else mask_BT.bool()
         if state is None:
             keys, values, k_idx, k_valid = k, v, tok_idx_BT, valid
         else:
