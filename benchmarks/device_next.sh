@@ -6,6 +6,8 @@
 #   stream: the stream GPU tests, then the 10,000-frame benchmark with 8 and 32 streams
 #   train:  the training-kernel GPU tests, then the 4B stage-2 step in the best known one-GPU setting (2 rows in
 #           one forward, RC=9 layers recomputed) and the same step profiled (kernel time by kind)
+#   frame:  after a change to the frame step: its GPU tests, the per-kernel profile, 2,000 frames and 32 streams
+#           (carry [".carry", ".gpu_carry"]: the parity fixture for test_fast_model)
 #   probe:  per-kernel profile of a frame step, the block-attention and FP8 GEMM microbenchmarks
 #   train_ab: the training step (same setting as train) on this tree, then again with the files under .devrun/base/
 #           copied over it (their repo paths mirrored; e.g. `git show REF:src/x.py > .devrun/base/src/x.py`);
@@ -64,6 +66,11 @@ case $what in
     train_bench 150 train --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train
     train_bench 200 train_profile --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC" --profile
     grep -v TileLang "$OUT/train_profile.log" | grep -E " ms  |by kernel kind" | head -32 ;;
+  frame)
+    gpu_tests 240 tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py \
+      -k "conv or $STREAM_K or reference or graph or engine"; tests_summary
+    stream_profile 120 512; grep -E "^==|kernels in" "$OUT/profile_stream.log"
+    STREAM_ARGS="--frames 2000 --streams 32 --steps 5" stream_bench 200 120; grep -v "^{" "$OUT/stream.log" | tail -12 ;;
   probe)
     stream_profile 200 512; grep "^==" "$OUT/profile_stream.log"
     timeout 90 python3 benchmarks/bench_block_attention.py > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6
@@ -79,6 +86,6 @@ case $what in
       --rows-per-step 4 --rows-per-forward 2 --recompute-layers "$RC" --warmup 1 --steps 3 --out "$OUT/train_x2" \
       > "$OUT/train_x2.log" 2>&1
     summary train_x2 ;;
-  *) echo "unknown mode $what: tests | stream | train | train_ab | probe | x2"; exit 2 ;;
+  *) echo "unknown mode $what: tests | stream | frame | train | train_ab | probe | x2"; exit 2 ;;
 esac
 cache_save
