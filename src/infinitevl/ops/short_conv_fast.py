@@ -128,10 +128,10 @@ def short_conv_step3(xs, weights, states, *, keep_B: torch.Tensor | None = None,
 def _conv_chunk3_kernel(x0, x1, x2, s0, s1, s2, w0, w1, w2, y0, y1, y2, C0, C1, C2, sxb0, sxt0, sxb1, sxt1,
                         sxb2, sxt2, T, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr,
                         ACTIVATION: tl.constexpr):
-    # one program: one row, BC channels of one of the three convs, all T tokens (so it alone reads and then
-    # rewrites its part of the state: in place is safe). Window of token t: inputs t-W+1 .. t of the row
-    # continued from the state (the last W-1 inputs, oldest first).
-    i_c, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    # one program: BT tokens x BC channels of one row and one of the three convs. The window of token t is the
+    # inputs t-W+1 .. t of the row continued from the state (the last W-1 inputs, oldest first). Only the first
+    # token block's program touches the state (BT >= W-1): it reads it, then rewrites it, so in place is safe.
+    i_c, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     nb0, nb1 = tl.cdiv(C0, BC), tl.cdiv(C1, BC)
     if i_c < nb0:
         x_ptr, s_ptr, w_ptr, y_ptr, C, blk, sxb, sxt = x0, s0, w0, y0, C0, i_c, sxb0, sxt0
@@ -143,31 +143,30 @@ def _conv_chunk3_kernel(x0, x1, x2, s0, s1, s2, w0, w1, w2, y0, y1, y2, C0, C1, 
     m_c = o_c < C
     p_x = x_ptr + i_b * sxb + o_c[None, :]
     p_s = s_ptr + i_b * C * (W - 1) + o_c[None, :] * (W - 1)
-    for t0 in range(0, T, BT):
-        o_t = (t0 + tl.arange(0, BT)).to(tl.int64)  # long prefills: token x stride passes 2^31
-        acc = tl.zeros([BT, BC], dtype=tl.float32)
-        for i in tl.static_range(W):
-            src = o_t - (W - 1) + i  # < 0: the state's slot W-1+src
-            m_x = (src >= 0)[:, None] & (src < T)[:, None] & m_c[None, :]
-            m_s = (src < 0)[:, None] & m_c[None, :]
-            b_x = tl.load(p_x + src[:, None] * sxt, mask=m_x, other=0.0)
-            b_x += tl.load(p_s + (W - 1 + src)[:, None], mask=m_s, other=0.0)
-            b_w = tl.load(w_ptr + o_c * W + i, mask=m_c, other=0.0)
-            acc += b_x.to(tl.float32) * b_w.to(tl.float32)[None, :]
-        if ACTIVATION:
-            # round like the reference (conv output in the activation dtype, then SiLU)
-            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-            acc = acc * tl.sigmoid(acc)
-        m_y = (o_t < T)[:, None] & m_c[None, :]
-        tl.store(y_ptr + i_b * T * C + o_t[:, None] * C + o_c[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_y)
-    # new state slot j = combined input T + j (combined = state ++ x): x[T + j - (W-1)], or the old slot T + j
-    o_w = tl.arange(0, BW)
-    src = T + o_w - (W - 1)
-    m_w = (o_w < W - 1)[:, None] & m_c[None, :]
-    b_new = tl.load(p_x + src[:, None] * sxt, mask=m_w & (src >= 0)[:, None], other=0.0)
-    b_old = tl.load(p_s + (T + o_w)[:, None], mask=m_w & (src < 0)[:, None], other=0.0)
-    b_new = tl.where((src >= 0)[:, None], b_new.to(b_old.dtype), b_old)
-    tl.store(p_s + o_w[:, None], b_new, mask=m_w)
+    o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)  # long prefills: token x stride passes 2^31
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in tl.static_range(W):
+        src = o_t - (W - 1) + i  # < 0: the state's slot W-1+src
+        b_x = tl.load(p_x + src[:, None] * sxt, mask=((src >= 0) & (src < T))[:, None] & m_c[None, :], other=0.0)
+        if i_t == 0:
+            b_x += tl.load(p_s + (W - 1 + src)[:, None], mask=(src < 0)[:, None] & m_c[None, :], other=0.0)
+        b_w = tl.load(w_ptr + o_c * W + i, mask=m_c, other=0.0)
+        acc += b_x.to(tl.float32) * b_w.to(tl.float32)[None, :]
+    if ACTIVATION:
+        # round like the reference (conv output in the activation dtype, then SiLU)
+        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        acc = acc * tl.sigmoid(acc)
+    m_y = (o_t < T)[:, None] & m_c[None, :]
+    tl.store(y_ptr + i_b * T * C + o_t[:, None] * C + o_c[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_y)
+    if i_t == 0:
+        # new state slot j = combined input T + j (combined = state ++ x): x[T + j - (W-1)], or old slot T + j
+        o_w = tl.arange(0, BW)
+        src = T + o_w - (W - 1)
+        m_w = (o_w < W - 1)[:, None] & m_c[None, :]
+        b_new = tl.load(p_x + src[:, None].to(tl.int64) * sxt, mask=m_w & (src >= 0)[:, None], other=0.0)
+        b_old = tl.load(p_s + (T + o_w)[:, None], mask=m_w & (src < 0)[:, None], other=0.0)
+        b_new = tl.where((src >= 0)[:, None], b_new.to(b_old.dtype), b_old)
+        tl.store(p_s + o_w[:, None], b_new, mask=m_w)
 
 
 def short_conv_chunk3(xs, weights, states, *, activation: bool = True):
@@ -182,10 +181,11 @@ def short_conv_chunk3(xs, weights, states, *, activation: bool = True):
         assert x.shape == (B, T, C) and x.stride(-1) == 1 and w.shape == (C, W) and w.is_contiguous()
         assert s.shape == (B, C, W - 1) and s.is_contiguous() and s.dtype == x.dtype
     ys = [torch.empty(B, T, C, dtype=xs[0].dtype, device=xs[0].device) for C in Cs]
-    BC = 64
-    grid = (sum(triton.cdiv(C, BC) for C in Cs), B)
+    BC, BT = 128, 32
+    assert W - 1 <= BT
+    grid = (sum(triton.cdiv(C, BC) for C in Cs), triton.cdiv(T, BT), B)
     strides = [st for x in xs for st in (x.stride(0), x.stride(1))]
-    _conv_chunk3_kernel[grid](*xs, *states, *weights, *ys, *Cs, *strides, T, W=W, BT=32, BC=BC,
+    _conv_chunk3_kernel[grid](*xs, *states, *weights, *ys, *Cs, *strides, T, W=W, BT=BT, BC=BC,
                               BW=triton.next_power_of_2(W - 1), ACTIVATION=activation)
     return ys
 
