@@ -160,9 +160,9 @@ def gate(model, tok, spec, frames, device) -> dict:
 # ---------------------------------------------------------------- 2. single stream
 @torch.no_grad()
 def single_stream(model, tok, spec, pool, n_frames, window, warmup, device, *, budget_s=float("inf"),
-                  cuda_graph=None) -> dict:
+                  cuda_graph=None, pipeline=None) -> dict:
     """Stops early (at a window boundary, recorded) once `budget_s` seconds have passed."""
-    session = StreamSession(model, tok, frame=spec, cuda_graph=cuda_graph)
+    session = StreamSession(model, tok, frame=spec, cuda_graph=cuda_graph, pipeline=pipeline)
     clock = Clock(device)
     for i in range(warmup):
         session.push_frame(pool[i % len(pool)], i * 0.5)
@@ -180,6 +180,7 @@ def single_stream(model, tok, spec, pool, n_frames, window, warmup, device, *, b
             print(f"  {i + 1} frames, {window * 1e3 / clock.ms(marks[-2], marks[-1]):.1f} FPS, {alloc} GiB", flush=True)
             if time.perf_counter() - t0 > budget_s:
                 break
+    session.state  # noqa: B018 (finishes a pipelined last frame)
     sync(device)
     wall_s = time.perf_counter() - t0
     n_frames = windows[-1]["frames"]
@@ -191,13 +192,13 @@ def single_stream(model, tok, spec, pool, n_frames, window, warmup, device, *, b
                 fps_median_window=statistics.median(fps), fps_min_window=min(fps), fps_max_window=max(fps),
                 flatness=max(fps) / min(fps), state_mib=session.memory_bytes() / 2**20,
                 alloc_growth_gib=(max(allocs) - min(allocs)) if allocs else None,
-                graphs=[list(k) for k in session.step.graphs])
+                graphs=[list(k) for k in session.step.graphs], pipeline=session.step.pipeline)
 
 
 # ---------------------------------------------------------------- 3. many streams
 @torch.no_grad()
-def many_streams(model, tok, spec, pool, B, steps, warmup, device) -> dict:
-    session = StreamSession(model, tok, frame=spec, batch_size=B)
+def many_streams(model, tok, spec, pool, B, steps, warmup, device, pipeline=None) -> dict:
+    session = StreamSession(model, tok, frame=spec, batch_size=B, pipeline=pipeline)
     clock = Clock(device)
     batches = [np.stack([pool[(s + b) % len(pool)] for b in range(B)]) for s in range(4)]
     for s in range(warmup):
@@ -212,8 +213,8 @@ def many_streams(model, tok, spec, pool, B, steps, warmup, device) -> dict:
     wall_s = time.perf_counter() - t0
     step_ms = statistics.median(clock.ms(a, b) for a, b in ms)
     alloc, peak = gpu_mem(device)
-    return dict(streams=B, step_ms=step_ms, fps_aggregate=B * 1e3 / step_ms, fps_aggregate_wall=B * steps / wall_s,
-                per_stream_fps=1e3 / step_ms, state_mib=session.memory_bytes() / 2**20, alloc_gib=alloc, peak_gib=peak)
+    return dict(streams=B, pipeline=session.step.pipeline, step_ms=step_ms, fps_aggregate=B * 1e3 / step_ms,
+                fps_aggregate_wall=B * steps / wall_s, per_stream_fps=1e3 / step_ms, state_mib=session.memory_bytes() / 2**20, alloc_gib=alloc, peak_gib=peak)
 
 
 # ---------------------------------------------------------------- 4. breakdown
@@ -271,6 +272,7 @@ def table(res) -> str:
              f"single stream: {s['fps_median_window']:.1f} FPS median window, {s['fps_overall']:.1f} overall, "
              f"min/max window {s['fps_min_window']:.1f}/{s['fps_max_window']:.1f} (flatness {s['flatness']:.3f}), "
              f"state {s['state_mib']:.0f} MiB, alloc growth {s['alloc_growth_gib']} GiB; eager {res['single_eager_fps']:.1f} FPS",
+             f"pipelined: {s['pipeline']}; not pipelined: {res.get('single_sequential_fps', float('nan')):.1f} FPS",
              "streams | step ms | aggregate FPS | per-stream FPS"]
     for r in res["many"]:
         lines.append(f"{r['streams']:>7} | {r['step_ms']:>7.2f} | {r['fps_aggregate']:>13.1f} | {r['per_stream_fps']:>6.1f}")
@@ -330,6 +332,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps per batched point (default 40; tiny 3)")
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="stop the single-stream run at the first window boundary after this many seconds")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="run each frame whole (no vision of frame t+1 beside the LLM part of frame t)")
     p.add_argument("--swa-block-prefill", type=int, default=None,
                    help="ops.swa_fast.BLOCK_PREFILL_MAX_T for this run (0: SDPA over the ring, 512: the block kernel)")
     args = p.parse_args(argv)
@@ -366,15 +370,21 @@ def main(argv=None):
         (args.out / "results.json").write_text(json.dumps(res, indent=1))
 
     # the headline first (the 10,000-frame single stream), then the rest
+    pipeline = False if args.no_pipeline else None  # None: the session's default (on with CUDA graphs)
     res["single"] = single_stream(model, tok, spec, pool, n_frames, window, warmup=3 * 8 if not args.tiny else 3,
-                                  device=device, budget_s=args.budget_s)
+                                  device=device, budget_s=args.budget_s, pipeline=pipeline)
     print("single stream:", {k: v for k, v in res["single"].items() if k != "windows"}, flush=True)
     save()
+    if res["single"]["pipeline"]:  # the same without pipelining, shorter: what the pipeline buys
+        seq = single_stream(model, tok, spec, pool, 2 * window, window, warmup=8, device=device, pipeline=False)
+        res["single_sequential_fps"] = seq["fps_median_window"]
+        print("single stream, not pipelined:", res["single_sequential_fps"], flush=True)
+        save()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     res["many"] = []
     for B in streams:
-        res["many"].append(many_streams(model, tok, spec, pool, B, steps, warmup=3, device=device))
+        res["many"].append(many_streams(model, tok, spec, pool, B, steps, warmup=3, device=device, pipeline=pipeline))
         print("streams:", res["many"][-1], flush=True)
         save()
         if device.type == "cuda":
@@ -398,7 +408,8 @@ def main(argv=None):
     print(json.dumps(dict(
         bench="stream", device=res["device"], shape=res["shape"], gate=res["gate"]["passed"], backend=res["backend"],
         frame_size=size, tokens_per_frame=spec.tokens_per_frame, frames=s["frames"],
-        single_eager_fps=round(res["single_eager_fps"], 1),
+        single_eager_fps=round(res["single_eager_fps"], 1), pipeline=s["pipeline"],
+        single_sequential_fps=round(res["single_sequential_fps"], 1) if "single_sequential_fps" in res else None,
         single_fps_median_window=round(s["fps_median_window"], 1), single_fps_overall=round(s["fps_overall"], 1),
         flatness=round(s["flatness"], 3), alloc_growth_gib=s["alloc_growth_gib"],
         gpu_alloc_gib=s["windows"][-1]["alloc_gib"], aggregate_fps={str(k): round(v, 1) for k, v in agg.items()},

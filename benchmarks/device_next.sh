@@ -6,7 +6,8 @@
 #   stream: the stream GPU tests, then the 10,000-frame benchmark with 8 and 32 streams
 #   train:  the training-kernel GPU tests, then the 4B stage-2 step in the best known one-GPU setting (2 rows in
 #           one forward, RC=9 layers recomputed) and the same step profiled (kernel time by kind)
-#   frame:  after a change to the frame step: its GPU tests, the per-kernel profile, 2,000 frames and 32 streams
+#   frame:  after a change to the frame step: its GPU tests, (PROFILE=1) the per-kernel profile, 2,000 frames and 32
+#           streams
 #           (carry [".carry", ".gpu_carry"]: the parity fixture for test_fast_model)
 #   probe:  per-kernel profile of a frame step, the block-attention and FP8 GEMM microbenchmarks
 #   train_ab: the training step (same setting as train) on this tree, then again with the files under .devrun/base/
@@ -67,10 +68,10 @@ case $what in
     train_bench 200 train_profile --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC" --profile
     grep -v TileLang "$OUT/train_profile.log" | grep -E " ms  |by kernel kind" | head -32 ;;
   frame)
-    gpu_tests 240 tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py \
+    gpu_tests 300 tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py \
       -k "conv or $STREAM_K or reference or graph or engine"; tests_summary
-    stream_profile 120 512; grep -E "^==|kernels in" "$OUT/profile_stream.log"
-    STREAM_ARGS="--frames 2000 --streams 32 --steps 5" stream_bench 200 120; grep -v "^{" "$OUT/stream.log" | tail -12 ;;
+    [ -n "${PROFILE:-}" ] && { stream_profile 120 512; grep -E "^==|kernels in" "$OUT/profile_stream.log"; }
+    STREAM_ARGS="--frames 2000 --streams 32 --steps 5" stream_bench 220 120; grep -v "^{" "$OUT/stream.log" | tail -12 ;;
   probe)
     stream_profile 200 512; grep "^==" "$OUT/profile_stream.log"
     timeout 90 python3 benchmarks/bench_block_attention.py > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6

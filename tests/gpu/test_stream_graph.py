@@ -64,6 +64,30 @@ def test_graph_replay_equals_eager_over_many_frames(setup):
 
 
 @torch.no_grad()
+def test_pipelined_graph_equals_sequential_graph(setup):
+    """Vision of frame t+1 beside the LLM part of frame t (two streams in one graph) gives the states of the
+    plain captured step, through a frame of another size (eager, flushes the pipeline) and a missing frame."""
+    model, tok = setup
+    n = 2
+    frames = [_frames(60, seed=30 + b) for b in range(n)]
+    odd = _frames(1, seed=40, shape=(64, 64, 3))[0]
+    piped = StreamSession(model, tok, frame=SPEC, batch_size=n, cuda_graph=True, pipeline=True)
+    plain = StreamSession(model, tok, frame=SPEC, batch_size=n, cuda_graph=True, pipeline=False)
+    for i in range(60):
+        imgs, ts = [frames[b][i] for b in range(n)], [i * 0.5] * n
+        if i == 20:
+            imgs = [odd] * n
+        if i == 40:
+            imgs[1], ts[1] = None, None
+        for s in (piped, plain):
+            s.push_frames(imgs, ts)
+    assert piped.step._pending is not None and piped.step.graphs[(n, 56, 84)].both is not None
+    for x, y in zip(piped.state.tensors(), plain.state.tensors(), strict=True):
+        assert torch.equal(x, y)
+    assert piped.ask(QUESTIONS[0], stream=1, max_new_tokens=8) == plain.ask(QUESTIONS[0], stream=1, max_new_tokens=8)
+
+
+@torch.no_grad()
 def test_batched_graph_equals_separate_streams(setup):
     model, tok = setup
     n = 3

@@ -216,3 +216,35 @@ def test_streams_without_a_frame_keep_their_memory(setup):
         multi.push_frames([None, None], [None, None])
     with pytest.raises(ValueError, match="give None for both"):
         multi.push_frames([fa[0], None], [4.0, 4.0])
+
+
+@torch.no_grad()
+def test_pipelined_session_equals_sequential(setup, tmp_path):
+    """pipeline=True (each frame's LLM part runs at the next push, beside that frame's vision) changes nothing
+    anyone can see: states, answers, snapshots, saved memories and absent streams all equal the plain run."""
+    model, tok = setup
+    fa, fb = _frames(6, seed=7), _frames(6, seed=8)
+    plain = StreamSession(model, tok, frame=SPEC, batch_size=2, pipeline=False)
+    piped = StreamSession(model, tok, frame=SPEC, batch_size=2, pipeline=True)
+    steps = [([fa[0], fb[0]], [0.0, 0.0]), ([fa[1], fb[1]], [0.5, 0.5]), ([fa[2], None], [1.0, None]),
+             ([fa[3], fb[3]], [1.5, 1.5]), ([fa[4], fb[4]], [2.0, 2.5])]
+    for frames, ts in steps:
+        plain.push_frames(frames, ts)
+        piped.push_frames(frames, ts)
+    assert piped.step._pending is not None  # the last frame's LLM part still waits
+    assert not torch.equal(piped._state.seen, plain._state.seen)
+    assert all(torch.equal(x, y) for x, y in zip(plain.state.tensors(), piped.state.tensors(), strict=True))
+    assert piped.step._pending is None
+    for s in (plain, piped):
+        s.push_frames([fa[5], fb[5]], [3.0, 3.0])
+    assert piped.ask("What is happening?", stream=1, max_new_tokens=5) == plain.ask(
+        "What is happening?", stream=1, max_new_tokens=5)
+    snap = piped.snapshot()
+    piped.save(tmp_path / "piped.safetensors")
+    piped.push_frames([fa[0], fb[0]], [9.0, 9.0])  # pending when restored: dropped with the rest
+    piped.restore(snap)
+    assert all(torch.equal(x, y) for x, y in zip(plain.state.tensors(), piped.state.tensors(), strict=True))
+    piped.push_frames([fa[1], fb[1]], [9.0, 9.0])
+    piped.load(tmp_path / "piped.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(plain.state.tensors(), piped.state.tensors(), strict=True))
+    assert piped.clock == plain.clock

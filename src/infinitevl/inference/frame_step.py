@@ -10,6 +10,11 @@ the clock, so no position is ever read back from the device). Everything else (p
 the frame grid's M-RoPE offsets, CLIP stats) is made once. A replay advances every layer's state in place:
 the SWA ring buffer and its token indices, the GDN conv tails and recurrent state, `seen` and
 `next_position`; nothing is frozen at capture time (the published demo's attention stopped updating).
+
+Pipelined (`pipeline=True`): a call runs the vision tower of its frame beside the LLM part of the previous
+frame (two CUDA streams in one graph) and leaves its own LLM part pending; `flush()` runs it. The state then
+holds every frame but the last one pushed until something flushes (`StreamSession` does before any read of
+the state). Same kernels, same order of state updates: the state after a flush is the sequential one.
 """
 from __future__ import annotations
 
@@ -29,17 +34,24 @@ from .frames import FrameSpec, clip_stats, preprocess_frames
 class _Graph:
     frames: torch.Tensor  # [B, H, W, 3] uint8, device
     base: torch.Tensor  # [3, B] long, device
-    step: CapturedStep
+    step: CapturedStep  # the whole step: vision, then LLM
     # pinned host copies, two of each, so a copy can be queued while the previous one is in flight
     pinned: list = field(default_factory=list)
     turn: int = 0
+    # pipelined: the pending frame's merger features and position bases, and the three graphs over them
+    feats: torch.Tensor | None = None  # [B, N, D]
+    base_llm: torch.Tensor | None = None  # [3, B]
+    prime: CapturedStep | None = None  # vision of `frames` -> feats (nothing pending before)
+    both: CapturedStep | None = None  # LLM of feats beside the vision of `frames`, then the new frame pending
+    drain: CapturedStep | None = None  # LLM of feats
 
 
 class FrameStep:
     def __init__(self, model: InfiniteVL, state: InferenceState, spec: FrameSpec, *, cuda_graph: bool,
-                 capture_sizes: Iterable[tuple[int, int]] | None = None):
+                 capture_sizes: Iterable[tuple[int, int]] | None = None, pipeline: bool = False):
         """capture_sizes: input frame sizes (height, width) to capture; default the spec's own size (what
-        `VideoSource` delivers). Frames of other sizes are resized inside the step and run eagerly."""
+        `VideoSource` delivers). Frames of other sizes are resized inside the step and run eagerly.
+        pipeline: each frame's LLM part runs with the next frame's vision tower (see the module doc)."""
         self.model, self.state, self.spec = model, state, spec
         self.device = model.model.embed_tokens.weight.device
         if cuda_graph and self.device.type != "cuda":
@@ -58,34 +70,76 @@ class FrameStep:
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool = None
         self._warned: set[tuple[int, int, int]] = set()
+        self.pipeline = pipeline
+        self._pending = None  # pipelined: the graph whose feats wait for their LLM part, or (feats, base) eager
+        self._side = torch.cuda.Stream(self.device) if cuda_graph and pipeline else None
+
+    def vision(self, frames_BHWC: torch.Tensor) -> torch.Tensor:
+        """Frames -> the merger's features [B, N, D] in the LLM's dtype."""
+        B, N = frames_BHWC.shape[0], self.spec.tokens_per_frame
+        pixels = preprocess_frames(frames_BHWC, self.spec, dtype=self.pixel_dtype, stats=self.stats)
+        feats = self.model.visual.forward_frames(pixels, self.layout)
+        return feats.view(B, N, -1).to(self.model.model.embed_tokens.weight.dtype)
+
+    def llm(self, x_BND: torch.Tensor, base_3B: torch.Tensor) -> None:
+        """A frame's tokens into the state (advanced in place)."""
+        state, N = self.state, x_BND.shape[1]
+        pos_3BN = base_3B[:, :, None] + self.grid_3N[:, None, :]
+        self.model.model(x_BND, pos_3BN, state=state)
+        state.seen.add_(N)
+        state.next_position.copy_(pos_3BN.amax(0).amax(-1) + 1)
 
     @torch.no_grad()
     def run(self, frames_BHWC: torch.Tensor, base_3B: torch.Tensor) -> None:
         """The step itself (what a graph records): device tensors in, `state` advanced in place."""
-        model, state = self.model, self.state
-        B, N = frames_BHWC.shape[0], self.spec.tokens_per_frame
-        pixels = preprocess_frames(frames_BHWC, self.spec, dtype=self.pixel_dtype, stats=self.stats)
-        feats = model.visual.forward_frames(pixels, self.layout)
-        x_BND = feats.view(B, N, -1).to(model.model.embed_tokens.weight.dtype)
-        pos_3BN = base_3B[:, :, None] + self.grid_3N[:, None, :]
-        model.model(x_BND, pos_3BN, state=state)
-        state.seen.add_(N)
-        state.next_position.copy_(pos_3BN.amax(0).amax(-1) + 1)
+        self.llm(self.vision(frames_BHWC), base_3B)
 
-    def __call__(self, frames_BHWC: torch.Tensor, base_3B: torch.Tensor) -> None:
-        """frames uint8 [B, H, W, 3] and position bases long [3, B], on the host or the device."""
+    @torch.no_grad()
+    def __call__(self, frames_BHWC: torch.Tensor, base_3B: torch.Tensor, *, pipeline: bool = True) -> None:
+        """frames uint8 [B, H, W, 3] and position bases long [3, B], on the host or the device. pipeline=False
+        runs this frame whole (after flushing a pending one) even in a pipelined step."""
         B, H, W, _ = frames_BHWC.shape
         key = (B, H, W)
+        pipelined = self.pipeline and pipeline
+        graph = None
         if self.cuda_graph and (H, W) in self.capture_sizes:
-            graph = self.graphs.get(key) or self._capture(key)
-            self._upload(graph, frames_BHWC, base_3B)
-            graph.step()
-            return
-        if self.cuda_graph and key not in self._warned:
+            graph = self.graphs.get(key)
+            if graph is None:
+                self.flush()  # a capture runs the step for real on a saved and restored state
+                graph = self._capture(key)
+        elif self.cuda_graph and key not in self._warned:
             self._warned.add(key)
             log.warning("frames of %dx%d (batch %d) run eagerly: captured sizes are %s; pass capture_sizes to "
                         "capture this one too", H, W, B, sorted(self.capture_sizes))
-        self.run(frames_BHWC.to(self.device), base_3B.to(self.device))
+        if pipelined and graph is not None and self._pending is graph:
+            self._upload(graph, frames_BHWC, base_3B)
+            graph.both()  # the pending frame's LLM part beside this frame's vision; this frame now pending
+            return
+        self.flush()
+        if graph is not None:
+            self._upload(graph, frames_BHWC, base_3B)
+            if pipelined:
+                graph.prime()
+                self._pending = graph
+            else:
+                graph.step()
+        elif pipelined:
+            self._pending = (self.vision(frames_BHWC.to(self.device)), base_3B.to(self.device))
+        else:
+            self.run(frames_BHWC.to(self.device), base_3B.to(self.device))
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Runs the pending frame's LLM part (pipelined), so the state holds every frame pushed."""
+        pending, self._pending = self._pending, None
+        if isinstance(pending, _Graph):
+            pending.drain()
+        elif pending is not None:
+            self.llm(*pending)
+
+    def discard(self) -> None:
+        """Drops a pending frame unprocessed (its state is about to be overwritten anyway)."""
+        self._pending = None
 
     def _capture(self, key: tuple[int, int, int]) -> _Graph:
         B, H, W = key
@@ -98,14 +152,42 @@ class FrameStep:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         step = CapturedStep(lambda: self.run(frames, base), pool=self._pool)
+        graph = _Graph(frames=frames, base=base, step=step)
+        if self.pipeline:
+            self._capture_pipelined(graph)
         self.state.copy_(saved)
         del saved
-        pinned = [(torch.empty_like(frames, device="cpu").pin_memory(), torch.empty_like(base, device="cpu").pin_memory(),
-                   torch.cuda.Event()) for _ in range(2)]
-        graph = _Graph(frames=frames, base=base, step=step, pinned=pinned)
+        graph.pinned = [(torch.empty_like(frames, device="cpu").pin_memory(),
+                         torch.empty_like(base, device="cpu").pin_memory(), torch.cuda.Event()) for _ in range(2)]
         self.graphs[key] = graph
-        log.info("captured the frame step for %d stream(s) of %dx%d frames", B, H, W)
+        log.info("captured the frame step for %d stream(s) of %dx%d frames%s", B, H, W,
+                 " (pipelined)" if self.pipeline else "")
         return graph
+
+    def _capture_pipelined(self, g: _Graph) -> None:
+        """The three graphs of a pipelined step over the pending frame's static buffers."""
+        B, N = g.frames.shape[0], self.spec.tokens_per_frame
+        D = self.model.config.text.hidden_size
+        g.feats = torch.zeros(B, N, D, dtype=self.model.model.embed_tokens.weight.dtype, device=self.device)
+        g.base_llm = torch.zeros_like(g.base)
+        side = self._side
+
+        def prime():
+            g.feats.copy_(self.vision(g.frames))
+            g.base_llm.copy_(g.base)
+
+        def both():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                new = self.vision(g.frames)
+            self.llm(g.feats, g.base_llm)
+            torch.cuda.current_stream().wait_stream(side)
+            g.feats.copy_(new)
+            g.base_llm.copy_(g.base)
+
+        g.prime = CapturedStep(prime, pool=self._pool)
+        g.both = CapturedStep(both, pool=self._pool)
+        g.drain = CapturedStep(lambda: self.llm(g.feats, g.base_llm), pool=self._pool)
 
     @staticmethod
     def _upload(graph: _Graph, frames_BHWC: torch.Tensor, base_3B: torch.Tensor) -> None:

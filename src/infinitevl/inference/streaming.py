@@ -68,10 +68,13 @@ class StreamSession:
 
     def __init__(self, model: InfiniteVL, tokenizer, *, frame: FrameSpec = FrameSpec(), batch_size: int = 1,
                  system_prefix: str = SYSTEM_PREFIX, backend: str = "auto", cuda_graph: bool | None = None,
-                 capture_sizes: list[tuple[int, int]] | None = None):
+                 capture_sizes: list[tuple[int, int]] | None = None, pipeline: bool | None = None):
         """backend: the decoder's kernels ('auto' = fast on a GPU). cuda_graph (None = on a CUDA device): the
         frame step is captured per input frame size in `capture_sizes` (default: the frame spec's size);
-        other sizes run eagerly. The session owns the model's backend choice (like the Engine)."""
+        other sizes run eagerly. pipeline (None = with cuda_graph): a frame's vision tower runs beside the
+        previous frame's LLM part (inference/frame_step.py); every read of the state (`state`, `ask`,
+        `snapshot`, `save`) first finishes the last frame, so nothing outside sees the difference. The session
+        owns the model's backend choice (like the Engine)."""
         self.model, self.tokenizer, self.frame = model, tokenizer, frame
         cfg = model.config
         vc = cfg.vision
@@ -85,21 +88,28 @@ class StreamSession:
             model.fuse_projections(vision=True)
         self.tokens_per_second = vc.tokens_per_second
         self.device = model.model.embed_tokens.weight.device
-        self.state = model.new_state(batch_size)
+        self._state = model.new_state(batch_size)
         self.clock = _Clock([0] * batch_size, [None] * batch_size, [None] * batch_size, [0] * batch_size)
         prefix = self._encode(system_prefix)
         self._feed_text(prefix.expand(batch_size, -1))
-        self.clock.block_start = self.state.next_position.tolist()
+        self.clock.block_start = self._state.next_position.tolist()
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
-        self.step = FrameStep(model, self.state, frame, cuda_graph=cuda_graph, capture_sizes=capture_sizes)
+        self.step = FrameStep(model, self._state, frame, cuda_graph=cuda_graph, capture_sizes=capture_sizes,
+                              pipeline=cuda_graph if pipeline is None else pipeline)
         self._cuda_graph = cuda_graph
         self._engine: Engine | None = None  # answers questions; made on the first `ask`
 
     # ---- frames ----
     @property
     def batch_size(self) -> int:
-        return self.state.batch_size
+        return self._state.batch_size
+
+    @property
+    def state(self) -> InferenceState:
+        """The streams' memory with every frame pushed so far in it (a pipelined last frame is finished first)."""
+        self.step.flush()
+        return self._state
 
     def push_frame(self, image, timestamp: float) -> None:
         """One frame for a single-stream session."""
@@ -144,9 +154,10 @@ class StreamSession:
             if self.clock.last_ts[b] is not None and t < self.clock.last_ts[b]:
                 raise ValueError(f"timestamps must not go back: stream {b} got {t} after {self.clock.last_ts[b]}")
         # Streams without a frame ride along in the one batched step (same captured graph) and get their rows
-        # back afterwards: a copy of their state rows, far cheaper than a step of their own.
+        # back afterwards: a copy of their state rows, far cheaper than a step of their own (not pipelined:
+        # the rows are taken just before and written just after this frame's LLM part).
         kept = self.state.select(absent) if absent else None
-        self.step(frames, self._position_base(ts))
+        self.step(frames, self._position_base(ts), pipeline=not absent)
         for k, b in enumerate(absent):
             self._write_row(b, kept, k)
         for b in present:
@@ -193,18 +204,19 @@ class StreamSession:
         return answer
 
     def _write_row(self, row: int, src: InferenceState, src_row: int = 0) -> None:
-        for dst_t, src_t in zip(self.state.tensors(), src.tensors(), strict=True):
+        for dst_t, src_t in zip(self._state.tensors(), src.tensors(), strict=True):
             dst_t[row].copy_(src_t[src_row])
 
     # ---- memory ----
     def memory_bytes(self) -> int:
-        return self.state.nbytes()
+        return self._state.nbytes()
 
     def snapshot(self) -> StreamSnapshot:
         return StreamSnapshot(self.state.clone(), self.clock.copy())
 
     def restore(self, snap: StreamSnapshot) -> None:
-        self.state.copy_(snap.state)  # in place: buffers keep their addresses
+        self.step.discard()  # a pending frame was pushed before the restore: the snapshot replaces it
+        self._state.copy_(snap.state)  # in place: buffers keep their addresses
         self.clock = snap.clock.copy()
 
     def save(self, path: str | Path) -> None:
@@ -235,9 +247,10 @@ class StreamSession:
         if json.loads(meta["frame"]) != asdict(self.frame) or int(meta["batch_size"]) != self.batch_size:
             raise ValueError(f"{path} was saved with frame {meta['frame']} and {meta['batch_size']} stream(s); "
                              f"this session has {asdict(self.frame)} and {self.batch_size}")
-        mine = self.state.tensors()
+        mine = self._state.tensors()
         if len(tensors) != len(mine) or any(tensors[f"state.{i:04d}"].shape != t.shape for i, t in enumerate(mine)):
             raise ValueError(f"{path} holds a state of another shape")
+        self.step.discard()  # the loaded memory replaces everything pushed before
         for i, t in enumerate(mine):
             t.copy_(tensors[f"state.{i:04d}"])
         self.clock = _Clock(**json.loads(meta["clock"]))
@@ -249,7 +262,7 @@ class StreamSession:
 
     def _feed_text(self, ids_BT: torch.Tensor) -> None:
         with torch.no_grad():
-            self.model(ids_BT, state=self.state, logits_to_keep=1)
+            self.model(ids_BT, state=self._state, logits_to_keep=1)
 
     def _stop_ids(self) -> list[int]:
         eos = self.model.config.eos_token_id
