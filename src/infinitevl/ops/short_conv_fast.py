@@ -148,8 +148,8 @@ def _conv_chunk3_kernel(x0, x1, x2, s0, s1, s2, w0, w1, w2, y0, y1, y2, C0, C1, 
     for i in tl.static_range(W):
         src = o_t - (W - 1) + i  # < 0: the state's slot W-1+src
         b_x = tl.load(p_x + src[:, None] * sxt, mask=((src >= 0) & (src < T))[:, None] & m_c[None, :], other=0.0)
-        if i_t == 0:
-            b_x += tl.load(p_s + (W - 1 + src)[:, None], mask=(src < 0)[:, None] & m_c[None, :], other=0.0)
+        # src < 0 only in the first token block
+        b_x += tl.load(p_s + (W - 1 + src)[:, None], mask=(src < 0)[:, None] & m_c[None, :], other=0.0)
         b_w = tl.load(w_ptr + o_c * W + i, mask=m_c, other=0.0)
         acc += b_x.to(tl.float32) * b_w.to(tl.float32)[None, :]
     if ACTIVATION:
@@ -161,11 +161,11 @@ def _conv_chunk3_kernel(x0, x1, x2, s0, s1, s2, w0, w1, w2, y0, y1, y2, C0, C1, 
     if i_t == 0:
         # new state slot j = combined input T + j (combined = state ++ x): x[T + j - (W-1)], or old slot T + j
         o_w = tl.arange(0, BW)
-        src = T + o_w - (W - 1)
+        s_src = (T + o_w - (W - 1)).to(tl.int64)
         m_w = (o_w < W - 1)[:, None] & m_c[None, :]
-        b_new = tl.load(p_x + src[:, None].to(tl.int64) * sxt, mask=m_w & (src >= 0)[:, None], other=0.0)
-        b_old = tl.load(p_s + (T + o_w)[:, None], mask=m_w & (src < 0)[:, None], other=0.0)
-        b_new = tl.where((src >= 0)[:, None], b_new.to(b_old.dtype), b_old)
+        b_new = tl.load(p_x + s_src[:, None] * sxt, mask=m_w & (s_src >= 0)[:, None], other=0.0)
+        b_old = tl.load(p_s + (T + o_w)[:, None], mask=m_w & (s_src < 0)[:, None], other=0.0)
+        b_new = tl.where((s_src >= 0)[:, None], b_new.to(b_old.dtype), b_old)
         tl.store(p_s + o_w[:, None], b_new, mask=m_w)
 
 
