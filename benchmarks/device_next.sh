@@ -68,10 +68,10 @@ case $what in
     train_bench 200 train_profile --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC" --profile
     grep -v TileLang "$OUT/train_profile.log" | grep -E " ms  |by kernel kind" | head -32 ;;
   frame)
-    gpu_tests 300 tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py \
+    gpu_tests 250 tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py \
       -k "conv or $STREAM_K or reference or graph or engine"; tests_summary
     [ -n "${PROFILE:-}" ] && { stream_profile 120 512; grep -E "^==|kernels in" "$OUT/profile_stream.log"; }
-    STREAM_ARGS="--frames 2000 --streams 32 --steps 5" stream_bench 220 120; grep -v "^{" "$OUT/stream.log" | tail -12 ;;
+    STREAM_ARGS="--frames 1500 --streams 32 --steps 5" stream_bench 200 100; grep -v "^{" "$OUT/stream.log" | tail -12 ;;
   probe)
     stream_profile 200 512; grep "^==" "$OUT/profile_stream.log"
     timeout 90 python3 benchmarks/bench_block_attention.py > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6
