@@ -82,8 +82,7 @@ def test_pipelined_graph_equals_sequential_graph(setup):
         for s in (piped, plain):
             s.push_frames(imgs, ts)
     assert piped.step._pending is not None and piped.step.graphs[(n, 56, 84)].both is not None
-    for x, y in zip(piped.state.tensors(), plain.state.tensors(), strict=True):
-        assert torch.equal(x, y)
+    _assert_states_close(piped.state, plain.state, tol=1e-5)  # same kernels; positions and ring indices exact
     assert piped.ask(QUESTIONS[0], stream=1, max_new_tokens=8) == plain.ask(QUESTIONS[0], stream=1, max_new_tokens=8)
 
 
