@@ -131,7 +131,7 @@ def _conv_chunk3_kernel(x0, x1, x2, s0, s1, s2, w0, w1, w2, y0, y1, y2, C0, C1, 
     # one program: BT tokens x BC channels of one row and one of the three convs. The window of token t is the
     # inputs t-W+1 .. t of the row continued from the state (the last W-1 inputs, oldest first). Only the first
     # token block's program touches the state (BT >= W-1): it reads it, then rewrites it, so in place is safe.
-    i_c, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # tokens first: no 65535 cap
     nb0, nb1 = tl.cdiv(C0, BC), tl.cdiv(C1, BC)
     if i_c < nb0:
         x_ptr, s_ptr, w_ptr, y_ptr, C, blk, sxb, sxt = x0, s0, w0, y0, C0, i_c, sxb0, sxt0
@@ -183,7 +183,7 @@ def short_conv_chunk3(xs, weights, states, *, activation: bool = True):
     ys = [torch.empty(B, T, C, dtype=xs[0].dtype, device=xs[0].device) for C in Cs]
     BC, BT = 128, 32
     assert W - 1 <= BT
-    grid = (sum(triton.cdiv(C, BC) for C in Cs), triton.cdiv(T, BT), B)
+    grid = (triton.cdiv(T, BT), sum(triton.cdiv(C, BC) for C in Cs), B)
     strides = [st for x in xs for st in (x.stride(0), x.stride(1))]
     _conv_chunk3_kernel[grid](*xs, *states, *weights, *ys, *Cs, *strides, T, W=W, BT=BT, BC=BC,
                               BW=triton.next_power_of_2(W - 1), ACTIVATION=activation)
