@@ -48,6 +48,8 @@ def stream_main(argv: list[str]) -> int:
     ap.add_argument("--keep", action="store_true", help="questions and answers join the stream's memory")
     ap.add_argument("--json", action="store_true", help="print answers as JSON lines")
     ap.add_argument("--quiet", action="store_true", help="no live FPS/memory line on stderr")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="GPU: run each frame whole instead of its vision tower beside the previous frame's LLM part")
     args = ap.parse_args(argv)
     asks = sorted(parse_ask(a) for a in args.ask)
     if args.fps <= 0:
@@ -66,7 +68,8 @@ def stream_main(argv: list[str]) -> int:
     device = _device(args.device)
     torch.manual_seed(args.seed)
     model = InfiniteVL.from_pretrained(args.model, dtype=_dtype(args.dtype, device), device=device)
-    session = StreamSession(model, AutoTokenizer.from_pretrained(str(args.model)), frame=spec)
+    session = StreamSession(model, AutoTokenizer.from_pretrained(str(args.model)), frame=spec,
+                            pipeline=False if args.no_pipeline else None)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     live = not args.quiet
 
