@@ -37,12 +37,12 @@ class ShortConv(nn.Module):
 
             if cu_seqlens is not None:
                 return fast.short_conv_packed(x_BTC, w, cu_seqlens), None
-            if x_BTC.shape[1] == 1 and state is not None:
+            if x_BTC.shape[1] == 1 and state is not None and state.dtype == x_BTC.dtype:
                 keep = None if mask_BT is None else mask_BT[:, 0]
                 return fast.short_conv_step(x_BTC, w, state, keep_B=keep), state
-            if mask_BT is None:
+            if mask_BT is None and x_BTC.shape[1] > 1:
                 return fast.short_conv(x_BTC, w, state_BCW=state)
-            # padded prefill: the reference's pad handling
+            # padded prefill, or one token on a state of another dtype: the reference
         if cu_seqlens is not None:
             return short_conv_packed(x_BTC, w, cu_seqlens), None
         return short_conv(x_BTC, w, state_BCW=state, mask_BT=mask_BT)
@@ -98,7 +98,8 @@ class GatedDeltaNet(nn.Module):
                 q_in, k_in, v_in, g_in, a_in, b_in = project_together(x_BTD, projs)
             else:  # module calls, so wrappers (LoRA adapters, hooks) apply
                 q_in, k_in, v_in, g_in, a_in, b_in = (proj(x_BTD) for proj in projs)
-        fast_convs = self.backend == "fla" and state is not None and cu_seqlens is None
+        fast_convs = (self.backend == "fla" and state is not None and cu_seqlens is None
+                      and state.conv_q.dtype == q_in.dtype)  # (autocast over float32 weights: the general path)
         if fast_convs and (T == 1 or (mask_BT is None and not torch.is_grad_enabled())):
             # decode, or a chunk continuing a state (a stream's frame): the three short convs in one kernel,
             # states advanced in place
