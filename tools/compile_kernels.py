@@ -84,6 +84,13 @@ def compile_only(arch: int) -> collections.Counter:
     return seen
 
 
+def text_ids(model, B: int, T: int) -> torch.Tensor:
+    """Random ids below the vision special tokens (a placeholder id would need pixels)."""
+    c = model.config
+    hi = min(c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id, c.text.vocab_size)
+    return torch.randint(0, hi, (B, T), generator=torch.Generator().manual_seed(0))
+
+
 def fast_backend(model) -> None:
     """What `set_backend('fla', vision=True)` sets, without its check that the model sits on a GPU."""
     for root in (model.model, model.visual):
@@ -100,7 +107,7 @@ def inference(model) -> None:
     fast_backend(model)
     model.fuse_projections(vision=True)
     state = model.new_state(2)
-    ids = torch.randint(0, 900, (2, 40))
+    ids = text_ids(model, 2, 40)
     model(ids, state=state, logits_to_keep=1)  # prefill continuing a state
     model(ids[:, :1], state=state, logits_to_keep=1)  # decode
     step = FrameStep(model, state, FrameSpec(height=56, width=84), cuda_graph=False)
@@ -133,7 +140,7 @@ def training(model) -> None:
     fast_backend(model)
     model.train()
     cu = torch.tensor([0, 30, 64], dtype=torch.int32)
-    ids = torch.randint(0, 900, (1, 64))
+    ids = text_ids(model, 1, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = model(ids, cu_seqlens=cu, return_hidden=True)[0]
         loss = cross_entropy_sum(hidden, model.lm_head.weight, ids[0], chunk=32, backend="fla")
