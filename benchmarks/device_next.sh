@@ -14,6 +14,8 @@
 #           copied over it (their repo paths mirrored; e.g. `git show REF:src/x.py > .devrun/base/src/x.py`);
 #           carry [".carry", ".devrun"]: an A/B of a change on one machine in one call; AB_TESTS="FILE..." runs
 #           those GPU tests first
+#   stream_ab: the stream benchmark (1,000 frames, 32 streams) on this tree, then with .devrun/base/ copied over it
+#           (as train_ab); carry [".carry", ".devrun"]
 #   x2:     (a 2-GPU machine) the training step with FSDP2 over both GPUs, 2 rows per GPU in one forward
 #   Results go to $OUT (logs, JSON); copy $OUT/kernel_cache.tar.xz.* into .carry/ afterwards (recompress it here with
 #   `xz -9e` when the carry nears 64 MiB: the device's xz -6 -T0 pieces are ~2x larger).
@@ -82,11 +84,19 @@ case $what in
     train_bench 200 train_new --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_new
     cp -r .devrun/base/. .
     train_bench 200 train_base --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_base ;;
+  stream_ab)
+    [ -d .devrun/base ] || { echo "stream_ab needs .devrun/base/<repo paths>"; exit 2; }
+    OUT_ALL=$OUT; mkdir -p "$OUT/new" "$OUT/base"
+    OUT=$OUT_ALL/new STREAM_ARGS="--frames 1000 --streams 32 --steps 5" stream_bench 230 60
+    grep -v "^{" "$OUT_ALL/new/stream.log" | tail -6
+    cp -r .devrun/base/. .
+    OUT=$OUT_ALL/base STREAM_ARGS="--frames 1000 --streams 32 --steps 5" stream_bench 230 60
+    grep -v "^{" "$OUT_ALL/base/stream.log" | tail -6 ;;
   x2)
     timeout 300 torchrun --standalone --nproc_per_node 2 benchmarks/bench_train.py --trainable gdn,attention \
       --rows-per-step 4 --rows-per-forward 2 --recompute-layers "$RC" --warmup 1 --steps 3 --out "$OUT/train_x2" \
       > "$OUT/train_x2.log" 2>&1
     summary train_x2 ;;
-  *) echo "unknown mode $what: tests | stream | frame | train | train_ab | probe | x2"; exit 2 ;;
+  *) echo "unknown mode $what: tests | stream | frame | train | train_ab | stream_ab | probe | x2"; exit 2 ;;
 esac
 cache_save
