@@ -123,8 +123,8 @@ class FrameStep:
                 self._pending = graph
             else:
                 graph.step()
-        elif pipelined:
-            self._pending = (self.vision(frames_BHWC.to(self.device)), base_3B.to(self.device))
+        elif pipelined:  # (a copy of the bases: the caller may reuse its tensor before the LLM part runs)
+            self._pending = (self.vision(frames_BHWC.to(self.device)), base_3B.to(self.device).clone())
         else:
             self.run(frames_BHWC.to(self.device), base_3B.to(self.device))
 
@@ -151,12 +151,14 @@ class FrameStep:
         saved = self.state.clone()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        step = CapturedStep(lambda: self.run(frames, base), pool=self._pool)
-        graph = _Graph(frames=frames, base=base, step=step)
-        if self.pipeline:
-            self._capture_pipelined(graph)
-        self.state.copy_(saved)
-        del saved
+        try:
+            step = CapturedStep(lambda: self.run(frames, base), pool=self._pool)
+            graph = _Graph(frames=frames, base=base, step=step)
+            if self.pipeline:
+                self._capture_pipelined(graph)
+        finally:  # also when a capture fails (out of memory): the warm-ups' frames leave the state
+            self.state.copy_(saved)
+            del saved
         graph.pinned = [(torch.empty_like(frames, device="cpu").pin_memory(),
                          torch.empty_like(base, device="cpu").pin_memory(), torch.cuda.Event()) for _ in range(2)]
         self.graphs[key] = graph

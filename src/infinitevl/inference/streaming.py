@@ -107,7 +107,10 @@ class StreamSession:
 
     @property
     def state(self) -> InferenceState:
-        """The streams' memory with every frame pushed so far in it (a pipelined last frame is finished first)."""
+        """The streams' memory with every frame pushed so far in it (a pipelined last frame is finished first).
+        The same object each time: a reference held across a later `push_frame` sees that frame only after the
+        next read of `state` (or `ask`, `snapshot`, `save`). Reading it every frame runs each frame whole (no
+        pipelining); `memory_bytes()` and `clock` need no flush."""
         self.step.flush()
         return self._state
 

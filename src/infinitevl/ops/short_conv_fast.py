@@ -159,6 +159,8 @@ def _conv_chunk3_kernel(x0, x1, x2, s0, s1, s2, w0, w1, w2, y0, y1, y2, C0, C1, 
     m_y = (o_t < T)[:, None] & m_c[None, :]
     tl.store(y_ptr + i_b * T * C + o_t[:, None] * C + o_c[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_y)
     if i_t == 0:
+        # the window loop's state loads may sit in other threads than these stores: all reads land first
+        tl.debug_barrier()
         # new state slot j = combined input T + j (combined = state ++ x): x[T + j - (W-1)], or old slot T + j
         o_w = tl.arange(0, BW)
         s_src = (T + o_w - (W - 1)).to(tl.int64)
