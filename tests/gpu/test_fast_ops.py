@@ -233,17 +233,19 @@ def test_conv_step3_add_norm_and_gemv(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("F_", [80, 16])
 def test_vision_qkv_rope_matches_reference(dtype, F_):
-    """The vision attention's split + 2D rotary + heads-first layout kernel against VisionAttention's torch
-    code: windows of S tokens, the rotary table repeating every G2 * S tokens (one frame's windows)."""
+    """The vision attention's split + 2D rotary + layout kernel against VisionAttention's torch code: windows of S
+    tokens, the rotary table repeating every G2 * S tokens (one frame's windows); [G, H, S, F] views of
+    tokens-first memory, so SDPA's output merges its heads without a copy."""
     from infinitevl.ops.rope import rotate_half
-    from infinitevl.ops.vision_rope import qkv_rope_heads_first
+    from infinitevl.ops.vision_rope import qkv_rope_for_sdpa
 
     G1, G2, S, H = 3, 4, 16, 5
     qkv = torch.randn(G1, G2, S, 3 * H * F_, device=DEV, dtype=dtype)
     ang = torch.randn(G2, S, F_ // 2, device=DEV)
     emb = torch.cat([ang, ang], -1)
     cos, sin = emb.cos(), emb.sin()
-    q, k, v = qkv_rope_heads_first(qkv, cos, sin, H)
+    q, k, v = qkv_rope_for_sdpa(qkv, cos, sin, H)
+    assert all(t.transpose(1, 2).is_contiguous() for t in (q, k, v))
     x = qkv.view(G1, G2, S, 3, H, F_)
     qk = x[..., :2, :, :].float()
     c, s = cos[:, :, None, None, :], sin[:, :, None, None, :]

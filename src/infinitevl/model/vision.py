@@ -48,11 +48,11 @@ class VisionAttention(nn.Module):
         cos/sin broadcast against [..., S, F]."""
         *lead, S, E = x_GSE.shape
         if self.backend == "fla" and not torch.is_grad_enabled():
-            # one kernel splits, rotates and lays out q/k/v as 4-D [groups, heads, S, F]: SDPA's fused kernels
-            # instead of the math fallback a 5-D input gets, and no float32 copies
-            from ..ops.vision_rope import qkv_rope_heads_first
+            # one kernel splits, rotates and lays out q/k/v as 4-D [groups, heads, S, F] views: SDPA's fused kernels
+            # instead of the math fallback a 5-D input gets, no float32 copies, and an output in tokens-first memory
+            from ..ops.vision_rope import qkv_rope_for_sdpa
 
-            q, k, v = qkv_rope_heads_first(self.qkv(x_GSE), cos_SF, sin_SF, self.num_heads)
+            q, k, v = qkv_rope_for_sdpa(self.qkv(x_GSE), cos_SF, sin_SF, self.num_heads)
             mask = None
             if mask_GSS is not None:  # one [S, S] pattern for every group, or one per group (broadcast to all)
                 one = mask_GSS.numel() == S * S

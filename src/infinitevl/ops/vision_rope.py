@@ -1,5 +1,7 @@
 """The vision tower's attention input in one kernel (Triton, GPU): split the fused qkv projection, rotate q and k
-(2D rotary, float32 like the reference) and lay q, k, v out heads-first for SDPA's fused kernels.
+(2D rotary, float32 like the reference) and lay q, k, v out tokens-first ([G, S, H, F] memory), handed to SDPA as
+[G, H, S, F] views: the layout transformers' attention uses, for which SDPA's fused kernels write their output in
+the same layout, so merging the heads back for the projection is a view, not a copy kernel per block.
 
 Legend: G groups (images/frames, or windows), S tokens per group, H heads, F head dim, C rotary rows.
 
@@ -26,7 +28,7 @@ def _qkv_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, S, C, H: tl
     m = (h < H) & (f < F)
     src = qkv_ptr + row * (3 * H * F) + which * (H * F) + h * F + f
     x = tl.load(src, mask=m, other=0.0)
-    dst = ((g * H + h) * S + s) * F + f
+    dst = (row * H + h) * F + f  # tokens-first: [G, S, H, F]
     if which == 2:
         tl.store(v_ptr + dst, x, mask=m)
     else:
@@ -44,9 +46,10 @@ def _qkv_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, S, C, H: tl
             tl.store(k_ptr + dst, y, mask=m)
 
 
-def qkv_rope_heads_first(qkv_GSX: torch.Tensor, cos_CF: torch.Tensor, sin_CF: torch.Tensor, heads: int):
+def qkv_rope_for_sdpa(qkv_GSX: torch.Tensor, cos_CF: torch.Tensor, sin_CF: torch.Tensor, heads: int):
     """qkv [..., S, 3 * H * F] (the fused projection's output, contiguous) and float32 cos/sin whose rows repeat
-    every C tokens ([..., C, F]: one frame's or one window-set's table) -> q, k, v [G, H, S, F], q and k rotated."""
+    every C tokens ([..., C, F]: one frame's or one window-set's table) -> q, k, v [G, H, S, F], q and k rotated
+    (views of [G, S, H, F] memory)."""
     *lead, S, X = qkv_GSX.shape
     H = heads
     F = X // (3 * H)
@@ -61,8 +64,8 @@ def qkv_rope_heads_first(qkv_GSX: torch.Tensor, cos_CF: torch.Tensor, sin_CF: to
     G = qkv.numel() // (S * X)
     if (G * S) % C:
         raise ValueError(f"{G * S} tokens are not a whole number of {C}-row rotary tables")
-    q, k, v = (torch.empty(G, H, S, F, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
+    q, k, v = (torch.empty(G, S, H, F, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
     if G * S:
         _qkv_rope_kernel[(G * S, 3)](qkv, cos, sin, q, k, v, S, C, H=H, F=F, HALF=F // 2,
                                      BH=triton.next_power_of_2(H), BF=triton.next_power_of_2(F))
-    return q, k, v
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
