@@ -33,7 +33,8 @@ source benchmarks/device_cache.sh && cache_restore
 # gpu_tests LIMIT FILE... -k EXPR: the GPU tests into $OUT/gpu_tests.log
 gpu_tests() {
   local limit=$1; shift
-  timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rf --tb=short "$@" > "$OUT/gpu_tests.log" 2>&1
+  # -v: a run cut by its time limit still shows which tests passed
+  timeout "$limit" python3 -m pytest -v -p no:cacheprovider -rf --tb=short "$@" > "$OUT/gpu_tests.log" 2>&1
 }
 # stream_profile LIMIT BLOCK_MAX_T...: per-kernel profile of a frame step at 1 and 32 streams
 stream_profile() {
@@ -52,7 +53,10 @@ train_bench() {
   timeout "$limit" python3 benchmarks/bench_train.py --trainable gdn,attention --warmup 1 --steps 3 "$@" \
     --out "$OUT/$name" > "$OUT/$name.log" 2>&1
 }
-tests_summary() { grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -12; }
+tests_summary() {
+  echo "PASSED lines: $(grep -c " PASSED" "$OUT/gpu_tests.log")"
+  grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | grep -v " PASSED" | tail -12
+}
 
 STREAM_K="block or vision or graph or frame or memory or missing"
 RC=${RC:-9}
