@@ -18,11 +18,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _qkv_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, S, C, H: tl.constexpr, F: tl.constexpr,
+def _qkv_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, C, H: tl.constexpr, F: tl.constexpr,
                      HALF: tl.constexpr, BH: tl.constexpr, BF: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # token: group row // S, position row % S
+    row = tl.program_id(0).to(tl.int64)  # token (of all G * S, in order)
     which = tl.program_id(1)  # 0 q, 1 k, 2 v
-    g, s = row // S, row % S
     h = tl.arange(0, BH)[:, None]
     f = tl.arange(0, BF)[None, :]
     m = (h < H) & (f < F)
@@ -66,6 +65,6 @@ def qkv_rope_for_sdpa(qkv_GSX: torch.Tensor, cos_CF: torch.Tensor, sin_CF: torch
         raise ValueError(f"{G * S} tokens are not a whole number of {C}-row rotary tables")
     q, k, v = (torch.empty(G, S, H, F, dtype=qkv.dtype, device=qkv.device) for _ in range(3))
     if G * S:
-        _qkv_rope_kernel[(G * S, 3)](qkv, cos, sin, q, k, v, S, C, H=H, F=F, HALF=F // 2,
+        _qkv_rope_kernel[(G * S, 3)](qkv, cos, sin, q, k, v, C, H=H, F=F, HALF=F // 2,
                                      BH=triton.next_power_of_2(H), BF=triton.next_power_of_2(F))
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
