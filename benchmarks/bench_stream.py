@@ -160,19 +160,30 @@ def gate(model, tok, spec, frames, device) -> dict:
 # ---------------------------------------------------------------- 2. single stream
 @torch.no_grad()
 def single_stream(model, tok, spec, pool, n_frames, window, warmup, device, *, budget_s=float("inf"),
-                  cuda_graph=None, pipeline=None) -> dict:
-    """Stops early (at a window boundary, recorded) once `budget_s` seconds have passed."""
+                  cuda_graph=None, pipeline=None, clip=1) -> dict:
+    """Stops early (at a window boundary, recorded) once `budget_s` seconds have passed. clip > 1: that many
+    frames a step (`push_clip`); window and warmup are then multiples of it."""
+    if window % clip or warmup % clip:
+        raise ValueError(f"the window ({window}) and warm-up ({warmup}) must be multiples of the clip ({clip})")
     session = StreamSession(model, tok, frame=spec, cuda_graph=cuda_graph, pipeline=pipeline)
     clock = Clock(device)
-    for i in range(warmup):
-        session.push_frame(pool[i % len(pool)], i * 0.5)
+    clips = [np.stack([pool[(s + k) % len(pool)] for k in range(clip)]) for s in range(len(pool))]
+
+    def push(i):  # frames i .. i + clip - 1
+        if clip == 1:
+            session.push_frame(pool[i % len(pool)], i * 0.5)
+        else:
+            session.push_clip(clips[(i // clip) % len(clips)], [(i + k) * 0.5 for k in range(clip)])
+
+    for i in range(0, warmup, clip):
+        push(i)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     windows, marks = [], [clock.mark()]
     t0 = time.perf_counter()
-    for i in range(n_frames):
-        session.push_frame(pool[i % len(pool)], (warmup + i) * 0.5)
+    for i in range(clip - 1, n_frames, clip):
+        push(warmup + i - clip + 1)
         if (i + 1) % window == 0:
             marks.append(clock.mark())
             alloc, peak = gpu_mem(device)
@@ -192,7 +203,7 @@ def single_stream(model, tok, spec, pool, n_frames, window, warmup, device, *, b
                 fps_median_window=statistics.median(fps), fps_min_window=min(fps), fps_max_window=max(fps),
                 flatness=max(fps) / min(fps), state_mib=session.memory_bytes() / 2**20,
                 alloc_growth_gib=(max(allocs) - min(allocs)) if allocs else None,
-                graphs=[list(k) for k in session.step.graphs], pipeline=session.step.pipeline)
+                graphs=[list(k) for k in session.step.graphs], pipeline=session.step.pipeline, clip=clip)
 
 
 # ---------------------------------------------------------------- 3. many streams
@@ -274,6 +285,8 @@ def table(res) -> str:
              f"min/max window {s['fps_min_window']:.1f}/{s['fps_max_window']:.1f} (flatness {s['flatness']:.3f}), "
              f"state {s['state_mib']:.0f} MiB, alloc growth {s['alloc_growth_gib']} GiB; eager {res['single_eager_fps']:.1f} FPS",
              f"pipelined: {s['pipeline']}; not pipelined: {res.get('single_sequential_fps', float('nan')):.1f} FPS",
+             f"frames per step: {s['clip']} (headline); others: " + ", ".join(
+                 f"{k}: {v:.1f} FPS" for k, v in res.get("single_by_clip", {}).items()),
              "streams | step ms | aggregate FPS | per-stream FPS"]
     for r in res["many"]:
         lines.append(f"{r['streams']:>7} | {r['step_ms']:>7.2f} | {r['fps_aggregate']:>13.1f} | {r['per_stream_fps']:>6.1f}")
@@ -335,6 +348,9 @@ def main(argv=None):
                    help="stop the single-stream run at the first window boundary after this many seconds")
     p.add_argument("--no-pipeline", action="store_true",
                    help="run each frame whole (no vision of frame t+1 beside the LLM part of frame t)")
+    p.add_argument("--frames-per-step", type=int, nargs="+", default=[1],
+                   help="single stream: frames pushed per step (push_clip when > 1); the first is the headline "
+                        "run, the others run two windows each (default 1)")
     p.add_argument("--swa-block-prefill", type=int, default=None,
                    help="ops.swa_fast.BLOCK_PREFILL_MAX_T for this run (0: SDPA over the ring, 512: the block kernel)")
     args = p.parse_args(argv)
@@ -372,14 +388,24 @@ def main(argv=None):
 
     # the headline first (the 10,000-frame single stream), then the rest
     pipeline = False if args.no_pipeline else None  # None: the session's default (on with CUDA graphs)
-    res["single"] = single_stream(model, tok, spec, pool, n_frames, window, warmup=3 * 8 if not args.tiny else 3,
-                                  device=device, budget_s=args.budget_s, pipeline=pipeline)
+    clip, *other_clips = args.frames_per_step
+    res["single"] = single_stream(model, tok, spec, pool, n_frames, window,
+                                  warmup=(3 * 8 if not args.tiny else 3) * clip, device=device, budget_s=args.budget_s,
+                                  pipeline=pipeline, clip=clip)
     print("single stream:", {k: v for k, v in res["single"].items() if k != "windows"}, flush=True)
     save()
     if res["single"]["pipeline"]:  # the same without pipelining, shorter: what the pipeline buys
-        seq = single_stream(model, tok, spec, pool, 2 * window, window, warmup=8, device=device, pipeline=False)
+        seq = single_stream(model, tok, spec, pool, 2 * window, window, warmup=8 * clip, device=device,
+                            pipeline=False, clip=clip)
         res["single_sequential_fps"] = seq["fps_median_window"]
         print("single stream, not pipelined:", res["single_sequential_fps"], flush=True)
+        save()
+    res["single_by_clip"] = {}
+    for k in other_clips:  # the same stream with other frames per step, shorter
+        r = single_stream(model, tok, spec, pool, 2 * window, window, warmup=2 * k, device=device, pipeline=pipeline,
+                          clip=k)
+        res["single_by_clip"][k] = r["fps_median_window"]
+        print(f"single stream, {k} frames a step:", r["fps_median_window"], flush=True)
         save()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -412,6 +438,8 @@ def main(argv=None):
         single_eager_fps=round(res["single_eager_fps"], 1), pipeline=s["pipeline"],
         single_sequential_fps=round(res["single_sequential_fps"], 1) if "single_sequential_fps" in res else None,
         single_fps_median_window=round(s["fps_median_window"], 1), single_fps_overall=round(s["fps_overall"], 1),
+        frames_per_step=s["clip"], single_fps_by_frames_per_step={str(k): round(v, 1)
+                                                                   for k, v in res["single_by_clip"].items()},
         flatness=round(s["flatness"], 3), alloc_growth_gib=s["alloc_growth_gib"],
         gpu_alloc_gib=s["windows"][-1]["alloc_gib"], aggregate_fps={str(k): round(v, 1) for k, v in agg.items()},
         breakdown_ms={str(r["streams"]): {k: round(v, 2) for k, v in r.items() if k.endswith("_ms")}

@@ -48,12 +48,17 @@ def stream_main(argv: list[str]) -> int:
     ap.add_argument("--keep", action="store_true", help="questions and answers join the stream's memory")
     ap.add_argument("--json", action="store_true", help="print answers as JSON lines")
     ap.add_argument("--quiet", action="store_true", help="no live FPS/memory line on stderr")
+    ap.add_argument("--frames-per-step", type=int, default=1, metavar="K",
+                    help="push K frames at a time (one step, larger kernels: more frames per second for files; each "
+                         "answer still sees exactly the frames before its time)")
     ap.add_argument("--no-pipeline", action="store_true",
                     help="GPU: run each frame whole instead of its vision tower beside the previous frame's LLM part")
     args = ap.parse_args(argv)
     asks = sorted(parse_ask(a) for a in args.ask)
     if args.fps <= 0:
         raise ValueError(f"--fps must be > 0, got {args.fps}")
+    if args.frames_per_step < 1:
+        raise ValueError(f"--frames-per-step must be >= 1, got {args.frames_per_step}")
 
     from transformers import AutoTokenizer
 
@@ -84,16 +89,32 @@ def stream_main(argv: list[str]) -> int:
             print(f"[{_clock(when)}] Q: {question}\n[{_clock(when)}] A: {text}", flush=True)
 
     t0, frames, last = time.perf_counter(), 0, 0.0
+    pending: list = []  # frames waiting for a full clip of --frames-per-step
+
+    def push(items) -> None:
+        if len(items) == args.frames_per_step > 1:
+            session.push_clip([f for f, _ in items], [t for _, t in items])
+        else:  # single frames (and the rest of a clip cut short by a question)
+            for f, t in items:
+                session.push_frame(f, t)
+
     for frame, ts in source:
-        while asks and asks[0][0] < ts:  # a question due before this frame sees everything up to the last one
+        if asks and asks[0][0] < ts:  # a question due before this frame sees everything up to the last one
+            push(pending)
+            pending = []
+        while asks and asks[0][0] < ts:
             answer(*asks.pop(0), seen_until=last)
-        session.push_frame(frame, ts)
+        pending.append((frame, ts))
         frames, last = frames + 1, ts
+        if len(pending) == args.frames_per_step:
+            push(pending)
+            pending = []
         if live:
             fps = frames / (time.perf_counter() - t0)
             gpu = f"  GPU {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else ""
             print(f"\r\033[K{_clock(ts)}  {frames} frames  {fps:.1f} FPS  memory {session.memory_bytes() / 2**20:.1f} MiB"
                   f"{gpu}", end="", file=sys.stderr, flush=True)
+    push(pending)
     if frames == 0:
         raise ValueError(f"{args.video} gave no frames")
     for when, question in asks:  # at or after the end: answered on the whole stream

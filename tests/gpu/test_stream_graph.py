@@ -58,7 +58,7 @@ def test_graph_replay_equals_eager_over_many_frames(setup):
         assert not torch.equal(keys_before, ring.keys) and not torch.equal(rec_before, gdn.recurrent)
         if i % 50 == 49:
             _assert_states_close(graph.state, eager.state)
-    assert list(graph.step.graphs) == [(1, 56, 84)]
+    assert list(graph.step.graphs) == [(1, 1, 56, 84)]
     for q in QUESTIONS:
         assert graph.ask(q, max_new_tokens=12) == eager.ask(q, max_new_tokens=12)
 
@@ -81,9 +81,33 @@ def test_pipelined_graph_equals_sequential_graph(setup):
             imgs[1], ts[1] = None, None
         for s in (piped, plain):
             s.push_frames(imgs, ts)
-    assert piped.step._pending is not None and piped.step.graphs[(n, 56, 84)].both is not None
+    assert piped.step._pending is not None and piped.step.graphs[(n, 1, 56, 84)].both is not None
     _assert_states_close(piped.state, plain.state, tol=1e-5)  # same kernels; positions and ring indices exact
     assert piped.ask(QUESTIONS[0], stream=1, max_new_tokens=8) == plain.ask(QUESTIONS[0], stream=1, max_new_tokens=8)
+
+
+@torch.no_grad()
+def test_clip_graph_equals_eager_and_frame_by_frame(setup):
+    """K frames of each stream in one captured step (push_clip, pipelined): the eager clip step's states, and
+    within chunking's rounding the single-frame graph's, over enough clips to wrap the ring many times."""
+    model, tok = setup
+    n, K, steps = 2, 4, 15
+    frames = [_frames(K * steps, seed=50 + b) for b in range(n)]
+    times = [[i * 0.5 for i in range(K * steps)] for _ in range(n)]
+    graph = StreamSession(model, tok, frame=SPEC, batch_size=n, cuda_graph=True)
+    eager = StreamSession(model, tok, frame=SPEC, batch_size=n, cuda_graph=False)
+    single = StreamSession(model, tok, frame=SPEC, batch_size=n, cuda_graph=True)
+    for j in range(steps):
+        sl = slice(j * K, (j + 1) * K)
+        for s in (graph, eager):
+            s.push_clip([np.stack(frames[b][sl]) for b in range(n)], [times[b][sl] for b in range(n)])
+        for i in range(j * K, (j + 1) * K):
+            single.push_frames([frames[b][i] for b in range(n)], [times[b][i] for b in range(n)])
+    assert list(graph.step.graphs) == [(n, K, 56, 84)] and graph.step.pipeline
+    _assert_states_close(graph.state, eager.state)
+    for x, y in zip(graph.state.tensors(), single.state.tensors(), strict=True):
+        assert torch.equal(x, y) if x.dtype == torch.long else rel(x, y) < 2e-3
+    assert graph.ask(QUESTIONS[1], stream=1, max_new_tokens=8) == eager.ask(QUESTIONS[1], stream=1, max_new_tokens=8)
 
 
 @torch.no_grad()
@@ -95,7 +119,7 @@ def test_batched_graph_equals_separate_streams(setup):
     batched = StreamSession(model, tok, frame=SPEC, batch_size=n, cuda_graph=True)
     for i in range(40):
         batched.push_frames([frames[b][i] for b in range(n)], [times[b][i] for b in range(n)])
-    assert list(batched.step.graphs) == [(n, 56, 84)]  # one launch per batch of frames
+    assert list(batched.step.graphs) == [(n, 1, 56, 84)]  # one launch per batch of frames
     for b in range(n):
         one = StreamSession(model, tok, frame=SPEC, cuda_graph=True)
         for f, t in zip(frames[b], times[b]):
@@ -116,7 +140,7 @@ def test_batched_graph_with_streams_missing_frames(setup):
         has = [i % (b + 1) == 0 for b in range(n)]
         batched.push_frames([frames[b][i] if has[b] else None for b in range(n)],
                             [i * 0.5 if has[b] else None for b in range(n)])
-    assert list(batched.step.graphs) == [(n, 56, 84)]
+    assert list(batched.step.graphs) == [(n, 1, 56, 84)]
     for b in range(n):
         one = StreamSession(model, tok, frame=SPEC, cuda_graph=True)
         for i in range(0, steps, b + 1):
@@ -190,7 +214,7 @@ def test_other_frame_size_runs_eagerly_and_warns_once(setup, caplog):
     assert not graph.step.graphs
     graph.push_frame(_frames(1, seed=6, shape=(112, 112, 3))[0], 5)  # a second captured size
     eager.push_frame(_frames(1, seed=6, shape=(112, 112, 3))[0], 5)
-    assert list(graph.step.graphs) == [(1, 112, 112)]
+    assert list(graph.step.graphs) == [(1, 1, 112, 112)]
     _assert_states_close(graph.state, eager.state)
 
 

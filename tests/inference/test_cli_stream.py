@@ -43,3 +43,17 @@ def test_stream_command_errors(capsys, tmp_path):
     assert main(["stream", str(MEDIA / "1.mp4"), "--frame-size", "30"]) == 2
     err = capsys.readouterr().err
     assert "corrupt" in err and "as a time" in err and "multiples of 28" in err
+
+
+def test_stream_command_clips_answer_like_single_frames(capsys):
+    """--frames-per-step 3: frames go in clips, cut short before a question, so every answer sees the frames it
+    would see one by one (same answers, same last frame seen)."""
+    argv = ["stream", str(MEDIA / "1.mp4"), "--ask", "3s:What is happening?", "--ask", "8s:What colour is it?",
+            "--fps", "2", "--frame-size", "56", "--max-new-tokens", "6", "--json", "--quiet"]
+    runs = []
+    for k in ("1", "3"):
+        assert main(argv + ["--frames-per-step", k]) == 0
+        runs.append([json.loads(line) for line in capsys.readouterr().out.strip().splitlines()])
+    assert runs[0] == runs[1] and [a["seen_until"] for a in runs[0]] == [3.0, 8.0]
+    assert main(argv + ["--frames-per-step", "0"]) == 2
+    assert "--frames-per-step must be >= 1" in capsys.readouterr().err

@@ -248,3 +248,52 @@ def test_pipelined_session_equals_sequential(setup, tmp_path):
     piped.load(tmp_path / "piped.safetensors")
     assert all(torch.equal(x, y) for x, y in zip(plain.state.tensors(), piped.state.tensors(), strict=True))
     assert piped.clock == plain.clock
+
+
+@torch.no_grad()
+def test_clips_equal_frame_by_frame(setup):
+    """K frames of each stream in one step (push_clip) leave the memory K single-frame steps leave, and the
+    clock and the answers follow; a clip after single frames and single frames after a clip continue alike."""
+    model, tok = setup
+    fa, fb = _frames(5, seed=11), _frames(5, seed=12)
+    ta, tb = [0.0, 0.3, 0.9, 2.0, 2.1], [1.0, 1.0, 1.6, 4.0, 7.5]
+    single = StreamSession(model, tok, frame=SPEC, batch_size=2)
+    for i in range(5):
+        single.push_frames([fa[i], fb[i]], [ta[i], tb[i]])
+    for pipeline in (True, False):  # pipelined: a clip's vision beside the previous step's LLM part
+        clip = StreamSession(model, tok, frame=SPEC, batch_size=2, pipeline=pipeline)
+        clip.push_frames([fa[0], fb[0]], [ta[0], tb[0]])
+        clip.push_clip(np.stack([np.stack(fa[1:4]), np.stack(fb[1:4])]), [ta[1:4], tb[1:4]])  # [B, K, H, W, 3]
+        clip.push_frames([fa[4], fb[4]], [ta[4], tb[4]])
+        assert clip.clock == single.clock
+        _state_close(clip.state, single.state, atol=2e-5, rtol=2e-5)
+    assert clip.ask("What is happening?", stream=1, max_new_tokens=6) == single.ask(
+        "What is happening?", stream=1, max_new_tokens=6)
+    one = StreamSession(model, tok, frame=SPEC)  # a single-stream session takes its clip bare
+    one.push_clip(fa[:3], ta[:3])
+    one.push_clip(fa[3:], ta[3:])
+    _state_close(one.state, single.state.select([0]), atol=2e-5, rtol=2e-5)
+
+
+def test_bad_clips_keep_state(setup):
+    model, tok = setup
+    frames = _frames(3)
+    s = StreamSession(model, tok, frame=SPEC, batch_size=2)
+    s.push_frames(frames[:2], [1.0, 1.0])
+    before = [t.clone() for t in s.state.tensors()]
+    clock = s.clock.copy()
+    bad = [
+        ([frames[:2]], [[2.0, 3.0]], "one clip per stream"),
+        ([frames[:2], frames[:1]], [[2.0, 3.0], [2.0]], "same number and size"),
+        ([frames[:2], frames[1:]], [[2.0, 3.0], [2.0]], "one timestamp per frame"),
+        ([frames[:2], frames[1:]], [[2.0, 0.5], [2.0, 3.0]], "must not go back"),
+        ([frames[:2], frames[1:]], [[2.0, 3.0], [2.0, float("inf")]], "finite"),
+        ([frames[:2], frames[1:]], "soon", "numbers of seconds"),
+        (np.zeros((2, 2, 70, 90), dtype=np.uint8), [[2.0, 3.0]] * 2, "uint8"),
+        ("clips", [[2.0, 3.0]] * 2, "clips must be"),
+    ]
+    for clips, ts, match in bad:
+        with pytest.raises(ValueError, match=match):
+            s.push_clip(clips, ts)
+    assert s.clock == clock
+    assert all(torch.equal(a, b) for a, b in zip(before, s.state.tensors()))

@@ -55,6 +55,24 @@ class StreamSnapshot:
     clock: _Clock = field(repr=False)
 
 
+def _clips_to_tensor(clips) -> torch.Tensor:
+    """uint8 [B, K, H, W, 3] (tensor or array) or a list of B clips, each anything `frames_to_tensor` takes for K
+    frames of one size -> uint8 [B, K, H, W, 3]."""
+    if isinstance(clips, (list, tuple)):
+        if not clips:
+            raise ValueError("no clips given")
+        parts = [frames_to_tensor(c) for c in clips]
+        if len({tuple(p.shape) for p in parts}) != 1:
+            raise ValueError(f"every stream's clip needs the same number and size of frames, got "
+                             f"{sorted({tuple(p.shape) for p in parts})}")
+        return torch.stack(parts)
+    if getattr(clips, "ndim", 0) != 5:
+        raise ValueError(f"clips must be uint8 [B, K, H, W, 3] or a list of clips; got {type(clips).__name__} with "
+                         f"shape {tuple(getattr(clips, 'shape', ()))}")
+    B, K = clips.shape[:2]
+    return frames_to_tensor(clips.reshape(B * K, *clips.shape[2:])).view(B, K, *clips.shape[2:])
+
+
 def model_identity(model: InfiniteVL) -> str:
     """A fingerprint of the config and a few weights: a saved stream only loads into the same model."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
@@ -151,33 +169,70 @@ class StreamSession:
         except (TypeError, ValueError):
             raise ValueError(f"timestamps must be numbers of seconds, got {timestamps!r:.80}") from None
         for b in present:
-            t = ts[b]
-            if not math.isfinite(t) or t < 0:
-                raise ValueError(f"timestamp {t} of stream {b} must be a finite number of seconds >= 0")
-            if self.clock.last_ts[b] is not None and t < self.clock.last_ts[b]:
-                raise ValueError(f"timestamps must not go back: stream {b} got {t} after {self.clock.last_ts[b]}")
+            self._check_times(b, [ts[b]])
         # Streams without a frame ride along in the one batched step (same captured graph) and get their rows
         # back afterwards: a copy of their state rows, far cheaper than a step of their own (not pipelined:
         # the rows are taken just before and written just after this frame's LLM part).
         kept = self.state.select(absent) if absent else None
-        self.step(frames, self._position_base(ts), pipeline=not absent)
+        self.step(frames, self._position_base([[t] for t in ts])[:, :, 0], pipeline=not absent)
         for k, b in enumerate(absent):
             self._write_row(b, kept, k)
         for b in present:
-            t = ts[b]
-            if self.clock.block_t0[b] is None:
-                self.clock.block_t0[b] = t
-            self.clock.last_ts[b] = t
-            self.clock.frames[b] += 1
+            self._advance_clock(b, [ts[b]])
 
-    def _position_base(self, ts: list[float]) -> torch.Tensor:
-        """[3, B] long: M-RoPE (t, h, w) offsets of each stream's next frame; the step adds the frame grid."""
+    @torch.no_grad()
+    def push_clip(self, frames, timestamps) -> None:
+        """K consecutive frames of every stream in one step: uint8 [B, K, H, W, 3] or a list of B clips (each a
+        list of K frames or [K, H, W, 3]; a single-stream session also takes its one clip bare), with timestamps
+        [B][K] in seconds (single stream: K numbers). The memory afterwards is what K `push_frames` calls give, up
+        to float rounding (the clip's K * N tokens run as one chunk); the kernels are fewer and larger, so a
+        stream ingests more frames per second, at the latency of K frames. Every stream has all K frames."""
+        B = self.batch_size
+        bare = isinstance(frames, (list, tuple)) or getattr(frames, "ndim", 0) == 4
+        if B == 1 and bare:
+            frames, timestamps = [frames], [timestamps]
+        clips = _clips_to_tensor(frames)
+        if clips.shape[0] != B:
+            raise ValueError(f"give one clip per stream ({B}), got {clips.shape[0]}")
+        K = clips.shape[1]
+        try:
+            ts = [[float(t) for t in row] for row in timestamps]
+        except (TypeError, ValueError):
+            raise ValueError(f"timestamps must be [streams][frames] numbers of seconds, got {timestamps!r:.80}") from None
+        if len(ts) != B or any(len(row) != K for row in ts):
+            raise ValueError(f"give one timestamp per frame: {B} stream(s) x {K} frames, got "
+                             f"{[len(row) for row in ts]}")
+        for b in range(B):
+            self._check_times(b, ts[b])
+        self.step(clips, self._position_base(ts))
+        for b in range(B):
+            self._advance_clock(b, ts[b])
+
+    def _check_times(self, b: int, ts: list[float]) -> None:
+        """Stream b's next frames' timestamps: finite, >= 0, never going back."""
+        last = self.clock.last_ts[b]
+        for t in ts:
+            if not math.isfinite(t) or t < 0:
+                raise ValueError(f"timestamp {t} of stream {b} must be a finite number of seconds >= 0")
+            if last is not None and t < last:
+                raise ValueError(f"timestamps must not go back: stream {b} got {t} after {last}")
+            last = t
+
+    def _advance_clock(self, b: int, ts: list[float]) -> None:
+        if self.clock.block_t0[b] is None:
+            self.clock.block_t0[b] = ts[0]
+        self.clock.last_ts[b] = ts[-1]
+        self.clock.frames[b] += len(ts)
+
+    def _position_base(self, ts: list[list[float]]) -> torch.Tensor:
+        """[3, B, K] long: M-RoPE (t, h, w) offsets of each stream's next K frames; the step adds the frame grid."""
         base = []
-        for b, t in enumerate(ts):
-            t0 = t if self.clock.block_t0[b] is None else self.clock.block_t0[b]
+        for b, row in enumerate(ts):
+            t0 = row[0] if self.clock.block_t0[b] is None else self.clock.block_t0[b]
             start = self.clock.block_start[b]
-            base.append([start + math.floor((t - t0) * self.tokens_per_second), start, start])
-        return torch.tensor(base, dtype=torch.long).T
+            base.append([[start + math.floor((t - t0) * self.tokens_per_second) for t in row], [start] * len(row),
+                         [start] * len(row)])
+        return torch.tensor(base, dtype=torch.long).permute(1, 0, 2)
 
     # ---- questions ----
     def ask(self, question: str, *, stream: int = 0, max_new_tokens: int = 64,
