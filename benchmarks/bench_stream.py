@@ -230,27 +230,30 @@ def many_streams(model, tok, spec, pool, B, steps, warmup, device, pipeline=None
 
 
 # ---------------------------------------------------------------- 4. breakdown
-def frame_parts(model, spec, frames_BHWC):
-    """The frame step's parts as callables on a fresh state of B streams (device frames [B, H, W, 3]): the vision
-    tower + merger alone, the LLM prefill of a frame's tokens alone (random embeddings), and the whole step."""
+def frame_parts(model, spec, frames):
+    """The frame step's parts as callables on a fresh state of B streams (device frames [B, H, W, 3], or clips
+    [B, K, H, W, 3]): the vision tower + merger alone, the LLM prefill of the frames' tokens alone (random
+    embeddings), and the whole step."""
     from infinitevl.inference.frame_step import FrameStep
 
-    device, B = frames_BHWC.device, frames_BHWC.shape[0]
+    device, B = frames.device, frames.shape[0]
+    K = frames.shape[1] if frames.ndim == 5 else 1
     state = model.new_state(B)
     step = FrameStep(model, state, spec, cuda_graph=False)
-    N = spec.tokens_per_frame
+    N = spec.tokens_per_frame * K
     x = torch.randn(B, N, model.config.text.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
     pos = torch.arange(N, device=device)[None, None] + torch.zeros(3, B, 1, dtype=torch.long, device=device)
 
     def vision():
-        pixels = preprocess_frames(frames_BHWC, spec, dtype=step.pixel_dtype, stats=step.stats)
+        pixels = preprocess_frames(frames.reshape(-1, *frames.shape[-3:]), spec, dtype=step.pixel_dtype,
+                                   stats=step.stats)
         model.visual.forward_frames(pixels, step.layout)
 
     def llm():
         model.model(x, pos, state=state)
         state.seen.add_(N)
 
-    return vision, llm, lambda: step.run(frames_BHWC, pos[:, :, 0])
+    return vision, llm, lambda: step.run(frames, pos[:, :, :1].expand(3, B, K) if K > 1 else pos[:, :, 0])
 
 
 @torch.no_grad()
@@ -401,9 +404,9 @@ def main(argv=None):
         print("single stream, not pipelined:", res["single_sequential_fps"], flush=True)
         save()
     res["single_by_clip"] = {}
-    for k in other_clips:  # the same stream with other frames per step, shorter
-        r = single_stream(model, tok, spec, pool, 2 * window, window, warmup=2 * k, device=device, pipeline=pipeline,
-                          clip=k)
+    for k in other_clips:  # the same stream with other frames per step, shorter (windows: multiples of k)
+        w = max(k, window // k * k)
+        r = single_stream(model, tok, spec, pool, 2 * w, w, warmup=2 * k, device=device, pipeline=pipeline, clip=k)
         res["single_by_clip"][k] = r["fps_median_window"]
         print(f"single stream, {k} frames a step:", r["fps_median_window"], flush=True)
         save()

@@ -9,9 +9,9 @@
 #   frame:  after a change to the frame step: its GPU tests, (PROFILE=1) the per-kernel profile, 2,000 frames and 32
 #           streams
 #           (carry [".carry", ".gpu_carry"]: the parity fixture for test_fast_model)
-#   clip:   frames per step (push_clip): the stream benchmark with 4, 1 and 8 frames a step (SWA block kernel up to
-#           SWA_MAX_T=2048 tokens), the block kernel against SDPA at 256..2048 tokens, then the stream and fast-model
-#           GPU tests (carry [".carry", ".gpu_carry"])
+#   clip:   frames per step (push_clip): the stream benchmark with CLIPS="4 1 8" frames a step, (PROFILE=K) the
+#           per-kernel profile of K-frame clips, the block kernel against SDPA at BLOCK_T="256 1024 2048" tokens, then
+#           the stream and fast-model GPU tests (carry [".carry", ".gpu_carry"])
 #   probe:  per-kernel profile of a frame step, the block-attention and FP8 GEMM microbenchmarks
 #   train_ab: the training step (same setting as train) on this tree, then again with the files under .devrun/base/
 #           copied over it (their repo paths mirrored; e.g. `git show REF:src/x.py > .devrun/base/src/x.py`);
@@ -82,10 +82,11 @@ case $what in
     [ -n "${PROFILE:-}" ] && { stream_profile 120 512; grep -E "^==|kernels in" "$OUT/profile_stream.log"; }
     STREAM_ARGS="--frames 1500 --streams 32 --steps 5" stream_bench 200 100; grep -v "^{" "$OUT/stream.log" | tail -12 ;;
   clip)
-    STREAM_ARGS="--frames 1000 --frames-per-step 4 1 8 --streams 32 --steps 5 --swa-block-prefill ${SWA_MAX_T:-2048}" \
+    STREAM_ARGS="--frames 1000 --frames-per-step ${CLIPS:-4 1 8} --streams 32 --steps 5" \
       stream_bench 210 40; grep -v "^{" "$OUT/stream.log" | tail -12
-    timeout 60 python3 benchmarks/bench_block_attention.py --batch 1 --tokens 256 1024 2048 --splits 0 --sdpa \
-      > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6
+    [ -n "${PROFILE:-}" ] && { stream_profile 100 4096 --frames-per-step "$PROFILE" --streams 1; grep -E "^==|kernels in" "$OUT/profile_stream.log"; }
+    timeout 60 python3 benchmarks/bench_block_attention.py --batch 1 --tokens ${BLOCK_T:-256 1024 2048} --splits 0 \
+      --sdpa > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6
     gpu_tests 270 tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py; tests_summary ;;
   probe)
     stream_profile 200 512; grep "^==" "$OUT/profile_stream.log"

@@ -53,6 +53,9 @@ def main():
     p.add_argument("--streams", type=int, nargs="*", default=[1, 32])
     p.add_argument("--frame-size", type=int, default=448)
     p.add_argument("--top", type=int, default=22)
+    p.add_argument("--frames-per-step", type=int, default=1,
+                   help="K frames of each stream a step (push_clip): K * streams frames through the vision tower, "
+                        "K frames' tokens per row through the LLM")
     p.add_argument("--out", type=Path, default=Path("out/profile_stream"))
     p.add_argument("--swa-block-prefill", type=int, nargs="*", default=[0],
                    help="values of ops.swa_fast.BLOCK_PREFILL_MAX_T to profile (0 = SDPA over the ring; 512 = the "
@@ -70,15 +73,17 @@ def main():
 
     for B, block in [(B, blk) for B in args.streams for blk in args.swa_block_prefill]:
         swa_fast.BLOCK_PREFILL_MAX_T = block
-        frames = torch.randint(0, 256, (B, args.frame_size, args.frame_size, 3), dtype=torch.uint8, device=dev)
-        vision, llm, _ = frame_parts(model, spec, frames)
+        K = args.frames_per_step
+        frames = torch.randint(0, 256, (B, K, args.frame_size, args.frame_size, 3), dtype=torch.uint8, device=dev)
+        vision, llm, _ = frame_parts(model, spec, frames if K > 1 else frames[:, 0])
 
         for name, fn in (("vision", vision), ("llm", llm)):
             if name == "vision" and block != args.swa_block_prefill[0]:
                 continue  # the vision tower does not depend on the SWA kernel
             g = graph_ms(fn, dev)
             total, txt = kernel_table(fn, args.top)
-            head = (f"== B={B} {name} (swa block prefill max T {block}): graph {g:.2f} ms/step ({g / B:.2f} ms/frame), "
+            head = (f"== B={B} K={K} {name} (swa block prefill max T {block}): graph {g:.2f} ms/step "
+                    f"({g / B / K:.2f} ms/frame), "
                     f"eager kernel time {total:.2f} ms (gaps in the graph {g - total:+.2f} ms)")
             print(head + "\n" + txt, flush=True)
             report.append(head + "\n" + txt)

@@ -199,8 +199,10 @@ def ring_write_step(state, k_new_BGD: torch.Tensor, v_new_BGD: torch.Tensor, cur
 # ---------------------------------------------------------------- block prefill (a stream's frame)
 # Blocks of 2..BLOCK_PREFILL_MAX_T tokens with a state, no padding and 16-bit activations take `block_attention`
 # instead of SDPA over cat([ring, block]). H100, 4B shape, 448x448 frames: the LLM's frame step 12.22 -> 10.93 ms
-# with the first, untuned version (benchmarks/results/README.md); 0 turns it off (env or attribute).
-BLOCK_PREFILL_MAX_T = int(os.environ.get("INFINITEVL_SWA_BLOCK_PREFILL_MAX_T", "512"))
+# with the first, untuned version (benchmarks/results/README.md); 0 turns it off (env or attribute). Clips of
+# several frames (push_clip) are longer blocks: on an H200 against the full ring, 1,024 tokens 0.43 ms (SDPA over the
+# concatenation 0.69 ms), 2,048 tokens 0.85 ms (1.42 ms) (bench_block_attention.py --tokens ... --sdpa).
+BLOCK_PREFILL_MAX_T = int(os.environ.get("INFINITEVL_SWA_BLOCK_PREFILL_MAX_T", "4096"))
 _SPLIT_ALIGN = 128  # every slice of the key range is a whole number of key tiles, whatever tile autotuning picks
 _LOG2E = 1.4426950408889634
 
