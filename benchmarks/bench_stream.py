@@ -163,8 +163,9 @@ def single_stream(model, tok, spec, pool, n_frames, window, warmup, device, *, b
                   cuda_graph=None, pipeline=None, clip=1) -> dict:
     """Stops early (at a window boundary, recorded) once `budget_s` seconds have passed. clip > 1: that many
     frames a step (`push_clip`); window and warmup are then multiples of it."""
-    if window % clip or warmup % clip:
-        raise ValueError(f"the window ({window}) and warm-up ({warmup}) must be multiples of the clip ({clip})")
+    window = max(clip, window // clip * clip)  # whole clips per window and warm-up
+    warmup = -(-warmup // clip) * clip
+    n_frames = max(window, n_frames // window * window)
     session = StreamSession(model, tok, frame=spec, cuda_graph=cuda_graph, pipeline=pipeline)
     clock = Clock(device)
     clips = [np.stack([pool[(s + k) % len(pool)] for k in range(clip)]) for s in range(len(pool))]
@@ -404,9 +405,9 @@ def main(argv=None):
         print("single stream, not pipelined:", res["single_sequential_fps"], flush=True)
         save()
     res["single_by_clip"] = {}
-    for k in other_clips:  # the same stream with other frames per step, shorter (windows: multiples of k)
-        w = max(k, window // k * k)
-        r = single_stream(model, tok, spec, pool, 2 * w, w, warmup=2 * k, device=device, pipeline=pipeline, clip=k)
+    for k in other_clips:  # the same stream with other frames per step, shorter
+        r = single_stream(model, tok, spec, pool, 2 * window, window, warmup=2 * k, device=device, pipeline=pipeline,
+                          clip=k)
         res["single_by_clip"][k] = r["fps_median_window"]
         print(f"single stream, {k} frames a step:", r["fps_median_window"], flush=True)
         save()
