@@ -12,6 +12,8 @@
 #   clip:   frames per step (push_clip): the stream benchmark with CLIPS="4 1 8" frames a step, (PROFILE=K) the
 #           per-kernel profile of K-frame clips, the block kernel against SDPA at BLOCK_T="256 1024 2048" tokens, then
 #           the stream and fast-model GPU tests (carry [".carry", ".gpu_carry"])
+#   micro:  the short-conv tiles and the SWA block kernel on their own (bench_short_conv.py, bench_block_attention.py),
+#           then their GPU tests
 #   probe:  per-kernel profile of a frame step, the block-attention and FP8 GEMM microbenchmarks
 #   train_ab: the training step (same setting as train) on this tree, then again with the files under .devrun/base/
 #           copied over it (their repo paths mirrored; e.g. `git show REF:src/x.py > .devrun/base/src/x.py`);
@@ -88,6 +90,12 @@ case $what in
     timeout 60 python3 benchmarks/bench_block_attention.py --batch 1 --tokens ${BLOCK_T:-256 1024 2048} --splits 0 \
       --sdpa > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6
     gpu_tests 270 tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py; tests_summary ;;
+  micro)
+    timeout 90 python3 benchmarks/bench_short_conv.py --tokens 256 1024 2048 > "$OUT/conv.log" 2>&1
+    grep -v "^{" "$OUT/conv.log" | tail -30
+    timeout 90 python3 benchmarks/bench_block_attention.py --batch 1 32 --tokens 256 1024 2048 --splits 0 \
+      > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6
+    gpu_tests 150 tests/gpu/test_fast_ops.py -k "block or conv"; tests_summary ;;
   probe)
     stream_profile 200 512; grep "^==" "$OUT/profile_stream.log"
     timeout 90 python3 benchmarks/bench_block_attention.py > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6
@@ -111,6 +119,6 @@ case $what in
       --rows-per-step 4 --rows-per-forward 2 --recompute-layers "$RC" --warmup 1 --steps 3 --out "$OUT/train_x2" \
       > "$OUT/train_x2.log" 2>&1
     summary train_x2 ;;
-  *) echo "unknown mode $what: tests | stream | frame | clip | train | train_ab | stream_ab | probe | x2"; exit 2 ;;
+  *) echo "unknown mode $what: tests | stream | frame | clip | micro | train | train_ab | stream_ab | probe | x2"; exit 2 ;;
 esac
 cache_save

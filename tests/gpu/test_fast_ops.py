@@ -303,6 +303,8 @@ def _ring(B, R, seen):
     (1, 256, 127, 128, [1000], None),  # a frame against a full ring (the 4B stream's shape, scaled down)
     (1, 70, 200, 201, [1000], 4),  # several non-empty splits, one straddling the ring's end (R % 64 != 0)
     (1, 9, 30, 31, [5], 12),  # more splits than key tiles: empty slices
+    (1, 1000, 255, 256, [3000], 3),  # a clip of frames, longer than the window: causal tile skipping, splits
+    (2, 300, 127, 128, [500, 40], None),
 ])
 def test_block_attention_reads_ring_in_place(dtype, B, T, R, window, seen, splits):
     H, G, D = 8, 2, 128

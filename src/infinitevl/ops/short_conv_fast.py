@@ -124,6 +124,9 @@ def short_conv_step3(xs, weights, states, *, keep_B: torch.Tensor | None = None,
     return ys
 
 
+CHUNK3_TILE = (32, 128, 4)  # tokens, channels, warps of a `_conv_chunk3_kernel` program
+
+
 @triton.jit
 def _conv_chunk3_kernel(x0, x1, x2, s0, s1, s2, w0, w1, w2, y0, y1, y2, C0, C1, C2, sxb0, sxt0, sxb1, sxt1,
                         sxb2, sxt2, T, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr,
@@ -171,11 +174,12 @@ def _conv_chunk3_kernel(x0, x1, x2, s0, s1, s2, w0, w1, w2, y0, y1, y2, C0, C1, 
         tl.store(p_s + o_w[:, None], b_new, mask=m_w)
 
 
-def short_conv_chunk3(xs, weights, states, *, activation: bool = True):
+def short_conv_chunk3(xs, weights, states, *, activation: bool = True, tile: tuple[int, int, int] | None = None):
     """A chunk of T >= 1 tokens through three convs at once (GDN's q, k, v), continuing from and advancing
     their states in place: one launch and no state copies (the fla path pads, slices and copies each state).
     xs: three [B, T, C_i] (token and row strides free, channels contiguous), weights [C_i, W], states
-    [B, C_i, W-1] in the activation dtype. No padding mask: padded prefills take the reference."""
+    [B, C_i, W-1] in the activation dtype. No padding mask: padded prefills take the reference. tile: (tokens,
+    channels, warps) of a program, for benchmarks/bench_short_conv.py (default: CHUNK3_TILE)."""
     B, T = xs[0].shape[:2]
     W = weights[0].shape[-1]
     Cs = [x.shape[-1] for x in xs]
@@ -183,12 +187,12 @@ def short_conv_chunk3(xs, weights, states, *, activation: bool = True):
         assert x.shape == (B, T, C) and x.stride(-1) == 1 and w.shape == (C, W) and w.is_contiguous()
         assert s.shape == (B, C, W - 1) and s.is_contiguous() and s.dtype == x.dtype
     ys = [torch.empty(B, T, C, dtype=xs[0].dtype, device=xs[0].device) for C in Cs]
-    BC, BT = 128, 32
+    BT, BC, warps = tile or CHUNK3_TILE
     assert W - 1 <= BT
     grid = (triton.cdiv(T, BT), sum(triton.cdiv(C, BC) for C in Cs), B)
     strides = [st for x in xs for st in (x.stride(0), x.stride(1))]
     _conv_chunk3_kernel[grid](*xs, *states, *weights, *ys, *Cs, *strides, T, W=W, BT=BT, BC=BC,
-                              BW=triton.next_power_of_2(W - 1), ACTIVATION=activation)
+                              BW=triton.next_power_of_2(W - 1), ACTIVATION=activation, num_warps=warps)
     return ys
 
 

@@ -268,11 +268,13 @@ def _block_split_kernel(q_ptr, kn_ptr, vn_ptr, qidx_ptr, k_ptr, v_ptr, ridx_ptr,
     acc = tl.zeros([BM, D], tl.float32)
     lo = i_s * SPLIT
     hi = tl.minimum(lo + SPLIT, R + T)
-    # ring slots [lo, min(hi, R)), then the block's own keys [max(lo, R), hi) - R (causal within the block)
+    # ring slots [lo, min(hi, R)), then the block's own keys [max(lo, R), hi) - R (causal within the block:
+    # none after this tile's last token, so a long block's early rows skip the tiles they would mask whole)
     m_i, l_i, acc = _block_keys(q, qi, m_i, l_i, acc, ridx_ptr, k_ptr, v_ptr, b * R, lo, tl.minimum(hi, R),
                                 g, G, d, window, scale_log2, D=D, BS=BS)
     m_i, l_i, acc = _block_keys(q, qi, m_i, l_i, acc, qidx_ptr, kn_ptr, vn_ptr, b * T, tl.maximum(lo, R) - R,
-                                hi - R, g, G, d, window, scale_log2, D=D, BS=BS)
+                                tl.minimum(hi - R, (i_m * BM + BM - 1) // REP + 1), g, G, d, window, scale_log2,
+                                D=D, BS=BS)
     part = (i_bg * NS + i_s) * TR + r
     tl.store(m_ptr + part, m_i, mask=r_ok)
     tl.store(l_ptr + part, l_i, mask=r_ok)
