@@ -9,9 +9,10 @@
 #   frame:  after a change to the frame step: its GPU tests, (PROFILE=1) the per-kernel profile, 2,000 frames and 32
 #           streams
 #           (carry [".carry", ".gpu_carry"]: the parity fixture for test_fast_model)
-#   clip:   frames per step (push_clip): the stream benchmark with CLIPS="4 1 8" frames a step, (PROFILE=K) the
+#   clip:   frames per step (push_clip): the stream benchmark (FRAMES=1000, STREAMS=32) with CLIPS="4 1 8" frames a
+#           step (the first is the headline; BENCH_LIMIT, BUDGET seconds), (PROFILE=K) the
 #           per-kernel profile of K-frame clips, the block kernel against SDPA at BLOCK_T="256 1024 2048" tokens, then
-#           the stream and fast-model GPU tests (carry [".carry", ".gpu_carry"])
+#           the stream and fast-model GPU tests unless NO_TESTS=1 (carry [".carry", ".gpu_carry"])
 #   micro:  the short-conv tiles and the SWA block kernel on their own (bench_short_conv.py, bench_block_attention.py),
 #           then their GPU tests
 #   probe:  per-kernel profile of a frame step, the block-attention and FP8 GEMM microbenchmarks
@@ -84,12 +85,12 @@ case $what in
     [ -n "${PROFILE:-}" ] && { stream_profile 120 512; grep -E "^==|kernels in" "$OUT/profile_stream.log"; }
     STREAM_ARGS="--frames 1500 --streams 32 --steps 5" stream_bench 200 100; grep -v "^{" "$OUT/stream.log" | tail -12 ;;
   clip)
-    STREAM_ARGS="--frames 1000 --frames-per-step ${CLIPS:-4 1 8} --streams 32 --steps 5" \
-      stream_bench 210 40; grep -v "^{" "$OUT/stream.log" | tail -12
+    STREAM_ARGS="--frames ${FRAMES:-1000} --frames-per-step ${CLIPS:-4 1 8} --streams ${STREAMS:-32} --steps 5" \
+      stream_bench "${BENCH_LIMIT:-210}" "${BUDGET:-40}"; grep -v "^{" "$OUT/stream.log" | tail -14
     [ -n "${PROFILE:-}" ] && { stream_profile 100 4096 --frames-per-step "$PROFILE" --streams 1; grep -E "^==|kernels in" "$OUT/profile_stream.log"; }
-    timeout 60 python3 benchmarks/bench_block_attention.py --batch 1 --tokens ${BLOCK_T:-256 1024 2048} --splits 0 \
-      --sdpa > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6
-    gpu_tests 270 tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py; tests_summary ;;
+    [ -n "${BLOCK_T-256 1024 2048}" ] && { timeout 60 python3 benchmarks/bench_block_attention.py --batch 1 \
+      --tokens ${BLOCK_T-256 1024 2048} --splits 0 --sdpa > "$OUT/block.log" 2>&1; grep -v "^{" "$OUT/block.log" | tail -6; }
+    [ -z "${NO_TESTS:-}" ] && { gpu_tests 270 tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py; tests_summary; } ;;
   micro)
     timeout 90 python3 benchmarks/bench_short_conv.py --tokens 256 1024 2048 > "$OUT/conv.log" 2>&1
     grep -v "^{" "$OUT/conv.log" | tail -30
