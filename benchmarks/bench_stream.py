@@ -321,7 +321,8 @@ def plot(res, path: Path) -> None:
                       title="memory")
         ax[2].bar([str(r["streams"]) for r in res["many"]], [r["fps_aggregate"] for r in res["many"]])
         ax[2].set(xlabel="concurrent streams", ylabel="aggregate FPS", title="batched replay")
-        fig.suptitle(f"{res['device']}: InfiniteVL {res['shape']} streaming, {res['frame_size']}px frames")
+        fig.suptitle(f"{res['device']}: InfiniteVL {res['shape']} streaming, {res['frame_size']}px frames, "
+                     f"{res['single']['clip']} frame(s) a step")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     except ImportError:  # no matplotlib (CPU dev installs): FPS per window as a PIL line
