@@ -109,7 +109,7 @@ def stream_main(argv: list[str]) -> int:
         if len(pending) == args.frames_per_step:
             push(pending)
             pending = []
-        if live:
+        if live and not pending:  # counts the frames in the memory, not those waiting for their clip
             fps = frames / (time.perf_counter() - t0)
             gpu = f"  GPU {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else ""
             print(f"\r\033[K{_clock(ts)}  {frames} frames  {fps:.1f} FPS  memory {session.memory_bytes() / 2**20:.1f} MiB"

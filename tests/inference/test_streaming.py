@@ -269,9 +269,10 @@ def test_clips_equal_frame_by_frame(setup):
         _state_close(clip.state, single.state, atol=2e-5, rtol=2e-5)
     assert clip.ask("What is happening?", stream=1, max_new_tokens=6) == single.ask(
         "What is happening?", stream=1, max_new_tokens=6)
-    one = StreamSession(model, tok, frame=SPEC)  # a single-stream session takes its clip bare
-    one.push_clip(fa[:3], ta[:3])
-    one.push_clip(fa[3:], ta[3:])
+    one = StreamSession(model, tok, frame=SPEC)  # a single-stream session takes its clip bare or as a list of one
+    one.push_clip(fa[:2], ta[:2])
+    one.push_clip(np.stack(fa[2:4])[None], ta[2:4])
+    one.push_clip([fa[4:]], [ta[4:]])
     _state_close(one.state, single.state.select([0]), atol=2e-5, rtol=2e-5)
 
 
@@ -291,6 +292,7 @@ def test_bad_clips_keep_state(setup):
         ([frames[:2], frames[1:]], "soon", "numbers of seconds"),
         (np.zeros((2, 2, 70, 90), dtype=np.uint8), [[2.0, 3.0]] * 2, "uint8"),
         ("clips", [[2.0, 3.0]] * 2, "clips must be"),
+        (np.zeros((2, 0, 70, 90, 3), dtype=np.uint8), [[], []], "at least one frame"),
     ]
     for clips, ts, match in bad:
         with pytest.raises(ValueError, match=match):

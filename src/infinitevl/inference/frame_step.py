@@ -125,8 +125,8 @@ class FrameStep:
                 graph = self._capture(key)
         elif self.cuda_graph and key not in self._warned:
             self._warned.add(key)
-            log.warning("frames of %dx%d (batch %d) run eagerly: captured sizes are %s; pass capture_sizes to "
-                        "capture this one too", H, W, B * K, sorted(self.capture_sizes))
+            log.warning("frames of %dx%d (%d stream(s), %d a step) run eagerly: captured sizes are %s; pass "
+                        "capture_sizes to capture this one too", H, W, B, K, sorted(self.capture_sizes))
         if pipelined and graph is not None and self._pending is graph:
             self._upload(graph, frames, base)
             graph.both()  # the pending frame's LLM part beside this frame's vision; this frame now pending

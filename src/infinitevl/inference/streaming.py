@@ -188,13 +188,18 @@ class StreamSession:
         to float rounding (the clip's K * N tokens run as one chunk); the kernels are fewer and larger, so a
         stream ingests more frames per second, at the latency of K frames. Every stream has all K frames."""
         B = self.batch_size
-        bare = isinstance(frames, (list, tuple)) or getattr(frames, "ndim", 0) == 4
-        if B == 1 and bare:
-            frames, timestamps = [frames], [timestamps]
+        if B == 1:  # a single stream's clip may come bare: K frames, K timestamps
+            if getattr(frames, "ndim", 0) == 4 or (isinstance(frames, (list, tuple)) and not (
+                    len(frames) == 1 and (isinstance(frames[0], (list, tuple)) or getattr(frames[0], "ndim", 0) == 4))):
+                frames = [frames]
+            if isinstance(timestamps, (list, tuple)) and not any(isinstance(t, (list, tuple)) for t in timestamps):
+                timestamps = [timestamps]
         clips = _clips_to_tensor(frames)
         if clips.shape[0] != B:
             raise ValueError(f"give one clip per stream ({B}), got {clips.shape[0]}")
         K = clips.shape[1]
+        if K < 1:
+            raise ValueError("a clip needs at least one frame")
         try:
             ts = [[float(t) for t in row] for row in timestamps]
         except (TypeError, ValueError):
