@@ -186,7 +186,9 @@ class StreamSession:
         list of K frames or [K, H, W, 3]; a single-stream session also takes its one clip bare), with timestamps
         [B][K] in seconds (single stream: K numbers). The memory afterwards is what K `push_frames` calls give, up
         to float rounding (the clip's K * N tokens run as one chunk); the kernels are fewer and larger, so a
-        stream ingests more frames per second, at the latency of K frames. Every stream has all K frames."""
+        stream ingests more frames per second, at the latency of K frames. Every stream has all K frames. With
+        CUDA graphs each K is captured on its first use (a graph and its buffers per K): keep K fixed, and push the
+        rest of a video frame by frame."""
         B = self.batch_size
         if B == 1:  # a single stream's clip may come bare: K frames, K timestamps
             if getattr(frames, "ndim", 0) == 4 or (isinstance(frames, (list, tuple)) and not (
