@@ -13,6 +13,8 @@
 #           step (the first is the headline; BENCH_LIMIT, BUDGET seconds), (PROFILE=K) the
 #           per-kernel profile of K-frame clips, the block kernel against SDPA at BLOCK_T="256 1024 2048" tokens, then
 #           the stream and fast-model GPU tests unless NO_TESTS=1 (carry [".carry", ".gpu_carry"])
+#   headline: the streaming figures issue 5 asks for (clip mode: 10,000 frames, 10 / 4 / 1 frames a step, 8 and 32
+#           streams; carry [".carry", ".gpu_carry"])
 #   micro:  the short-conv tiles and the SWA block kernel on their own (bench_short_conv.py, bench_block_attention.py),
 #           then their GPU tests
 #   probe:  per-kernel profile of a frame step, the block-attention and FP8 GEMM microbenchmarks
@@ -84,6 +86,9 @@ case $what in
       -k "conv or $STREAM_K or reference or graph or engine"; tests_summary
     [ -n "${PROFILE:-}" ] && { stream_profile 120 512; grep -E "^==|kernels in" "$OUT/profile_stream.log"; }
     STREAM_ARGS="--frames 1500 --streams 32 --steps 5" stream_bench 200 100; grep -v "^{" "$OUT/stream.log" | tail -12 ;;
+  headline)  # issue 5's measurement: 10,000 frames, windows of exactly 500 (clips of 10 frames), 8 and 32 streams
+    FRAMES=10000 CLIPS="10 4 1" STREAMS="8 32" BENCH_LIMIT=400 BUDGET=120 BLOCK_T="" NO_TESTS=1 bash "$0" clip
+    exit $? ;;
   clip)
     STREAM_ARGS="--frames ${FRAMES:-1000} --frames-per-step ${CLIPS:-4 1 8} --streams ${STREAMS:-32} --steps 5" \
       stream_bench "${BENCH_LIMIT:-210}" "${BUDGET:-40}"; grep -v "^{" "$OUT/stream.log" | tail -14
@@ -122,6 +127,6 @@ case $what in
       --rows-per-step 4 --rows-per-forward 2 --recompute-layers "$RC" --warmup 1 --steps 3 --out "$OUT/train_x2" \
       > "$OUT/train_x2.log" 2>&1
     summary train_x2 ;;
-  *) echo "unknown mode $what: tests | stream | frame | clip | micro | train | train_ab | stream_ab | probe | x2"; exit 2 ;;
+  *) echo "unknown mode $what: tests | stream | frame | headline | clip | micro | train | train_ab | stream_ab | probe | x2"; exit 2 ;;
 esac
 cache_save
