@@ -174,7 +174,7 @@ class StreamSession:
         # back afterwards: a copy of their state rows, far cheaper than a step of their own (not pipelined:
         # the rows are taken just before and written just after this frame's LLM part).
         kept = self.state.select(absent) if absent else None
-        self.step(frames, self._position_base([[t] for t in ts])[:, :, 0], pipeline=not absent)
+        self.step(frames[:, None], self._position_base([[t] for t in ts]), pipeline=not absent)  # clips of one
         for k, b in enumerate(absent):
             self._write_row(b, kept, k)
         for b in present:
@@ -191,8 +191,10 @@ class StreamSession:
         rest of a video frame by frame."""
         B = self.batch_size
         if B == 1:  # a single stream's clip may come bare: K frames, K timestamps
-            if getattr(frames, "ndim", 0) == 4 or (isinstance(frames, (list, tuple)) and not (
-                    len(frames) == 1 and (isinstance(frames[0], (list, tuple)) or getattr(frames[0], "ndim", 0) == 4))):
+            listed = isinstance(frames, (list, tuple))
+            one_clip = listed and len(frames) == 1 and (isinstance(frames[0], (list, tuple))
+                                                        or getattr(frames[0], "ndim", 0) == 4)
+            if getattr(frames, "ndim", 0) == 4 or (listed and not one_clip):
                 frames = [frames]
             if isinstance(timestamps, (list, tuple)) and not any(isinstance(t, (list, tuple)) for t in timestamps):
                 timestamps = [timestamps]
