@@ -21,7 +21,7 @@
 #   train_ab: the training step (same setting as train) on this tree, then again with the files under .devrun/base/
 #           copied over it (their repo paths mirrored; e.g. `git show REF:src/x.py > .devrun/base/src/x.py`);
 #           carry [".carry", ".devrun"]: an A/B of a change on one machine in one call; AB_TESTS="FILE..." runs
-#           those GPU tests first
+#           those GPU tests first, CONV_BENCH=1 the training convs on their own (bench_train_conv.py)
 #   stream_ab: the stream benchmark (1,000 frames, 32 streams) on this tree, then with .devrun/base/ copied over it
 #           (as train_ab); carry [".carry", ".devrun"]
 #   x2:     (a 2-GPU machine) the training step with FSDP2 over both GPUs, 2 rows per GPU in one forward
@@ -111,6 +111,8 @@ case $what in
   train_ab)
     [ -d .devrun/base ] || { echo "train_ab needs .devrun/base/<repo paths>"; exit 2; }
     [ -n "${AB_TESTS:-}" ] && { gpu_tests 150 $AB_TESTS; tests_summary; }
+    [ -n "${CONV_BENCH:-}" ] && { timeout 90 python3 benchmarks/bench_train_conv.py > "$OUT/train_conv.log" 2>&1
+                                  grep -v "^{" "$OUT/train_conv.log" | tail -8; }
     train_bench 200 train_new --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_new
     cp -r .devrun/base/. .
     train_bench 200 train_base --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_base ;;

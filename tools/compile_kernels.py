@@ -9,7 +9,8 @@ device time is scarce. This runs the model's fast paths (backend 'fla') on CPU t
 launch turned into a compile for the target (Triton's front end, LLVM and ptxas: what a GPU would run first):
 - inference on the tiny model: a prefill continuing a state, a decode step and a stream's frame step;
 - the 4B shapes of the stream ops (the three short convs of a frame, the frame's SWA block attention);
-- training on the tiny model: a packed row, forward and backward (fla's GDN, conv and l2norm kernels with
+- the 4B shapes of the training convs (`ops/short_conv_train`, forward and backward);
+- training on the tiny model: a packed row, forward and backward (fla's GDN and l2norm kernels with
   backward; the fused training norms, SwiGLU and cross-entropy run only on CUDA tensors, so not here).
 Autotuned kernels compile every config. Outputs are garbage (nothing runs): this checks compilation only.
 Exit status 0 when everything compiled; a compile error is raised with Triton's message.
@@ -134,6 +135,19 @@ def stream_ops_4b() -> None:
                                  torch.zeros(B, R, dtype=torch.long), window=8192, scale=128**-0.5)
 
 
+def train_ops_4b() -> None:
+    """The training convs at the 4B shape (they run only on CUDA tensors in the model): the fused projection's
+    q/k/v slices of a packed row and of a batch of two, forward and backward."""
+    from infinitevl.ops.short_conv_train import seq_starts, short_conv
+
+    for B, cu in ((1, torch.tensor([0, 100, 300], dtype=torch.int32)), (2, None)):
+        fused = torch.zeros(B, 300, 2048 + 2048 + 4096 + 4096 + 32, dtype=torch.bfloat16, requires_grad=True)
+        xs = list(torch.split(fused, [2048, 2048, 4096, 4096 + 32], -1)[:3])
+        weights = [torch.zeros(C, 4, requires_grad=True) for C in (2048, 2048, 4096)]
+        starts = seq_starts(cu, 300, "cpu")
+        sum(short_conv(x, w, starts_T=starts).float().sum() for x, w in zip(xs, weights)).backward()
+
+
 def training(model) -> None:
     from infinitevl.training.losses import cross_entropy_sum
 
@@ -157,6 +171,7 @@ def main(argv=None) -> int:
     tiny = ROOT / "src/infinitevl/assets/tiny-infinitevl"
     for name, run in (("inference (tiny)", lambda: inference(InfiniteVL.from_pretrained(tiny, dtype=torch.bfloat16))),
                       ("stream ops (4B shapes)", stream_ops_4b),
+                      ("training ops (4B shapes)", train_ops_4b),
                       ("training (tiny)", lambda: training(InfiniteVL.from_pretrained(tiny)))):
         before = sum(seen.values())
         run()

@@ -247,3 +247,37 @@ def test_gates_inside_the_chunk_kernel_match_the_gate_formulas():
     assert rel(o1, o_ref) < 1e-2
     for name, x, y in zip("q k v a b A_log dt_bias".split(), g1, g_ref):
         assert rel(x, y) < 5e-2, name
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C,W", [(2048, 4), (4096, 4), (200, 3), (64, 2)])
+def test_training_conv_matches_the_reference_with_gradients(packed, dtype, C, W):
+    """ops/short_conv_train.short_conv (training's short conv + SiLU, forward and backward kernels) against the
+    reference conv in float32: the output, the input gradient and the float32 weight gradient. A packed row (no tap
+    crosses a boundary; one-token samples included) or a batch of two rows; x a strided slice of a wider fused
+    projection output, as in training (the columns after it get no gradient)."""
+    from infinitevl.ops.short_conv import short_conv, short_conv_packed
+    from infinitevl.ops.short_conv_train import seq_starts, short_conv as train_conv
+
+    torch.manual_seed(0)
+    B, T = (1, 1500) if packed else (2, 333)
+    cu = torch.tensor([0, 5, 6, 7, 300, 1100, 1500], device=DEV, dtype=torch.int32) if packed else None
+    fused = torch.randn(B, T, C + 40, device=DEV, dtype=dtype, requires_grad=True)
+    x = fused[..., :C]
+    w = (torch.randn(C, W, device=DEV) * 0.5).requires_grad_()
+    dy = torch.randn(B, T, C, device=DEV)
+
+    def grads(y):
+        fused.grad = w.grad = None
+        (y.float() * dy).sum().backward()
+        return y.detach().float(), fused.grad.float().clone(), w.grad.clone()
+
+    y = train_conv(x, w, starts_T=seq_starts(cu, T, DEV))
+    assert y.dtype == dtype and y.is_contiguous()
+    got = grads(y)
+    want = grads(short_conv_packed(x.float(), w, cu) if packed else short_conv(x.float(), w)[0])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's and the pre-activation's rounding
+    for a, b in zip(got, want):
+        assert rel(a, b) < tol
+    assert got[1][..., C:].abs().max() == 0
