@@ -96,7 +96,7 @@ def main():
     def tile(t):
         return tuple(int(v) for v in t.split(","))
 
-    paths = [("fla x3", None, fla_convs)]
+    paths = [("fla x3", None, fla_convs), ("short_conv, default tiles", default, ours)]
     paths += [(f"short_conv fwd {t}", (tile(t),) + default[1:], ours) for t in args.fwd_tiles]
     paths += [(f"short_conv dpre {t}", (default[0], tile(t), default[2]), ours) for t in args.dpre_tiles]
     paths += [(f"short_conv dx {t}", default[:2] + (tile(t),), ours) for t in args.dx_tiles]

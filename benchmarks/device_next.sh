@@ -24,6 +24,8 @@
 #           those GPU tests first, CONV_BENCH=1 the training convs on their own (bench_train_conv.py)
 #   stream_ab: the stream benchmark (1,000 frames, 32 streams) on this tree, then with .devrun/base/ copied over it
 #           (as train_ab); carry [".carry", ".devrun"]
+#   conv:   the training convs (ops/short_conv_train) alone: their GPU tests and bench_train_conv.py at the default
+#           tiles against fla's causal_conv1d
 #   x2:     (a 2-GPU machine) the training step with FSDP2 over both GPUs, 2 rows per GPU in one forward
 #   Results go to $OUT (logs, JSON); copy $OUT/kernel_cache.tar.xz.* into .carry/ afterwards (recompress it here with
 #   `xz -9e` when the carry nears 64 MiB: the device's xz -6 -T0 pieces are ~2x larger).
@@ -124,11 +126,15 @@ case $what in
     cp -r .devrun/base/. .
     OUT=$OUT_ALL/base STREAM_ARGS="--frames 1000 --streams 32 --steps 5" stream_bench 230 60
     grep -v "^{" "$OUT_ALL/base/stream.log" | tail -6 ;;
+  conv)  # the training convs alone: their GPU tests, then bench_train_conv.py at the default tiles against fla's
+    gpu_tests 100 tests/gpu/test_train_kernels.py -k training_conv; tests_summary
+    timeout 90 python3 benchmarks/bench_train_conv.py --fwd-tiles --dpre-tiles --dx-tiles > "$OUT/train_conv.log" 2>&1
+    grep -v "^{" "$OUT/train_conv.log" | grep -v -i warn | tail -22 ;;
   x2)
     timeout 300 torchrun --standalone --nproc_per_node 2 benchmarks/bench_train.py --trainable gdn,attention \
       --rows-per-step 4 --rows-per-forward 2 --recompute-layers "$RC" --warmup 1 --steps 3 --out "$OUT/train_x2" \
       > "$OUT/train_x2.log" 2>&1
     summary train_x2 ;;
-  *) echo "unknown mode $what: tests | stream | frame | headline | clip | micro | train | train_ab | stream_ab | probe | x2"; exit 2 ;;
+  *) echo "unknown mode $what: tests | stream | frame | headline | clip | micro | train | train_ab | stream_ab | probe | conv | x2"; exit 2 ;;
 esac
 cache_save

@@ -23,17 +23,12 @@ DX_TILE = (32, 128, 4)  # the backward's second kernel: tokens, channels, warps
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, start_ptr, C, sxb, sxt, T, NCB: tl.constexpr, W: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr, HAS_START: tl.constexpr):
-    # channel blocks vary fastest over the programs: neighbours read neighbouring parts of the same token rows
-    pid, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_c, i_t = pid % NCB, pid // NCB
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
-    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
-    m_t = o_t < T
+def _conv_tile(x_ptr, w_ptr, start_ptr, i_b, sxb, sxt, o_t, m_t, o_c, m_c, W: tl.constexpr, BT: tl.constexpr,
+               BC: tl.constexpr, HAS_START: tl.constexpr):
+    """The conv output (before rounding and SiLU) of tokens o_t x channels o_c, float32, and each token's sequence
+    start: tap i of token t reads x_{t-W+1+i} when that token is in t's sequence, else zero."""
     if HAS_START:
-        first = tl.load(start_ptr + o_t, mask=m_t, other=0).to(tl.int64)  # the token's sequence start
+        first = tl.load(start_ptr + o_t, mask=m_t, other=0).to(tl.int64)
     else:
         first = tl.zeros([BT], dtype=tl.int64)
     p_x = x_ptr + i_b * sxb + o_c[None, :]
@@ -43,6 +38,25 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, start_ptr, C, sxb, sxt, T, NCB: tl.con
         m = ((src >= first) & m_t)[:, None] & m_c[None, :]
         b_x = tl.load(p_x + src[:, None] * sxt, mask=m, other=0.0)
         acc += b_x.to(tl.float32) * tl.load(w_ptr + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    return acc, first
+
+
+@triton.jit
+def _tile(C, T, NCB: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """A one-block program's row, tokens and channels (with masks); channel blocks vary fastest over the programs, so
+    neighbours read neighbouring parts of the same token rows."""
+    pid, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_c, i_t = pid % NCB, pid // NCB
+    o_c = i_c * BC + tl.arange(0, BC)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
+    return i_b, o_t, o_t < T, o_c, o_c < C
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, start_ptr, C, sxb, sxt, T, NCB: tl.constexpr, W: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr, HAS_START: tl.constexpr):
+    i_b, o_t, m_t, o_c, m_c = _tile(C, T, NCB, BT, BC)
+    acc, _ = _conv_tile(x_ptr, w_ptr, start_ptr, i_b, sxb, sxt, o_t, m_t, o_c, m_c, W, BT, BC, HAS_START)
     acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
     acc = acc * tl.sigmoid(acc)
     tl.store(y_ptr + (i_b * T + o_t[:, None]) * C + o_c[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -53,9 +67,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, start_ptr, C, sxb, sxt, T, NCB: tl.con
 def _conv_dpre_kernel(x_ptr, w_ptr, dy_ptr, dpre_ptr, dw_ptr, start_ptr, C, sxb, sxt, sdb, sdt, T,
                       NCB: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                       NBLK: tl.constexpr, HAS_START: tl.constexpr):
-    # Backward, first kernel (W <= 4). One program: NBLK blocks of BT tokens x BC channels of one row. It recomputes the conv
-    # output pre_p from x, writes dpre_p = dy_p silu'(pre_p) (x's dtype, as autograd would round it) and gathers
-    # the weight gradient of tap i, dpre_p x_{p-W+1+i}, over its tokens into its partial.
+    # Backward, first kernel (W <= 4). One program: NBLK blocks of BT tokens x BC channels of one row. It recomputes
+    # the conv output pre_p from x, writes dpre_p = dy_p silu'(pre_p) (x's dtype, as autograd would round it) and
+    # gathers the weight gradient of tap i, dpre_p x_{p-W+1+i}, over its tokens into its partial.
     pid, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_c, i_g = pid % NCB, pid // NCB
     o_c = i_c * BC + tl.arange(0, BC)
@@ -71,16 +85,7 @@ def _conv_dpre_kernel(x_ptr, w_ptr, dy_ptr, dpre_ptr, dw_ptr, start_ptr, C, sxb,
     for j in range(NBLK):
         o_t = (i_g * NBLK + j).to(tl.int64) * BT + tl.arange(0, BT)
         m_t = o_t < T
-        if HAS_START:
-            first = tl.load(start_ptr + o_t, mask=m_t, other=0).to(tl.int64)
-        else:
-            first = tl.zeros([BT], dtype=tl.int64)
-        pre = tl.zeros([BT, BC], dtype=tl.float32)
-        for i in tl.static_range(W):
-            src = o_t - (W - 1) + i
-            m = ((src >= first) & m_t)[:, None] & m_c[None, :]
-            b_x = tl.load(p_x + src[:, None] * sxt, mask=m, other=0.0)
-            pre += b_x.to(tl.float32) * tl.load(w_ptr + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        pre, first = _conv_tile(x_ptr, w_ptr, start_ptr, i_b, sxb, sxt, o_t, m_t, o_c, m_c, W, BT, BC, HAS_START)
         pre = pre.to(dpre_ptr.dtype.element_ty).to(tl.float32)  # the forward's rounding
         sig = tl.sigmoid(pre)
         b_dy = tl.load(p_dy + o_t[:, None] * sdt, mask=m_t[:, None] & m_c[None, :], other=0.0).to(tl.float32)
@@ -115,12 +120,7 @@ def _conv_dx_kernel(dpre_ptr, w_ptr, dx_ptr, start_ptr, C, T, NCB: tl.constexpr,
                     BT: tl.constexpr, BC: tl.constexpr, HAS_START: tl.constexpr):
     # Backward, second kernel: token t's gradient takes the outputs whose window holds it,
     # dx_t = sum_s w[W-1-s] dpre_{t+s} over the outputs t+s of t's sequence (the forward's taps, looking ahead).
-    pid, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    i_c, i_t = pid % NCB, pid // NCB
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
-    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
-    m_t = o_t < T
+    i_b, o_t, m_t, o_c, m_c = _tile(C, T, NCB, BT, BC)
     p_d = dpre_ptr + i_b * T * C + o_c[None, :]
     dx = tl.zeros([BT, BC], dtype=tl.float32)
     for s in tl.static_range(W):
