@@ -126,6 +126,16 @@ def test_short_conv_chunk3_continues_and_advances_states_in_place(dtype, B, T, W
         assert torch.equal(s, s_r)  # the state is the last W-1 inputs: copied, never rounded
 
 
+def test_short_conv_packed_matches_reference():
+    from infinitevl.ops import short_conv_fast
+
+    x = torch.randn(1, 50, 256, device=DEV)
+    w = torch.randn(256, 4, device=DEV)
+    cu = torch.tensor([0, 3, 4, 50], device=DEV)
+    torch.testing.assert_close(short_conv_fast.short_conv_packed(x, w, cu), short_conv.short_conv_packed(x, w, cu),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_small_ops_match_layers(dtype):
     from infinitevl.ops import fused, swa_fast

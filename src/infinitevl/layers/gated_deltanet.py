@@ -35,17 +35,19 @@ class ShortConv(nn.Module):
         if backend == "fla":
             from ..ops import short_conv_fast as fast
 
-            if state is None and mask_BT is None and w.shape[-1] <= 4:  # training, or a forward without a cache
+            if torch.is_grad_enabled() and state is None and mask_BT is None and w.shape[-1] <= 4:  # training
                 from ..ops import short_conv_train
 
                 starts = short_conv_train.seq_starts(cu_seqlens, x_BTC.shape[1], x_BTC.device)
                 return short_conv_train.short_conv(x_BTC, w, starts_T=starts), None
+            if cu_seqlens is not None:
+                return fast.short_conv_packed(x_BTC, w, cu_seqlens), None
             if x_BTC.shape[1] == 1 and state is not None and state.dtype == x_BTC.dtype:
                 keep = None if mask_BT is None else mask_BT[:, 0]
                 return fast.short_conv_step(x_BTC, w, state, keep_B=keep), state
             if mask_BT is None and x_BTC.shape[1] > 1:
                 return fast.short_conv(x_BTC, w, state_BCW=state)
-            # padded prefill, or one token on a state of another dtype: the reference (packed rows never carry a state)
+            # padded prefill, or one token on a state of another dtype: the reference
         if cu_seqlens is not None:
             return short_conv_packed(x_BTC, w, cu_seqlens), None
         return short_conv(x_BTC, w, state_BCW=state, mask_BT=mask_BT)

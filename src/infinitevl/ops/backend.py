@@ -1,7 +1,7 @@
 """Which kernels run: the plain-PyTorch references ("torch") or the fast GPU paths ("fla").
 
-"fla" means: flash-linear-attention's Triton kernels for the gated delta rule (and varlen short conv),
-our own Triton kernels for the small fused ops (short-conv decode step, RMSNorms, GDN gates), and
+"fla" means: flash-linear-attention's Triton kernels for the gated delta rule (and the short conv's prefill),
+our own Triton kernels for the small fused ops (short-conv decode step and training conv, RMSNorms, GDN gates), and
 PyTorch SDPA / a copy-free ring-buffer read for sliding-window attention. It needs a CUDA device,
 Triton and the `gpu` extra (`pip install infinitevl[gpu]`). The references stay the ground truth.
 

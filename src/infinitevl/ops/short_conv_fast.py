@@ -4,10 +4,10 @@ Legend: B batch, T tokens, C channels, W kernel width, N packed sequences.
 
 - decode (T == 1): one Triton kernel reads the state [B, C, W-1] and the token, writes y, and shifts the
   state in place (no allocation, no copy: safe inside a CUDA graph).
-- prefill (T > 1): flash-linear-attention's `causal_conv1d` kernel. Its state is [N, C, W] (the last W inputs);
-  ours keeps the last W-1, so it goes in padded with one zero column (the kernel never reads it) and comes back
-  without its first column.
-Training (no state, packed sequences, with backward) has its own kernels: `short_conv_train.py`.
+- prefill (T > 1) and packed sequences without gradients: flash-linear-attention's `causal_conv1d` kernel. Its
+  state is [N, C, W] (the last W inputs); ours keeps the last W-1, so it goes in padded with one zero column (the
+  kernel never reads it) and comes back without its first column.
+Training (gradients on, no state) has its own kernels: `short_conv_train.py`.
 Padding masks (`mask_BT`) are not handled here: the layer sends masked chunks to the reference.
 """
 from __future__ import annotations
@@ -215,3 +215,16 @@ def short_conv(
         activation="silu" if activation else None,
     )
     return y, final[..., 1:].contiguous()
+
+
+def short_conv_packed(
+    x_1TC: torch.Tensor, weight_CW: torch.Tensor, cu_seqlens: torch.Tensor, *, activation: bool = True
+) -> torch.Tensor:
+    """Packed variable-length sequences (batch 1): no state crosses a boundary."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    y, _ = causal_conv1d(
+        x=x_1TC, weight=weight_CW.contiguous(), activation="silu" if activation else None,
+        cu_seqlens=cu_seqlens.to(device=x_1TC.device, dtype=torch.long),
+    )
+    return y

@@ -1,10 +1,11 @@
-"""Causal depthwise short conv + SiLU for training (GPU): a forward and a backward kernel, no carried state.
+"""Causal depthwise short conv + SiLU for training (GPU): a forward kernel and two backward kernels, no carried state.
 
 Legend: B batch, T tokens, C channels, W kernel width, N packed sequences.
 
 Same function as `short_conv.short_conv_packed` / `short_conv` without a state: y_t = silu(sum_i w[i] x_{t-W+1+i}),
 taps before the token's sequence start read zero; the conv output is rounded to the activation dtype before the
-SiLU, as the reference rounds. Why not fla's `causal_conv1d` (which the layer used per conv): profiled on an H100
+SiLU, as the reference rounds. One difference: the reference casts the weight to x's dtype (bf16 under autocast)
+and sums in it; these kernels read the weight at its own precision (float32 master weights) and sum in float32. Why not fla's `causal_conv1d` (which the layer used per conv): profiled on an H100
 its forward and backward took 45 ms of a 767 ms 4B training step, several times what their bytes need. Here the
 backward is two kernels: the first recomputes the conv output a tile at a time from x (nothing more is saved than
 x; fla writes it out in a separate forward pass first), writes the SiLU's input gradient dpre and per-program
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 FWD_TILE = (16, 128, 4)  # tokens, channels, warps of a forward program
@@ -163,6 +165,7 @@ class _ShortConv(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w, starts = ctx.saved_tensors
         B, T, C = x.shape
@@ -176,12 +179,14 @@ class _ShortConv(torch.autograd.Function):
         _conv_dpre_kernel[(ncb * groups, B)](
             x, w, dy, dpre, dw_part, starts, C, *_row_strides(x), *_row_strides(dy), T, NCB=ncb, W=W,
             BT=BT, BC=BC, NBLK=nblk, HAS_START=starts is not None, num_warps=warps)
+        dw = dw_part.sum(0).t().to(w.dtype) if ctx.needs_input_grad[1] else None  # a fixed order: deterministic
+        if not ctx.needs_input_grad[0]:
+            return None, dw, None
         dx = torch.empty_like(dpre)
         BT, BC, warps = DX_TILE
         ncb = triton.cdiv(C, BC)
         _conv_dx_kernel[(ncb * triton.cdiv(T, BT), B)](dpre, w, dx, starts, C, T, NCB=ncb, W=W, BT=BT, BC=BC,
                                                        HAS_START=starts is not None, num_warps=warps)
-        dw = dw_part.sum(0).t().to(w.dtype)  # a fixed order: deterministic
         return dx, dw, None
 
 
