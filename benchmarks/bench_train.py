@@ -325,7 +325,10 @@ def profile_step(trainer: Trainer, dev: torch.device) -> dict:
     top.sort(reverse=True)
     for t, name in top[:30]:
         print(f"  {t:9.2f} ms  {name}")
-    return {k: round(v, 2) for k, v in out.items()}
+    print(f"  {sum(t for t, _ in top):9.2f} ms  all kernels ({len(top)} kinds)")
+    res = {k: round(v, 2) for k, v in out.items()}
+    res["top_kernels"] = [[round(t, 3), name] for t, name in top[:80]]
+    return res
 
 
 def print_table(r: dict) -> None:
@@ -343,7 +346,8 @@ def print_table(r: dict) -> None:
             ("peak memory", "-" if r["max_memory_gib"] is None else f"{r['max_memory_gib']} GiB"),
             ("losses", " ".join(f"{x:.4f}" for x in r["losses"]))]
     if r.get("breakdown_ms"):
-        rows.append(("one step by kernel kind (ms)", json.dumps(r["breakdown_ms"])))
+        kinds = {k: v for k, v in r["breakdown_ms"].items() if k != "top_kernels"}
+        rows.append(("one step by kernel kind (ms)", json.dumps(kinds)))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k.ljust(w)}  {v}")

@@ -6,6 +6,7 @@
 #   stream: the stream GPU tests, then the 10,000-frame benchmark with 8 and 32 streams
 #   train:  the training-kernel GPU tests, then the 4B stage-2 step in the best known one-GPU setting (2 rows in
 #           one forward, RC=9 layers recomputed) and the same step profiled (kernel time by kind)
+#   profile: the training step as in train and its per-kernel profile, no tests
 #   frame:  after a change to the frame step: its GPU tests, (PROFILE=1) the per-kernel profile, 2,000 frames and 32
 #           streams
 #           (carry [".carry", ".gpu_carry"]: the parity fixture for test_fast_model)
@@ -21,7 +22,8 @@
 #   train_ab: the training step (same setting as train) on this tree, then again with the files under .devrun/base/
 #           copied over it (their repo paths mirrored; e.g. `git show REF:src/x.py > .devrun/base/src/x.py`);
 #           carry [".carry", ".devrun"]: an A/B of a change on one machine in one call; AB_TESTS="FILE..." runs
-#           those GPU tests first, CONV_BENCH=1 the training convs on their own (bench_train_conv.py)
+#           those GPU tests first, CONV_BENCH=1 the training convs on their own (bench_train_conv.py), SWIGLU_BENCH=1 the
+#           SwiGLU kernels (bench_train_swiglu.py)
 #   stream_ab: the stream benchmark (1,000 frames, 32 streams) on this tree, then with .devrun/base/ copied over it
 #           (as train_ab); carry [".carry", ".devrun"]
 #   conv:   the training convs (ops/short_conv_train) alone: their GPU tests and bench_train_conv.py at the default
@@ -83,6 +85,10 @@ case $what in
     train_bench 150 train --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train
     train_bench 200 train_profile --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC" --profile
     grep -v TileLang "$OUT/train_profile.log" | grep -E " ms  |by kernel kind" | head -32 ;;
+  profile)  # the training step (as train) and its per-kernel profile only, no tests
+    train_bench 300 train_profile --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC" --profile
+    summary train_profile
+    grep -v TileLang "$OUT/train_profile.log" | grep -E " ms  |by kernel kind" | head -34 ;;
   frame)
     gpu_tests 250 tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py \
       -k "conv or $STREAM_K or reference or graph or engine"; tests_summary
@@ -115,6 +121,8 @@ case $what in
     [ -n "${AB_TESTS:-}" ] && { gpu_tests 150 $AB_TESTS; tests_summary; }
     [ -n "${CONV_BENCH:-}" ] && { timeout 90 python3 benchmarks/bench_train_conv.py > "$OUT/train_conv.log" 2>&1
                                   grep -v "^{" "$OUT/train_conv.log" | tail -8; }
+    [ -n "${SWIGLU_BENCH:-}" ] && { timeout 90 python3 benchmarks/bench_train_swiglu.py > "$OUT/train_swiglu.log" 2>&1
+                                    grep -v "^{" "$OUT/train_swiglu.log" | grep -v -i warn | tail -8; }
     train_bench 200 train_new --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_new
     cp -r .devrun/base/. .
     train_bench 200 train_base --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_base ;;
@@ -135,6 +143,6 @@ case $what in
       --rows-per-step 4 --rows-per-forward 2 --recompute-layers "$RC" --warmup 1 --steps 3 --out "$OUT/train_x2" \
       > "$OUT/train_x2.log" 2>&1
     summary train_x2 ;;
-  *) echo "unknown mode $what: tests | stream | frame | headline | clip | micro | train | train_ab | stream_ab | probe | conv | x2"; exit 2 ;;
+  *) echo "unknown mode $what: tests | stream | frame | headline | clip | micro | train | profile | train_ab | stream_ab | probe | conv | x2"; exit 2 ;;
 esac
 cache_save

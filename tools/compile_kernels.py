@@ -9,9 +9,10 @@ device time is scarce. This runs the model's fast paths (backend 'fla') on CPU t
 launch turned into a compile for the target (Triton's front end, LLVM and ptxas: what a GPU would run first):
 - inference on the tiny model: a prefill continuing a state, a decode step and a stream's frame step;
 - the 4B shapes of the stream ops (the three short convs of a frame, the frame's SWA block attention);
-- the 4B shapes of the training convs (`ops/short_conv_train`, forward and backward);
+- the 4B shapes of the training convs (`ops/short_conv_train`) and SwiGLU (`ops/swiglu_train`), forward and
+  backward;
 - training on the tiny model: a packed row, forward and backward (fla's GDN and l2norm kernels with
-  backward; the fused training norms, SwiGLU and cross-entropy run only on CUDA tensors, so not here).
+  backward; the fused training norms and cross-entropy run only on CUDA tensors, so not here).
 Autotuned kernels compile every config. Outputs are garbage (nothing runs): this checks compilation only.
 Exit status 0 when everything compiled; a compile error is raised with Triton's message.
 """
@@ -146,6 +147,12 @@ def train_ops_4b() -> None:
         weights = [torch.zeros(C, 4, requires_grad=True) for C in (2048, 2048, 4096)]
         starts = seq_starts(cu, 300, "cpu")
         sum(short_conv(x, w, starts_T=starts).float().sum() for x, w in zip(xs, weights)).backward()
+    from infinitevl.ops.swiglu_train import swiglu, swiglu_packed
+
+    gu = torch.zeros(300, 2 * 11008, dtype=torch.bfloat16, requires_grad=True)
+    swiglu_packed(gu).float().sum().backward()
+    gate, up = (torch.zeros(2, 150, 3420, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    swiglu(gate, up).float().sum().backward()
 
 
 def training(model) -> None:

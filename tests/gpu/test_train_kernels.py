@@ -281,3 +281,33 @@ def test_training_conv_matches_the_reference_with_gradients(packed, dtype, C, W)
     for a, b in zip(got, want):
         assert rel(a, b) < tol
     assert got[1][..., C:].abs().max() == 0
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("dtype,I", [(torch.float32, 688), (torch.float32, 37), (torch.bfloat16, 11008),
+                                     (torch.bfloat16, 3420)])
+def test_training_swiglu_matches_the_formula_with_gradients(packed, dtype, I):
+    """ops/swiglu_train against silu(gate) * up in float64: values and both gradients; rows and columns that do
+    not fill a tile, gate and up as the two halves of one tensor (their gradient one tensor too) or as two."""
+    from infinitevl.ops.swiglu_train import swiglu, swiglu_packed
+
+    torch.manual_seed(0)
+    N = 83
+    gu = (torch.randn(N, 2 * I, device=DEV) * 3).to(dtype).requires_grad_()
+    dz = torch.randn(N, I, device=DEV, dtype=torch.float64)
+    if packed:
+        z = swiglu_packed(gu.view(1, N, 2 * I))[0]
+        (z.double() * dz).sum().backward()
+        grads = [gu.grad[:, :I], gu.grad[:, I:]]
+    else:
+        g, u = (t.detach().clone().requires_grad_() for t in gu.split(I, -1))
+        z = swiglu(g, u)
+        (z.double() * dz).sum().backward()
+        grads = [g.grad, u.grad]
+    g64, u64 = (t.detach().double().requires_grad_() for t in gu.split(I, -1))
+    z64 = torch.nn.functional.silu(g64) * u64
+    (z64 * dz).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert z.dtype == dtype and rel(z, z64) < tol
+    for a, b in zip(grads, (g64.grad, u64.grad)):
+        assert a.dtype == dtype and rel(a, b) < tol

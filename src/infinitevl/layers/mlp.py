@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fuse import project_concat, train_fusable
+
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int, *, bias: bool = False):
@@ -40,12 +42,19 @@ class SwiGLU(nn.Module):
             if self.gate_up is not None:  # [gate | up], each padded alike: silu(0) * 0 = 0 in the padding
                 return self._down(fused.silu_mul_fused(self.gate_up.project(x, backend=self.backend)))
             return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        projs = [self.gate_proj, self.up_proj]
+        if self.gate_up is None and train_fusable(x, projs, self.backend):
+            # training on the fast backend: gate and up as one matmul, the SwiGLU kernels read its two halves and
+            # write their gradients side by side (backward's dx is one matmul too)
+            from ..ops import swiglu_train
+
+            return self.down_proj(swiglu_train.swiglu_packed(project_concat(x, projs)))
         if self.gate_up is not None:
             gate, up = self.gate_up(x)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.backend == "fla" and x.is_cuda:  # training: fla's SwiGLU with backward
-            from ..ops import train_kernels
+            gate, up = self.gate_proj(x), self.up_proj(x)  # module calls, so wrappers (LoRA adapters) apply
+        if self.backend == "fla" and x.is_cuda:  # training: the SwiGLU kernels with backward
+            from ..ops import swiglu_train
 
-            return self.down_proj(train_kernels.swiglu(gate, up))
+            return self.down_proj(swiglu_train.swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)

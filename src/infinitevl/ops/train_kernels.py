@@ -1,7 +1,7 @@
 """Fused training kernels (forward and backward, CUDA) from flash-linear-attention: the decoder's RMSNorm (alone
-and after the residual add), the Gated DeltaNet output's gated RMSNorm and the MLP's SwiGLU. Their plain-PyTorch
-formulas in layers/norm.py and layers/mlp.py are the reference (tests/gpu/test_train_kernels.py compares values
-and gradients).
+and after the residual add), the Gated DeltaNet output's gated RMSNorm, and the head's cross-entropy (the MLP's
+SwiGLU is ours: ops/swiglu_train.py). Their plain-PyTorch formulas in layers/norm.py and the training losses are
+the reference (tests/gpu/test_train_kernels.py compares values and gradients).
 
 Why: in a training step of the 4B shape these ran as ~6-10 elementwise PyTorch kernels each over the float32
 residual stream, forward, again in the checkpoint recompute, and in backward (autograd's saved intermediates).
@@ -103,13 +103,6 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
 
     return rms_norm_gated(x, gate, weight, None, activation="swish", eps=eps)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up."""
-    from fla.modules.activations.ops import swiglu as fla_swiglu
-
-    return fla_swiglu(gate, up)
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
