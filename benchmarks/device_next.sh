@@ -22,8 +22,9 @@
 #   train_ab: the training step (same setting as train) on this tree, then again with the files under .devrun/base/
 #           copied over it (their repo paths mirrored; e.g. `git show REF:src/x.py > .devrun/base/src/x.py`);
 #           carry [".carry", ".devrun"]: an A/B of a change on one machine in one call; AB_TESTS="FILE..." runs
-#           those GPU tests first, CONV_BENCH=1 the training convs on their own (bench_train_conv.py), SWIGLU_BENCH=1 the
-#           SwiGLU kernels (bench_train_swiglu.py)
+#           those GPU tests first, BENCH="conv swiglu norm" the training kernels on their own first
+#           (benchmarks/bench_train_{conv,swiglu,norm}.py)
+#   kbench: BENCH="conv swiglu norm" (default all three; ARGS passed to each): the training kernels' microbenchmarks
 #   stream_ab: the stream benchmark (1,000 frames, 32 streams) on this tree, then with .devrun/base/ copied over it
 #           (as train_ab); carry [".carry", ".devrun"]
 #   conv:   the training convs (ops/short_conv_train) alone: their GPU tests and bench_train_conv.py at the default
@@ -62,7 +63,7 @@ stream_bench() {
 # train_bench LIMIT NAME ARGS...: the 4B stage-2 training step into $OUT/NAME(.log)
 train_bench() {
   local limit=$1 name=$2; shift 2
-  timeout "$limit" python3 benchmarks/bench_train.py --trainable gdn,attention --warmup 1 --steps 3 "$@" \
+  timeout "$limit" python3 benchmarks/bench_train.py --trainable gdn,attention --warmup 1 --steps "${STEPS:-3}" "$@" \
     --out "$OUT/$name" > "$OUT/$name.log" 2>&1
 }
 tests_summary() {
@@ -119,13 +120,18 @@ case $what in
   train_ab)
     [ -d .devrun/base ] || { echo "train_ab needs .devrun/base/<repo paths>"; exit 2; }
     [ -n "${AB_TESTS:-}" ] && { gpu_tests 150 $AB_TESTS; tests_summary; }
-    [ -n "${CONV_BENCH:-}" ] && { timeout 90 python3 benchmarks/bench_train_conv.py > "$OUT/train_conv.log" 2>&1
-                                  grep -v "^{" "$OUT/train_conv.log" | tail -8; }
-    [ -n "${SWIGLU_BENCH:-}" ] && { timeout 90 python3 benchmarks/bench_train_swiglu.py > "$OUT/train_swiglu.log" 2>&1
-                                    grep -v "^{" "$OUT/train_swiglu.log" | grep -v -i warn | tail -8; }
+    for b in ${BENCH:-}; do  # e.g. BENCH="conv swiglu norm": benchmarks/bench_train_$b.py first
+      timeout 90 python3 "benchmarks/bench_train_$b.py" > "$OUT/train_$b.log" 2>&1
+      grep -v "^{" "$OUT/train_$b.log" | grep -v -i warn | tail -8
+    done
     train_bench 200 train_new --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_new
     cp -r .devrun/base/. .
     train_bench 200 train_base --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC"; summary train_base ;;
+  kbench)  # BENCH="conv swiglu norm" (ARGS for each): the training kernels on their own, no tests, no step
+    for b in ${BENCH:-conv swiglu norm}; do
+      timeout 120 python3 "benchmarks/bench_train_$b.py" ${ARGS:-} > "$OUT/train_$b.log" 2>&1
+      grep -v "^{" "$OUT/train_$b.log" | grep -v -i warn | tail -20
+    done ;;
   stream_ab)
     [ -d .devrun/base ] || { echo "stream_ab needs .devrun/base/<repo paths>"; exit 2; }
     OUT_ALL=$OUT; mkdir -p "$OUT/new" "$OUT/base"
@@ -143,6 +149,6 @@ case $what in
       --rows-per-step 4 --rows-per-forward 2 --recompute-layers "$RC" --warmup 1 --steps 3 --out "$OUT/train_x2" \
       > "$OUT/train_x2.log" 2>&1
     summary train_x2 ;;
-  *) echo "unknown mode $what: tests | stream | frame | headline | clip | micro | train | profile | train_ab | stream_ab | probe | conv | x2"; exit 2 ;;
+  *) echo "unknown mode $what: tests | stream | frame | headline | clip | micro | train | profile | kbench | train_ab | stream_ab | probe | conv | x2"; exit 2 ;;
 esac
 cache_save

@@ -10,7 +10,7 @@ launch turned into a compile for the target (Triton's front end, LLVM and ptxas:
 - inference on the tiny model: a prefill continuing a state, a decode step and a stream's frame step;
 - the 4B shapes of the stream ops (the three short convs of a frame, the frame's SWA block attention);
 - the 4B shapes of the training convs (`ops/short_conv_train`) and SwiGLU (`ops/swiglu_train`), forward and
-  backward;
+  backward, and the training RMSNorm's backward (`ops/rms_norm_train`);
 - training on the tiny model: a packed row, forward and backward (fla's GDN and l2norm kernels with
   backward; the fused training norms and cross-entropy run only on CUDA tensors, so not here).
 Autotuned kernels compile every config. Outputs are garbage (nothing runs): this checks compilation only.
@@ -153,6 +153,11 @@ def train_ops_4b() -> None:
     swiglu_packed(gu).float().sum().backward()
     gate, up = (torch.zeros(2, 150, 3420, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     swiglu(gate, up).float().sum().backward()
+    from infinitevl.ops.rms_norm_train import rms_norm_backward
+
+    s, dy = torch.zeros(300, 2048), torch.zeros(300, 2048, dtype=torch.bfloat16)
+    for ds, h_dtype, need_dw in ((torch.zeros(300, 2048), torch.bfloat16, False), (None, None, True)):
+        rms_norm_backward(dy, s, torch.ones(2048), torch.ones(300), ds=ds, h_dtype=h_dtype, need_dw=need_dw)
 
 
 def training(model) -> None:

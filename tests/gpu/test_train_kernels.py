@@ -311,3 +311,34 @@ def test_training_swiglu_matches_the_formula_with_gradients(packed, dtype, I):
     assert z.dtype == dtype and rel(z, z64) < tol
     for a, b in zip(grads, (g64.grad, u64.grad)):
         assert a.dtype == dtype and rel(a, b) < tol
+
+
+@pytest.mark.parametrize("D", [2048, 1000])
+@pytest.mark.parametrize("fused_add,h_dtype", [(False, None), (True, torch.bfloat16), (True, torch.float32)])
+@pytest.mark.parametrize("need_dw", [False, True])
+def test_rms_norm_backward_kernel_matches_the_formula(D, fused_add, h_dtype, need_dw):
+    """ops/rms_norm_train against autograd of w * s * rstd in float64 (dy rounded to bf16 as it arrives): dx with
+    the stream's gradient added when the add is fused, its copy in the update's dtype, dw only when asked; rows
+    that do not fill a program, a width that is not a power of two."""
+    from infinitevl.ops.rms_norm_train import rms_norm_backward
+
+    torch.manual_seed(0)
+    N, eps = 301, 1e-6
+    s = torch.randn(N, D, device=DEV, dtype=torch.float64) * 2
+    w = torch.rand(D, device=DEV, dtype=torch.float64) + 0.5
+    dy = torch.randn(N, D, device=DEV).to(torch.bfloat16)
+    ds = torch.randn(N, D, device=DEV) if fused_add else None
+    s64, w64 = s.clone().requires_grad_(), w.clone().requires_grad_()
+    (w64 * s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + eps) * dy.double()).sum().backward()
+    ref_dx = s64.grad + (ds.double() if fused_add else 0)
+    rstd = torch.rsqrt(s.pow(2).mean(-1) + eps).float()
+    dx, dh, dw = rms_norm_backward(dy, s.float(), w.float(), rstd, ds=ds, h_dtype=h_dtype, need_dw=need_dw)
+    assert dx.dtype == torch.float32 and rel(dx, ref_dx) < 1e-5
+    if h_dtype == torch.bfloat16:
+        assert dh.dtype == torch.bfloat16 and rel(dh, ref_dx) < 1e-2
+    else:
+        assert dh is None  # the same dtype as the stream: dx serves both
+    if need_dw:
+        assert dw.dtype == torch.float32 and rel(dw, w64.grad) < 1e-5
+    else:
+        assert dw is None

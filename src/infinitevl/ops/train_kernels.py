@@ -1,7 +1,8 @@
-"""Fused training kernels (forward and backward, CUDA) from flash-linear-attention: the decoder's RMSNorm (alone
-and after the residual add), the Gated DeltaNet output's gated RMSNorm, and the head's cross-entropy (the MLP's
-SwiGLU is ours: ops/swiglu_train.py). Their plain-PyTorch formulas in layers/norm.py and the training losses are
-the reference (tests/gpu/test_train_kernels.py compares values and gradients).
+"""Fused training kernels (forward and backward, CUDA), mostly from flash-linear-attention: the decoder's RMSNorm
+(alone and after the residual add; its backward is ours, ops/rms_norm_train.py), the Gated DeltaNet output's gated
+RMSNorm, and the head's cross-entropy (the MLP's SwiGLU is ours too: ops/swiglu_train.py). Their plain-PyTorch
+formulas in layers/norm.py and the training losses are the reference (tests/gpu/test_train_kernels.py compares
+values and gradients).
 
 Why: in a training step of the 4B shape these ran as ~6-10 elementwise PyTorch kernels each over the float32
 residual stream, forward, again in the checkpoint recompute, and in backward (autograd's saved intermediates).
@@ -40,13 +41,11 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        from fla.modules.norm.layernorm import layer_norm_bwd
+        from .rms_norm_train import rms_norm_backward
 
         x2, weight, rstd = ctx.saved_tensors
-        with torch.cuda.device(x2.device):
-            dx, dw, _, _ = layer_norm_bwd(dy.reshape(x2.shape).contiguous(), x2, weight, None, rstd=rstd,
-                                          is_rms_norm=True, x_dtype=x2.dtype)
-        return dx.view(ctx.shape), dw if ctx.needs_input_grad[1] else None, None, None
+        dx, _, dw = rms_norm_backward(dy.reshape(x2.shape), x2, weight, rstd, need_dw=ctx.needs_input_grad[1])
+        return dx.view(ctx.shape), dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -76,17 +75,16 @@ class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, ds, dy):
-        from fla.modules.norm.layernorm import layer_norm_bwd
+        from .rms_norm_train import rms_norm_backward
 
         s, weight, rstd = ctx.saved_tensors
-        dy = torch.zeros_like(s) if dy is None else dy.reshape(s.shape).contiguous()
-        ds = None if ds is None else ds.reshape(s.shape).contiguous()
-        with torch.cuda.device(s.device):
-            dh, dw, _, dx = layer_norm_bwd(dy, s, weight, None, rstd=rstd, dres=ds, has_residual=True,
-                                           is_rms_norm=True, x_dtype=ctx.h_dtype)
-        if dx is dh:  # same dtype: one buffer; autograd may accumulate into a gradient in place, so split them
-            dx = dh.clone()
-        return (dx.view(ctx.shape), dh.view(ctx.shape), dw if ctx.needs_input_grad[2] else None, None, None)
+        dy = torch.zeros_like(s) if dy is None else dy.reshape(s.shape)
+        ds = None if ds is None else ds.reshape(s.shape)
+        dx, dh, dw = rms_norm_backward(dy, s, weight, rstd, ds=ds, h_dtype=ctx.h_dtype,
+                                       need_dw=ctx.needs_input_grad[2])
+        if dh is None:  # same dtype: one buffer; autograd may accumulate into a gradient in place, so two
+            dh = dx.clone()
+        return dx.view(ctx.shape), dh.view(ctx.shape), dw, None, None
 
 
 def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float):
