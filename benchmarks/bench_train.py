@@ -305,10 +305,10 @@ def profile_step(trainer: Trainer, dev: torch.device) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
     kinds = {"matmul": ("gemm", "sm90", "cutlass", "matmul", "addmm", "aten::mm", "aten::bmm", "nvjet"),
-             "gdn (fla)": ("chunk", "fused_recurrent", "gated_delta", "wy", "solve_tril", "l2norm", "tilelang",
-                           "kernel_kernel", "causal_conv"),
+             "gdn": ("chunk", "fused_recurrent", "gated_delta", "wy", "solve_tril", "l2norm", "tilelang",
+                           "kernel_kernel", "causal_conv", "_conv_"),
              "attention": ("attention", "fmha", "flash", "efficient", "softmax"),
-             "norm/swiglu (fla)": ("layer_norm", "swiglu"),
+             "norm/swiglu": ("layer_norm", "swiglu", "rms_norm"),
              "optimizer": ("adam", "multi_tensor", "foreach", "lerp", "addcdiv", "sqrt")}
     out: dict[str, float] = {k: 0.0 for k in kinds} | {"other": 0.0}
     top = []
@@ -328,6 +328,34 @@ def profile_step(trainer: Trainer, dev: torch.device) -> dict:
     print(f"  {sum(t for t, _ in top):9.2f} ms  all kernels ({len(top)} kinds)")
     res = {k: round(v, 2) for k, v in out.items()}
     res["top_kernels"] = [[round(t, 3), name] for t, name in top[:80]]
+    if dev.type == "cuda":  # which operators launched the GPU time (their kernels' time, not their children's)
+        ops = sorted(((e.self_device_time_total / 1e3, e.count, e.key) for e in prof.key_averages()
+                      if e.device_type.name == "CPU" and e.self_device_time_total > 0), reverse=True)
+        print("one step by operator (its own kernels' time):")
+        for t, n, key in ops[:25]:
+            print(f"  {t:9.2f} ms  {n:5d}x  {key[:80]}")
+        res["top_ops"] = [[round(t, 3), n, key[:120]] for t, n, key in ops[:60]]
+        res["gpu_idle"] = idle_gaps(prof)
+
+
+def idle_gaps(prof) -> dict:
+    """Where the GPU waited between kernels in the profiled step: the idle time in gaps over 20 us, and the largest
+    gaps with the kernels around them (a host-bound stretch shows as many gaps before small kernels)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps, end, prev = [], None, ""
+    for a, b, name in spans:
+        if end is not None and a - end > 20:
+            gaps.append((a - end, prev[:60], name[:60]))
+        if end is None or b > end:
+            end, prev = b, name
+    gaps.sort(reverse=True)
+    total = sum(g for g, _, _ in gaps) / 1e3
+    print(f"GPU idle in gaps over 20 us: {total:.2f} ms in {len(gaps)} gaps; largest:")
+    for g, before, after in gaps[:12]:
+        print(f"  {g / 1e3:7.2f} ms  after {before}  before {after}")
+    return {"idle_ms": round(total, 2), "gaps": len(gaps),
+            "largest": [[round(g / 1e3, 3), before, after] for g, before, after in gaps[:40]]}
     return res
 
 
@@ -346,7 +374,7 @@ def print_table(r: dict) -> None:
             ("peak memory", "-" if r["max_memory_gib"] is None else f"{r['max_memory_gib']} GiB"),
             ("losses", " ".join(f"{x:.4f}" for x in r["losses"]))]
     if r.get("breakdown_ms"):
-        kinds = {k: v for k, v in r["breakdown_ms"].items() if k != "top_kernels"}
+        kinds = {k: v for k, v in r["breakdown_ms"].items() if k not in ("top_kernels", "top_ops", "gpu_idle")}
         rows.append(("one step by kernel kind (ms)", json.dumps(kinds)))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -89,7 +89,7 @@ case $what in
   profile)  # the training step (as train) and its per-kernel profile only, no tests
     train_bench 300 train_profile --rows-per-step 2 --rows-per-forward 2 --recompute-layers "$RC" --profile
     summary train_profile
-    grep -v TileLang "$OUT/train_profile.log" | grep -E " ms  |by kernel kind" | head -34 ;;
+    grep -v TileLang "$OUT/train_profile.log" | grep -E " ms  |by kernel kind|by operator|GPU idle" | head -80 ;;
   frame)
     gpu_tests 250 tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py tests/gpu/test_fast_model.py \
       -k "conv or $STREAM_K or reference or graph or engine"; tests_summary

@@ -183,27 +183,30 @@ class Trainer:
             raise ValueError(f"step {self.step + 1} has nothing to learn from on any rank (no target tokens): "
                              f"check the data (every sample needs an assistant answer)")
         scale = self.d.world / units  # DDP/FSDP average gradients over ranks; undo that, divide by global units
-        loss_sum = 0.0
-        extras: dict[str, float] = {}
+        # the logged values stay on the device until the step's work is queued: reading one waits for the GPU to
+        # finish, which then idles while the host queues the next kernels (gradient clipping, the optimizer)
+        losses, extras_t = [], {}
         dev = self.d.device.type
         for k, b in enumerate(batches):
             with no_sync(self.wrapped, last=k == len(batches) - 1):
                 with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.run.bf16):
                     loss, extra = self.wrapped(b)
                 (loss * scale).backward()
-            loss_sum += float(loss.detach())
+            losses.append(loss.detach())
             for key, v in extra.items():
-                extras[key] = extras.get(key, 0.0) + float(v)
+                extras_t.setdefault(key, []).append(v.detach() if torch.is_tensor(v) else v)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = float("nan")
+        gn = None
         if self.optim_cfg.max_grad_norm > 0:
             gn = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
-            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        grad_norm = float("nan") if gn is None else float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        loss_sum = sum(float(x) for x in losses)
+        extras = {key: sum(float(x) for x in vs) for key, vs in extras_t.items()}
         tokens = all_sum(sum(b.num_tokens for b in batches), self.d)
         rec = {"step": self.step, "epoch": self.loader.state.epoch, "loss": all_sum(loss_sum, self.d) / units,
                "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "units": int(units)}
