@@ -336,6 +336,7 @@ def profile_step(trainer: Trainer, dev: torch.device) -> dict:
             print(f"  {t:9.2f} ms  {n:5d}x  {key[:80]}")
         res["top_ops"] = [[round(t, 3), n, key[:120]] for t, n, key in ops[:60]]
         res["gpu_idle"] = idle_gaps(prof)
+    return res
 
 
 def idle_gaps(prof) -> dict:
@@ -356,7 +357,6 @@ def idle_gaps(prof) -> dict:
         print(f"  {g / 1e3:7.2f} ms  after {before}  before {after}")
     return {"idle_ms": round(total, 2), "gaps": len(gaps),
             "largest": [[round(g / 1e3, 3), before, after] for g, before, after in gaps[:40]]}
-    return res
 
 
 def print_table(r: dict) -> None:

@@ -1,5 +1,5 @@
 """The training benchmark's --tiny mode runs on CPU end to end (gate, steps, falling loss, FLOP count,
-table, JSON line)."""
+table, JSON line, the profiled step)."""
 import importlib.util
 import json
 
@@ -12,7 +12,8 @@ def test_bench_train_tiny(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    res = bench.main(["--tiny", "--out", str(tmp_path), "--warmup", "1", "--steps", "2", "--row-tokens", "128"])
+    res = bench.main(["--tiny", "--out", str(tmp_path), "--warmup", "1", "--steps", "2", "--row-tokens", "128",
+                      "--profile"])
     assert res["gate"]["passed"] and res["backend"] == "torch"
     assert res["losses"][-1] < res["losses"][0] and len(res["step_ms"]) == 2
     assert res["tokens_per_s_per_gpu"] > 0 and res["samples_per_row"] >= 1
@@ -21,6 +22,9 @@ def test_bench_train_tiny(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text())["row_tokens"] == 128
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bench"] == "train" and last["shape"] == "tiny"
+    # --profile: one more step's time by kind (on CPU: the aten operators' own time), the largest ones listed
+    kinds = res["breakdown_ms"]
+    assert kinds["matmul"] > 0 and kinds["top_kernels"] and all(t >= 0 for t, _ in kinds["top_kernels"])
 
 
 def test_flops_count_frozen_weights_once_less():
