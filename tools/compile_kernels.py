@@ -147,6 +147,9 @@ def train_ops_4b() -> None:
         weights = [torch.zeros(C, 4, requires_grad=True) for C in (2048, 2048, 4096)]
         starts = seq_starts(cu, 300, "cpu")
         sum(short_conv(x, w, starts_T=starts).float().sum() for x, w in zip(xs, weights)).backward()
+    for W in (1, 2, 3):  # narrower kernels (the taps are unrolled by width)
+        x = torch.zeros(1, 300, 256, dtype=torch.bfloat16, requires_grad=True)
+        short_conv(x, torch.zeros(256, W, requires_grad=True)).float().sum().backward()
     from infinitevl.ops.swiglu_train import swiglu, swiglu_packed
 
     gu = torch.zeros(300, 2 * 11008, dtype=torch.bfloat16, requires_grad=True)

@@ -84,28 +84,48 @@ def _conv_dpre_kernel(x_ptr, w_ptr, dy_ptr, dpre_ptr, dw_ptr, start_ptr, C, sxb,
     a1 = tl.zeros([BT, BC], dtype=tl.float32)
     a2 = tl.zeros([BT, BC], dtype=tl.float32)
     a3 = tl.zeros([BT, BC], dtype=tl.float32)
+    # the taps' weights, loaded once per program
+    w0 = tl.load(w_ptr + o_c * W, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    w1 = tl.load(w_ptr + o_c * W + 1, mask=m_c & (W > 1), other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w_ptr + o_c * W + 2, mask=m_c & (W > 2), other=0.0).to(tl.float32)[None, :]
+    w3 = tl.load(w_ptr + o_c * W + 3, mask=m_c & (W > 3), other=0.0).to(tl.float32)[None, :]
     for j in range(NBLK):
         o_t = (i_g * NBLK + j).to(tl.int64) * BT + tl.arange(0, BT)
         m_t = o_t < T
-        pre, first = _conv_tile(x_ptr, w_ptr, start_ptr, i_b, sxb, sxt, o_t, m_t, o_c, m_c, W, BT, BC, HAS_START)
+        if HAS_START:
+            first = tl.load(start_ptr + o_t, mask=m_t, other=0).to(tl.int64)
+        else:
+            first = tl.zeros([BT], dtype=tl.int64)
+        # tap i of token t reads x_{t-W+1+i} within t's sequence; each tap tile is loaded once and serves both the
+        # recomputed conv output and the weight gradient
+        x0 = tl.load(p_x + (o_t - (W - 1))[:, None] * sxt,
+                     mask=((o_t - (W - 1) >= first) & m_t)[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        pre = x0 * w0
+        if W > 1:
+            x1 = tl.load(p_x + (o_t - (W - 2))[:, None] * sxt,
+                         mask=((o_t - (W - 2) >= first) & m_t)[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+            pre += x1 * w1
+        if W > 2:
+            x2 = tl.load(p_x + (o_t - (W - 3))[:, None] * sxt,
+                         mask=((o_t - (W - 3) >= first) & m_t)[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+            pre += x2 * w2
+        if W > 3:
+            x3 = tl.load(p_x + (o_t - (W - 4))[:, None] * sxt,
+                         mask=((o_t - (W - 4) >= first) & m_t)[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+            pre += x3 * w3
         pre = pre.to(dpre_ptr.dtype.element_ty).to(tl.float32)  # the forward's rounding
         sig = tl.sigmoid(pre)
         b_dy = tl.load(p_dy + o_t[:, None] * sdt, mask=m_t[:, None] & m_c[None, :], other=0.0).to(tl.float32)
         dpre = (b_dy * sig * (1.0 + pre * (1.0 - sig))).to(dpre_ptr.dtype.element_ty)
         tl.store(dpre_ptr + (i_b * T + o_t[:, None]) * C + o_c[None, :], dpre, mask=m_t[:, None] & m_c[None, :])
         dpre = dpre.to(tl.float32)
-        for i in tl.static_range(W):
-            src = o_t - (W - 1) + i
-            m = ((src >= first) & m_t)[:, None] & m_c[None, :]
-            b_xi = tl.load(p_x + src[:, None] * sxt, mask=m, other=0.0).to(tl.float32)
-            if i == 0:
-                a0 += dpre * b_xi
-            elif i == 1:
-                a1 += dpre * b_xi
-            elif i == 2:
-                a2 += dpre * b_xi
-            else:
-                a3 += dpre * b_xi
+        a0 += dpre * x0
+        if W > 1:
+            a1 += dpre * x1
+        if W > 2:
+            a2 += dpre * x2
+        if W > 3:
+            a3 += dpre * x3
     # partial [row * groups + group, W, C]
     p_dw = dw_ptr + (i_b * (tl.num_programs(0) // NCB) + i_g) * W * C + o_c
     tl.store(p_dw, tl.sum(a0, 0), mask=m_c)
