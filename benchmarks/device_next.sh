@@ -2,7 +2,7 @@
 # GPU measurements for one device call, each step under its own time limit (a call may run 10 minutes).
 #   carry: .carry (site312.tar.xz: fla + TileLang wheels unpacked, see ENVIRONMENT.md; kernel_cache.tar.xz* from
 #          an earlier call's $OUT if any). Usage: bash benchmarks/device_next.sh MODE
-#   tests:  every GPU test (tests/gpu)
+#   tests:  every GPU test (tests/gpu), or TESTS="FILE... [-k EXPR]"
 #   stream: the stream GPU tests, then the 10,000-frame benchmark with 8 and 32 streams
 #   train:  the training-kernel GPU tests, then the 4B stage-2 step in the best known one-GPU setting (2 rows in
 #           one forward, RC=9 layers recomputed) and the same step profiled (kernel time by kind)
@@ -77,7 +77,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 summary() { grep -E "step \(|MFU|memory|tokens/s|processes|Error|error" "$OUT/$1.log" | tail -8; }
 case $what in
   tests)
-    gpu_tests 560 tests/gpu; tests_summary ;;
+    gpu_tests 560 ${TESTS:-tests/gpu}; tests_summary ;;
   stream)
     gpu_tests 150 tests/gpu/test_fast_ops.py tests/gpu/test_stream_graph.py -k "$STREAM_K"; tests_summary
     stream_bench 400 170; grep -v "^{" "$OUT/stream.log" | tail -12 ;;

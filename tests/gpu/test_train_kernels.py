@@ -1,4 +1,5 @@
-"""ops/train_kernels (fla's fused norm and SwiGLU kernels with backward) against the layers' PyTorch formulas."""
+"""Training's fused GPU kernels (ops/train_kernels, swiglu_train, rms_norm_train, short_conv_train; fuse.project_concat)
+against the layers' PyTorch formulas."""
 import pytest
 import torch
 
@@ -124,7 +125,8 @@ def test_swiglu_mlp_matches_the_layer_formula_with_gradients():
     for backend in ("torch", "fla"):
         mlp.backend = backend
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            results[backend] = _grads(lambda: mlp(x), [x, mlp.gate_proj.weight, mlp.down_proj.weight], dy)
+            results[backend] = _grads(lambda: mlp(x), [x, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                                       mlp.down_proj.weight], dy)
     (y_ref, g_ref), (y, g) = results["torch"], results["fla"]
     assert rel(y, y_ref) < 1e-2
     for a, b in zip(g, g_ref):

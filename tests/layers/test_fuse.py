@@ -46,3 +46,25 @@ def test_the_concatenated_weight_is_not_kept_for_backward():
     assert all(t.data_ptr() in params | {x.data_ptr()} for t in saved)
     (q.sum() + 2 * k.sum()).backward()
     assert torch.equal(lins[1].bias.grad, torch.full((64,), 8.0))
+
+
+def test_x_without_gradient_and_a_strided_output_gradient():
+    """Only the weights train (x is data) and the output's gradient arrives transposed (not contiguous)."""
+    torch.manual_seed(0)
+    lins = [nn.Linear(8, n) for n in (6, 10)]
+    x = torch.randn(5, 8)
+    dy = torch.randn(16, 5).t()
+    grads = []
+    for fused in (True, False):
+        for m in lins:
+            m.zero_grad()
+        y = project_concat(x, lins) if fused else torch.cat([m(x) for m in lins], -1)
+        y.backward(dy)
+        grads.append([p.grad for m in lins for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_projections_must_agree_on_bias():
+    with pytest.raises(ValueError, match="bias"):
+        project_concat(torch.randn(2, 8), [nn.Linear(8, 4), nn.Linear(8, 4, bias=False)])

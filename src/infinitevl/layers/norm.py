@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 
             return fused.add_rms_norm(x, h, self.weight, self.eps)
         if self.backend == "fla" and x.is_cuda and torch.is_grad_enabled() and x.dtype == torch.float32:
-            # training (the float32 residual stream): fla's add + norm kernels with backward. The sum is exact
+            # training (the float32 residual stream): fla's add + norm forward, our backward kernel. The sum is exact
             # torch's `x + h`; a narrower stream would be normalised before its rounding, so it takes the formula.
             from ..ops import train_kernels
 

@@ -68,7 +68,7 @@ def rms_norm_backward(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, r
     if dy.shape != s.shape or (ds is not None and ds.shape != s.shape) or weight.shape != (D,):
         raise ValueError(f"rms_norm_backward: dy {tuple(dy.shape)}, ds {None if ds is None else tuple(ds.shape)} "
                          f"and weight {tuple(weight.shape)} must match s {tuple(s.shape)}")
-    dy, s, rstd = dy.contiguous(), s.contiguous(), rstd.contiguous()
+    dy, s, rstd, weight = dy.contiguous(), s.contiguous(), rstd.contiguous(), weight.contiguous()
     ds = None if ds is None else ds.contiguous()
     dx = torch.empty_like(s)
     dh = torch.empty(N, D, dtype=h_dtype, device=s.device) if h_dtype not in (None, s.dtype) else None

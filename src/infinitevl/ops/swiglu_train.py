@@ -58,7 +58,7 @@ def _swiglu_bwd_kernel(g_ptr, u_ptr, dz_ptr, dg_ptr, du_ptr, sg, su, sdz, sdg, s
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as [N, I] rows with contiguous columns (a view where the layout allows)."""
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(t.shape[:-1].numel(), t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
