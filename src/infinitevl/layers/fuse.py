@@ -62,15 +62,15 @@ class _ConcatLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = (dy @ torch.cat([w.to(ctx.dtype) for w in ws])).to(ctx.x_dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = None if xc is None else xc.reshape(-1, xc.shape[-1])
         grads, off = [], 0
         dw_all = None
         if sum(needs[:n]) > 1:  # several weights train: one matmul for all, each gets its slice
-            dw_all = dy2.t() @ xc.reshape(-1, xc.shape[-1])
+            dw_all = dy2.t() @ x2
         for i, size in enumerate(ctx.sizes):
             g = None
             if needs[i]:
-                g = dw_all[off : off + size] if dw_all is not None else \
-                    dy2[:, off : off + size].t() @ xc.reshape(-1, xc.shape[-1])
+                g = dw_all[off : off + size] if dw_all is not None else dy2[:, off : off + size].t() @ x2
                 g = g.to(ctx.param_dtypes[i])
             grads.append(g)
             off += size

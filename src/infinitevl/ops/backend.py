@@ -9,6 +9,7 @@ The choice is made once per model (`InfiniteVL.set_backend`), never inside a hot
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 
@@ -44,3 +45,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if device.type != "cuda":
         raise ValueError(f"backend='fla' needs the model on a CUDA device, it is on {device}: move it with .cuda()")
     return "fla"
+
+
+def launch_on(t: torch.Tensor):
+    """Context for a Triton launch on t's GPU rather than the current one (nothing on CPU: compile-only checks)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

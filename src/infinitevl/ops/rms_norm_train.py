@@ -18,11 +18,11 @@ backward's bytes at ~2 TB/s and took 19 ms of ~695; it computes the weight gradi
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .backend import launch_on
 
 TILE = (4, 8, 8)  # rows per block, blocks per program, warps
 
@@ -77,7 +77,7 @@ def rms_norm_backward(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, r
     grid = triton.cdiv(N, BR * NBLK)
     dw_part = torch.empty(grid, BD, dtype=torch.float32, device=s.device) if need_dw else None
     if N:
-        with torch.cuda.device(s.device) if s.is_cuda else contextlib.nullcontext():
+        with launch_on(s):
             _rms_norm_bwd_kernel[(grid,)](
                 s, dy, ds, weight, rstd, dx, dh, dw_part, N, D, BD=BD, BR=BR, NBLK=NBLK, HAS_DS=ds is not None,
                 HAS_DH=dh is not None, HAS_DW=need_dw, num_warps=warps)

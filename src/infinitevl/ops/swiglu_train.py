@@ -16,12 +16,12 @@ training step they ran at ~2.6 TB/s and took 43 ms of ~695.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from .backend import launch_on
 
 TILE = (8, 512, 4)  # rows, columns, warps of a program (forward and backward)
 
@@ -62,11 +62,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _on(t: torch.Tensor):
-    """Launch on t's GPU (not the current one)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _grid(N: int, I: int):
     BN, BI, warps = TILE
     nib = triton.cdiv(I, BI)
@@ -78,7 +73,7 @@ def _forward(g2: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     z = torch.empty(N, I, dtype=g2.dtype, device=g2.device)
     if z.numel():
         grid, kw = _grid(N, I)
-        with _on(g2):
+        with launch_on(g2):
             _swiglu_fwd_kernel[grid](g2, u2, z, g2.stride(0), u2.stride(0), N, I, **kw)
     return z
 
@@ -88,7 +83,7 @@ def _backward(g2, u2, dz2, dg2, du2) -> None:
     if not dz2.numel():
         return
     grid, kw = _grid(N, I)
-    with _on(g2):
+    with launch_on(g2):
         _swiglu_bwd_kernel[grid](g2, u2, dz2, dg2, du2, g2.stride(0), u2.stride(0), dz2.stride(0), dg2.stride(0),
                                  du2.stride(0), N, I, **kw)
 
