@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from infinitevl.layers.fuse import project_concat, project_together
+from infinitevl.layers.fuse import concat_weights, project_concat, project_together
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -68,3 +68,55 @@ def test_x_without_gradient_and_a_strided_output_gradient():
 def test_projections_must_agree_on_bias():
     with pytest.raises(ValueError, match="bias"):
         project_concat(torch.randn(2, 8), [nn.Linear(8, 4), nn.Linear(8, 4, bias=False)])
+
+
+def test_concat_weights_is_a_view_only_for_adjacent_weights_of_its_dtype():
+    base = torch.randn(12, 8)
+    a, b = base[:5], base[5:]
+    view = concat_weights([a, b], torch.float32)
+    assert view.data_ptr() == base.data_ptr() and torch.equal(view, base)
+    c = torch.randn(3, 8)
+    for ws, dtype in (([a, c], torch.float32), ([b, a], torch.float32), ([a, b], torch.bfloat16)):
+        out = concat_weights(ws, dtype)
+        assert out.dtype == dtype and torch.equal(out, torch.cat([w.to(dtype) for w in ws]))
+        assert all(out.data_ptr() != w.data_ptr() for w in ws)
+
+
+def test_frozen_siblings_share_one_storage_for_the_run(tmp_path):
+    """share_frozen_storage: a frozen MLP's gate and up become adjacent views (values, parameter objects, outputs
+    and gradients unchanged); a group with a trained weight is left alone; a checkpoint of the shared model saves
+    the values; unshare_storage separates them again."""
+    from safetensors.torch import save_file
+
+    from infinitevl.layers.fuse import share_frozen_storage, unshare_storage
+    from infinitevl.layers.mlp import SwiGLU
+    from infinitevl.training.checkpointing import full_model_state
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SwiGLU(16, 24), SwiGLU(16, 24))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    model[1].up_proj.weight.requires_grad_(False)  # gate trains: not shared
+    params = [p for p in model[0].siblings()]
+    before = [p.weight.clone() for p in params]
+    x = torch.randn(3, 16, requires_grad=True)
+    y0 = project_concat(x, model[0].siblings())
+    (g0,) = torch.autograd.grad(y0.square().sum(), x)
+
+    groups = share_frozen_storage(model)
+    assert groups == [model[0].siblings()] and model[0].siblings() == params
+    gate, up = (m.weight for m in params)
+    assert up.data_ptr() == gate.data_ptr() + gate.numel() * gate.element_size()
+    assert all(torch.equal(m.weight, w) for m, w in zip(params, before))
+    assert all(m.weight.untyped_storage().nbytes() == m.weight.numel() * 4 for m in model[1].siblings())
+    y1 = project_concat(x, model[0].siblings())
+    (g1,) = torch.autograd.grad(y1.square().sum(), x)
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+
+    weights = full_model_state(model, prefix="", tied=False)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    assert torch.equal(weights["0.up_proj.weight"], before[1])
+
+    unshare_storage(groups)
+    assert all(m.weight.untyped_storage().nbytes() == m.weight.numel() * 4 for m in params)
+    assert all(torch.equal(m.weight, w) for m, w in zip(params, before))

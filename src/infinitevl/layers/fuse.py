@@ -7,7 +7,8 @@ full bandwidth than six separate 0.07-17 MB ones (measured on H100: 1.2 TB/s for
 one storage, save checkpoints from an unfused model (safetensors refuses shared tensors).
 
 Training (`project_concat`, `project_together`): the weights are concatenated in each forward instead, so the
-parameters stay separate (optimizer, FSDP2, checkpoints see the released layout).
+parameters stay separate (optimizer, FSDP2, checkpoints see the released layout). Frozen siblings can share one
+storage for the run (`share_frozen_storage`): their concatenation is then a view, not a copy.
 """
 from __future__ import annotations
 
@@ -32,6 +33,75 @@ def train_fusable(x: torch.Tensor, linears: list[nn.Linear], backend: str) -> bo
     return backend == "fla" and x.is_cuda and torch.is_grad_enabled() and all(type(m) is nn.Linear for m in linears)
 
 
+def _adjacent_view(ws: list[torch.Tensor]) -> torch.Tensor | None:
+    """cat(ws) as a view when the tensors already lie one after another in one storage (`share_frozen_storage`),
+    else None."""
+    w0 = ws[0]
+    off = w0.storage_offset()
+    for w in ws:
+        if (not w.is_contiguous() or w.dtype != w0.dtype or w.shape[1:] != w0.shape[1:]
+                or w.untyped_storage().data_ptr() != w0.untyped_storage().data_ptr() or w.storage_offset() != off):
+            return None
+        off += w.numel()
+    return w0.detach().as_strided((sum(w.shape[0] for w in ws), *w0.shape[1:]), w0.stride(), w0.storage_offset())
+
+
+def concat_weights(ws: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """cat([w.to(dtype) for w in ws]) along dim 0: a view when the weights are adjacent in one storage and
+    already in `dtype`, else one copy that casts as it goes (float32 master weights are read once and the bf16
+    concatenation written once, where a cast then a cat writes and reads a bf16 copy in between)."""
+    if all(w.dtype == dtype for w in ws):
+        view = _adjacent_view(ws)
+        if view is not None:
+            return view
+        if len(ws) == 1:
+            return ws[0].detach()
+    out = torch.empty((sum(w.shape[0] for w in ws), *ws[0].shape[1:]), dtype=dtype, device=ws[0].device)
+    off = 0
+    for w in ws:
+        out[off : off + w.shape[0]].copy_(w.detach())
+        off += w.shape[0]
+    return out
+
+
+def share_frozen_storage(module: nn.Module) -> list[list[nn.Linear]]:
+    """Training: the frozen sibling projections of every layer (its `siblings()`: an MLP's gate and up with the
+    MLP frozen) are rebound as adjacent views of one tensor, so `project_concat` takes their concatenation as a
+    view instead of copying it in every forward, recompute and backward (at the 4B shape with frozen MLPs that
+    copy is ~6.5 GB of traffic a pass). Values, parameter objects and names are unchanged (biases keep their own
+    storage). Groups with a trained weight, a wrapped (LoRA) projection, or mixed dtypes/devices are left alone.
+    Returns the groups; `unshare_storage` gives each weight its own storage again after the run."""
+    groups = []
+    for m in module.modules():
+        siblings = getattr(m, "siblings", None)
+        if siblings is None:
+            continue
+        lins = siblings()
+        ws = [lin.weight for lin in lins]
+        if (len(lins) < 2 or any(type(lin) is not nn.Linear for lin in lins)
+                or any(w.requires_grad for w in ws) or _adjacent_view(ws) is not None
+                or len({(w.dtype, w.device, w.shape[1:]) for w in ws}) > 1):
+            continue
+        with torch.no_grad():
+            buf = torch.cat([w.detach() for w in ws])
+        off = 0
+        for lin in lins:
+            n = lin.weight.shape[0]
+            lin.weight.data = buf[off : off + n]
+            off += n
+        groups.append(lins)
+    return groups
+
+
+def unshare_storage(groups: list[list[nn.Linear]]) -> None:
+    """Undoes `share_frozen_storage` for the groups whose weights still share one storage."""
+    with torch.no_grad():
+        for lins in groups:
+            if _adjacent_view([lin.weight for lin in lins]) is not None:
+                for lin in lins:
+                    lin.weight.data = lin.weight.data.clone()
+
+
 class _ConcatLinear(torch.autograd.Function):
     """x @ cat(weights)^T (+ cat(biases)) in `dtype`. Saves the weights themselves, not their concatenation:
     backward concatenates them again (a few milliseconds a step at the 4B shape), where autograd over
@@ -43,7 +113,7 @@ class _ConcatLinear(torch.autograd.Function):
     def forward(ctx, x, dtype, n_weights, *params):
         ws, bs = params[:n_weights], params[n_weights:]
         xc = x.to(dtype)
-        weight = torch.cat([w.to(dtype) for w in ws])
+        weight = concat_weights(ws, dtype)
         y = F.linear(xc, weight, torch.cat([b.to(dtype) for b in bs]) if bs else None)
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3 : 3 + n_weights])
         ctx.save_for_backward(xc if need_w else None, *(ws if need_x else (None,) * n_weights))
@@ -60,7 +130,7 @@ class _ConcatLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad[3:]
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (dy @ torch.cat([w.to(ctx.dtype) for w in ws])).to(ctx.x_dtype)
+            dx = (dy @ concat_weights(ws, ctx.dtype)).to(ctx.x_dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = None if xc is None else xc.reshape(-1, xc.shape[-1])
         grads, off = [], 0

@@ -76,13 +76,17 @@ class GatedDeltaNet(nn.Module):
         self.backend = "torch"  # set by InfiniteVL.set_backend
         self.in_proj = None  # FusedLinears after fuse_projections()
 
+    def siblings(self) -> list[nn.Linear]:
+        """The projections of the same input that run as one matmul (fuse_projections, training's
+        project_together), in the order forward unpacks them."""
+        return [self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj]
+
     def fuse_projections(self) -> None:
         """Inference: q, k, v, g, a, b in one matmul (see layers/fuse.py)."""
         from .fuse import FusedLinears
 
         if self.in_proj is None:
-            projs = [self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj]
-            self.in_proj = FusedLinears(self, "in_proj", projs)
+            self.in_proj = FusedLinears(self, "in_proj", self.siblings())
 
     def forward(
         self,
@@ -98,7 +102,7 @@ class GatedDeltaNet(nn.Module):
         if self.in_proj is not None:
             q_in, k_in, v_in, g_in, a_in, b_in = self.in_proj(x_BTD, backend=self.backend)
         else:
-            projs = [self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj]
+            projs = self.siblings()
             if train_fusable(x_BTD, projs, self.backend):
                 q_in, k_in, v_in, g_in, a_in, b_in = project_together(x_BTD, projs)
             else:  # module calls, so wrappers (LoRA adapters, hooks) apply

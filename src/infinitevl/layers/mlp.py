@@ -18,6 +18,11 @@ class SwiGLU(nn.Module):
         self.gate_up = None  # FusedLinears after fuse_projections()
         self.down_padded = False  # buffer down_weight_padded: down_proj's weight, input columns zero-padded
 
+    def siblings(self) -> list[nn.Linear]:
+        """The projections of the same input that run as one matmul (fuse_projections, training's
+        project_concat)."""
+        return [self.gate_proj, self.up_proj]
+
     def fuse_projections(self) -> None:
         """Inference: gate and up in one matmul. A hidden size that is not a multiple of 8 (the vision tower's
         3420) is zero-padded to a multiple of 64 in both matmuls (cuBLAS's aligned kernels: ~4x faster there)."""
@@ -25,7 +30,7 @@ class SwiGLU(nn.Module):
 
         if self.gate_up is None:
             multiple = 1 if self.down_proj.in_features % 8 == 0 else 64
-            self.gate_up = FusedLinears(self, "gate_up", [self.gate_proj, self.up_proj], row_multiple=multiple)
+            self.gate_up = FusedLinears(self, "gate_up", self.siblings(), row_multiple=multiple)
             if multiple > 1:
                 pad_input_columns(self, "down_weight_padded", self.down_proj, multiple)
                 self.down_padded = True
@@ -42,7 +47,7 @@ class SwiGLU(nn.Module):
             if self.gate_up is not None:  # [gate | up], each padded alike: silu(0) * 0 = 0 in the padding
                 return self._down(fused.silu_mul_fused(self.gate_up.project(x, backend=self.backend)))
             return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
-        projs = [self.gate_proj, self.up_proj]
+        projs = self.siblings()
         if self.gate_up is None and train_fusable(x, projs, self.backend):
             # training on the fast backend: gate and up as one matmul, the SwiGLU kernels read its two halves and
             # write their gradients side by side (backward's dx is one matmul too)

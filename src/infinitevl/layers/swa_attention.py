@@ -30,12 +30,17 @@ class SlidingWindowAttention(nn.Module):
         self.backend = "torch"  # set by InfiniteVL.set_backend
         self.qkv = None  # FusedLinears after fuse_projections()
 
+    def siblings(self) -> list[nn.Linear]:
+        """The projections of the same input that run as one matmul (fuse_projections, training's
+        project_together), in the order forward unpacks them."""
+        return [self.q_proj, self.k_proj, self.v_proj]
+
     def fuse_projections(self) -> None:
         """Inference: q, k, v in one matmul (see layers/fuse.py)."""
         from .fuse import FusedLinears
 
         if self.qkv is None:
-            self.qkv = FusedLinears(self, "qkv", [self.q_proj, self.k_proj, self.v_proj])
+            self.qkv = FusedLinears(self, "qkv", self.siblings())
 
     def forward(
         self,
@@ -62,7 +67,7 @@ class SlidingWindowAttention(nn.Module):
         if self.qkv is not None:
             q_in, k_in, v_in = self.qkv(x_BTD, backend=self.backend)
         else:
-            projs = [self.q_proj, self.k_proj, self.v_proj]
+            projs = self.siblings()
             if train_fusable(x_BTD, projs, self.backend):
                 q_in, k_in, v_in = project_together(x_BTD, projs)
             else:  # module calls, so wrappers (LoRA adapters, hooks) apply

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers.fuse import share_frozen_storage, unshare_storage
 from . import checkpointing
 from .distributed import Dist, all_sum, no_sync, wrap
 from .loader import RowLoader
@@ -125,6 +126,9 @@ class Trainer:
         # model is float32 again for use without autocast
         self.in_bf16 = store_frozen_in_bf16(objective) if run.bf16 and run.frozen_bf16 else []
         self.restore_after = strategy != "fsdp" or not d.enabled
+        # frozen sibling projections in one storage: the fast backend's per-forward concatenation of them becomes
+        # a view (FSDP2 over several processes shards each parameter into its own storage, so not there)
+        self.shared = share_frozen_storage(objective) if self.restore_after else []
         self.objective = objective
         self.wrapped = wrap(objective, d, strategy, objective.shard_units())
         self.optimizer = make_optimizer(self.wrapped, optim)
@@ -253,6 +257,7 @@ class Trainer:
             bar.close()
         if self.restore_after:
             restore_dtypes(self.in_bf16)
+            unshare_storage(self.shared)
         res.final_step = self.step
         if self.step == self.total and self.d.main:
             ck = checkpointing.latest(self.out)
