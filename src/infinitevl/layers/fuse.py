@@ -1,10 +1,9 @@
 """Fusion of sibling projections that read the same input into one matmul.
 
-Inference (`FusedLinears`): at batch 1 a decode step is bound by reading the weights, and cuBLAS reads a 50 MB matrix far closer to
-full bandwidth than six separate 0.07-17 MB ones (measured on H100: 1.2 TB/s for 2048x2048, 2.4 TB/s for
-11008x2048). `fuse_linears` concatenates the weights into one tensor and rebinds each nn.Linear's weight
-(and bias) as a view of it: no extra memory, parameter names and values unchanged. Because the views share
-one storage, save checkpoints from an unfused model (safetensors refuses shared tensors).
+Inference (`FusedLinears`): at batch 1 a decode step is bound by reading the weights, and cuBLAS reads a 50 MB
+matrix far closer to full bandwidth than six separate 0.07-17 MB ones (measured on H100: 1.2 TB/s for 2048x2048,
+2.4 TB/s for 11008x2048). `FusedLinears` concatenates the weights into one tensor and rebinds each nn.Linear's
+weight (and bias) as a view of it: no extra memory, parameter names and values unchanged.
 
 Training (`project_concat`, `project_together`): the weights are concatenated in each forward instead, so the
 parameters stay separate (optimizer, FSDP2, checkpoints see the released layout). Frozen siblings can share one
