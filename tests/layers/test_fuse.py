@@ -120,3 +120,25 @@ def test_frozen_siblings_share_one_storage_for_the_run(tmp_path):
     unshare_storage(groups)
     assert all(m.weight.untyped_storage().nbytes() == m.weight.numel() * 4 for m in params)
     assert all(torch.equal(m.weight, w) for m, w in zip(params, before))
+
+
+def test_concat_weights_never_reads_past_the_weights():
+    """A one-row weight can claim contiguity with any row stride: the view is built only from truly packed rows."""
+    big = torch.arange(32.0).view(2, 16)
+    w0 = big[:1, :8]
+    w1 = big.view(-1)[8:16].view(1, 8)
+    assert torch.equal(concat_weights([w0, w1], torch.float32), torch.cat([w0, w1]))
+
+
+def test_weights_fused_for_inference_are_not_shared_again():
+    """An MLP fused by fuse_projections (the vision tower's: rows padded, so gate and up are not adjacent) keeps
+    its weights as views of the fused buffer."""
+    from infinitevl.layers.fuse import share_frozen_storage
+    from infinitevl.layers.mlp import SwiGLU
+
+    mlp = SwiGLU(16, 20)
+    mlp.fuse_projections()
+    for p in mlp.parameters():
+        p.requires_grad_(False)
+    assert share_frozen_storage(mlp) == []
+    assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up.weight.data_ptr()

@@ -52,21 +52,29 @@ def test_frozen_bf16_storage_keeps_loss_and_gradients(synth_dir):
     assert all(p.dtype == torch.float32 and torch.equal(p, q) for p, q in zip(stored.parameters(), model.parameters()))
 
 
-def test_a_bf16_run_keeps_frozen_weights_exact_and_one_dtype(synth_dir, tmp_path, monkeypatch):
-    """A stage-2 run under bf16 autocast from a bf16-valued checkpoint: frozen weights live in bf16 during
-    the run, yet the final checkpoint has one float dtype and the frozen weights bit for bit."""
+def _bf16_valued_model(tmp_path):
+    """The tiny model with every weight rounded to bf16 (a released bf16 checkpoint), in float32 files."""
     import shutil
 
     from safetensors.torch import load_file, save_file
-
-    from infinitevl.training import sft
-    from infinitevl.training.data import DataConfig
-    from infinitevl.training.options import OptimConfig, RunConfig
 
     src = tmp_path / "model"
     shutil.copytree(TINY_ASSET, src)
     for f in src.glob("*.safetensors"):
         save_file({k: v.to(torch.bfloat16).float() for k, v in load_file(str(f)).items()}, str(f))
+    return src
+
+
+def test_a_bf16_run_keeps_frozen_weights_exact_and_one_dtype(synth_dir, tmp_path, monkeypatch):
+    """A stage-2 run under bf16 autocast from a bf16-valued checkpoint: frozen weights live in bf16 during
+    the run, yet the final checkpoint has one float dtype and the frozen weights bit for bit."""
+    from safetensors.torch import load_file
+
+    from infinitevl.training import sft
+    from infinitevl.training.data import DataConfig
+    from infinitevl.training.options import OptimConfig, RunConfig
+
+    src = _bf16_valued_model(tmp_path)
     cfg = sft.SFTConfig(model=str(src), data=DataConfig(train=[str(synth_dir / "train.jsonl")], max_tokens=512,
                                                         row_tokens=300, vision=VisionInputConfig(image_max_pixels=12544)),
                         optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
@@ -84,6 +92,39 @@ def test_a_bf16_run_keeps_frozen_weights_exact_and_one_dtype(synth_dir, tmp_path
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".self_attn." in k or ".linear_attn." in k for k in changed), sorted(changed)[:5]
 
+
+def test_a_run_that_fails_gives_the_model_back(synth_dir, tmp_path, monkeypatch):
+    """A training step that raises: the frozen weights kept in bf16 are float32 again and the frozen sibling
+    projections that shared one storage for the run (the MLPs' gate/up) have their own again."""
+    import pytest
+
+    from infinitevl.training import loop, sft
+    from infinitevl.training.data import DataConfig
+    from infinitevl.training.options import OptimConfig, RunConfig
+
+    converted, groups = [], []
+    store, share = loop.store_frozen_in_bf16, loop.share_frozen_storage
+    monkeypatch.setattr(loop, "store_frozen_in_bf16", lambda m: converted.extend(store(m)) or converted)
+    monkeypatch.setattr(loop, "share_frozen_storage", lambda m: groups.extend(share(m)) or groups)
+
+    def fail(self):
+        assert converted and groups  # in force during the run
+        assert all(lin.weight.untyped_storage().nbytes() > lin.weight.numel() * 2 for g in groups for lin in g)
+        raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", fail)
+    cfg = sft.SFTConfig(model=str(_bf16_valued_model(tmp_path)), data=DataConfig(train=[str(synth_dir / "train.jsonl")], max_tokens=512,
+                                                              row_tokens=300,
+                                                              vision=VisionInputConfig(image_max_pixels=12544)),
+                        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),
+                        run=RunConfig(output_dir=str(tmp_path / "run"), max_steps=2, grad_accum=1, progress=False,
+                                      bf16=True, gradient_checkpointing=False))
+    with pytest.raises(RuntimeError, match="a step failed"):
+        sft.run(cfg)
+    assert all(p.dtype == torch.float32 for p, _ in converted)
+    mlps = [g for g in groups if g[0].out_features == g[1].out_features]
+    assert mlps and all(lin.weight.untyped_storage().nbytes() == lin.weight.numel() * lin.weight.element_size()
+                        for g in groups for lin in g)
 
 
 def test_the_trainer_applies_run_backend(synth_dir, tmp_path):

@@ -38,11 +38,11 @@ def _adjacent_view(ws: list[torch.Tensor]) -> torch.Tensor | None:
     w0 = ws[0]
     off = w0.storage_offset()
     for w in ws:
-        if (not w.is_contiguous() or w.dtype != w0.dtype or w.shape[1:] != w0.shape[1:]
+        if (w.ndim != 2 or w.stride() != (w0.shape[1], 1) or w.dtype != w0.dtype or w.shape[1] != w0.shape[1]
                 or w.untyped_storage().data_ptr() != w0.untyped_storage().data_ptr() or w.storage_offset() != off):
             return None
         off += w.numel()
-    return w0.detach().as_strided((sum(w.shape[0] for w in ws), *w0.shape[1:]), w0.stride(), w0.storage_offset())
+    return w0.detach().as_strided((sum(w.shape[0] for w in ws), w0.shape[1]), (w0.shape[1], 1), w0.storage_offset())
 
 
 def concat_weights(ws: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +68,8 @@ def share_frozen_storage(module: nn.Module) -> list[list[nn.Linear]]:
     MLP frozen) are rebound as adjacent views of one tensor, so `project_concat` takes their concatenation as a
     view instead of copying it in every forward, recompute and backward (at the 4B shape with frozen MLPs that
     copy is ~6.5 GB of traffic a pass). Values, parameter objects and names are unchanged (biases keep their own
-    storage). Groups with a trained weight, a wrapped (LoRA) projection, or mixed dtypes/devices are left alone.
+    storage). Groups with a trained weight, a wrapped (LoRA) projection, mixed dtypes/devices, or weights that are
+    already views of a larger tensor are left alone.
     Returns the groups; `unshare_storage` gives each weight its own storage again after the run."""
     groups = []
     for m in module.modules():
@@ -78,9 +79,9 @@ def share_frozen_storage(module: nn.Module) -> list[list[nn.Linear]]:
         lins = siblings()
         ws = [lin.weight for lin in lins]
         if (len(lins) < 2 or any(type(lin) is not nn.Linear for lin in lins)
-                or any(w.requires_grad for w in ws) or _adjacent_view(ws) is not None
-                or len({(w.dtype, w.device, w.shape[1:]) for w in ws}) > 1):
-            continue
+                or any(w.requires_grad for w in ws) or len({(w.dtype, w.device, w.shape[1:]) for w in ws}) > 1
+                or any(w.untyped_storage().nbytes() != w.numel() * w.element_size() for w in ws)):
+            continue  # (the last: already views into a larger tensor, e.g. fused for inference by FusedLinears)
         with torch.no_grad():
             buf = torch.cat([w.detach() for w in ws])
         off = 0

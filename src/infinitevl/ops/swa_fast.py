@@ -338,7 +338,8 @@ def block_attention(
     `window_mask`, without the concatenation, the [B, T, R + T] mask or a kv repeat. The query heads of each
     kv head fold into the query rows; the key range is split over programs when B * G alone cannot fill the
     GPU, then combined. bf16/fp16 only (float32 stays on SDPA). Returns [B, T, H, D] in q's dtype. The ring
-    is written afterwards by the caller."""
+    is written afterwards by the caller. Each row's block tokens have rising token indices (a block is
+    < 2**30 tokens; a window above 2**30 acts as 2**30)."""
     B, T, H, D = q_BTHD.shape
     R, G = keys_BRGD.shape[1], keys_BRGD.shape[2]
     if H % G or not block_attention_supports(D, q_BTHD.dtype):

@@ -122,21 +122,25 @@ class Trainer:
         strategy = run.parallel
         if strategy == "auto":
             strategy = "fsdp" if d.device.type == "cuda" else "ddp"
-        # restored after the run (not under FSDP, whose sharded parameters stay as trained), so the caller's
-        # model is float32 again for use without autocast
+        # restored after the run (`release`), so the caller's model is float32 again for use without autocast
         self.in_bf16 = store_frozen_in_bf16(objective) if run.bf16 and run.frozen_bf16 else []
         self.restore_after = strategy != "fsdp" or not d.enabled
         # frozen sibling projections in one storage: the fast backend's per-forward concatenation of them becomes
         # a view (FSDP2 over several processes shards each parameter into its own storage, so not there)
         self.shared = share_frozen_storage(objective) if self.restore_after else []
         self.objective = objective
-        self.wrapped = wrap(objective, d, strategy, objective.shard_units())
-        self.optimizer = make_optimizer(self.wrapped, optim)
-        self.total = loader.total_steps(run.epochs)
-        if run.max_steps is not None:
-            self.total = min(self.total, run.max_steps)
-        if self.total < 1:
-            raise ValueError("the run has no optimizer step: add data, lower grad_accum/row_tokens, or raise epochs")
+        try:
+            self.wrapped = wrap(objective, d, strategy, objective.shard_units())
+            self.optimizer = make_optimizer(self.wrapped, optim)
+            self.total = loader.total_steps(run.epochs)
+            if run.max_steps is not None:
+                self.total = min(self.total, run.max_steps)
+            if self.total < 1:
+                raise ValueError("the run has no optimizer step: add data, lower grad_accum/row_tokens, or raise "
+                                 "epochs")
+        except BaseException:
+            self.release()
+            raise
         warmup = math.ceil(optim.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total, warmup, optim.scheduler, optim.min_lr_ratio))
@@ -218,7 +222,22 @@ class Trainer:
             rec[key] = all_sum(v, self.d) / units
         return rec
 
+    def release(self) -> None:
+        """Gives the caller's model back in its own dtypes and storages (undoes store_frozen_in_bf16 and
+        share_frozen_storage; not under FSDP2 over several processes, whose sharded parameters stay as trained).
+        Runs after fit(), also when it raises, and when construction fails."""
+        if self.restore_after:
+            restore_dtypes(self.in_bf16)
+            unshare_storage(self.shared)
+        self.in_bf16, self.shared = [], []
+
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            self.release()
+
+    def _fit(self) -> TrainResult:
         resumed = self.maybe_resume()
         res = TrainResult(total_steps=self.total)
         log = self.out / "metrics.jsonl"
@@ -255,9 +274,6 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        if self.restore_after:
-            restore_dtypes(self.in_bf16)
-            unshare_storage(self.shared)
         res.final_step = self.step
         if self.step == self.total and self.d.main:
             ck = checkpointing.latest(self.out)
