@@ -54,7 +54,7 @@ def stream_main(argv: list[str]) -> int:
     ap.add_argument("--no-pipeline", action="store_true",
                     help="GPU: run each frame whole instead of its vision tower beside the previous frame's LLM part")
     args = ap.parse_args(argv)
-    asks = sorted(parse_ask(a) for a in args.ask)
+    asks = sorted((parse_ask(a) for a in args.ask), key=lambda a: a[0])  # stable: same-time questions in order
     if args.fps <= 0:
         raise ValueError(f"--fps must be > 0, got {args.fps}")
     if args.frames_per_step < 1:
