@@ -53,8 +53,6 @@ def concat_weights(ws: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         view = _adjacent_view(ws)
         if view is not None:
             return view
-        if len(ws) == 1:
-            return ws[0].detach()
     out = torch.empty((sum(w.shape[0] for w in ws), *ws[0].shape[1:]), dtype=dtype, device=ws[0].device)
     off = 0
     for w in ws:
