@@ -66,3 +66,51 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "infinitevl.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "generate" in out.stdout
+
+
+def test_the_shipped_example_is_answered_and_the_tiny_model_says_what_it_knows(capsys):
+    """The README's run command: the shipped synthetic example, a clean answer, a note on stderr."""
+    example = cli.DEFAULT_MODEL.parent / "examples" / "blue_star.png"
+    rc, out, err = _run(["generate", "--image", str(example), "--prompt", "Describe the image.", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["answer"] == "There is a blue star."
+    assert "synthetic" in err and "--model" in err
+
+
+def test_device_errors_and_empty_prompts(capsys, monkeypatch):
+    rc, _, err = _run(["generate", "--device", "gpu", "--prompt", "hi"], capsys)
+    assert rc == 2 and "unknown device 'gpu'" in err
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    rc, _, err = _run(["generate", "--device", "cuda", "--prompt", "hi"], capsys)
+    assert rc == 2 and "no CUDA GPU" in err and "cpu" in err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--prompt", "   "])
+    assert "non-empty --prompt" in capsys.readouterr().err
+
+
+def test_model_directories_that_cannot_answer(tmp_path, capsys):
+    import shutil
+
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        shutil.copy2(cli.DEFAULT_MODEL / name, tmp_path / name)  # no tokenizer files
+    rc, _, err = _run(["generate", "--model", str(tmp_path), "--prompt", "hi"], capsys)
+    assert rc == 2 and "no tokenizer files" in err
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="qwen2_5_vl")))
+    rc, _, err = _run(["generate", "--model", str(tmp_path), "--prompt", "hi"], capsys)
+    assert rc == 2 and "infinitevl convert" in err
+
+
+def test_help_and_unknown_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "commands:" in capsys.readouterr().out
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 64)" in out and "(default: auto)" in out
+
+
+def test_placeholders_in_the_text_get_a_note(capsys):
+    rc, _, err = _run(["generate", "--prompt", "<image> What is it?", "--max-new-tokens", "1"], capsys)
+    assert rc == 0 and "<image> in the text is read as plain text" in err

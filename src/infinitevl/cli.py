@@ -1,13 +1,4 @@
-"""Command line: one dispatch dict of subcommand -> function.
-
-    infinitevl generate [--model DIR] [--image PATH ...] [--video PATH] --prompt "..."
-    infinitevl generate --messages chat.json          (the model card's `messages` list, as JSON)
-    infinitevl stream VIDEO [--model DIR] --ask 30s:"What is happening?" [--ask 2m:"..."] [--fps 2] [--frame-size 448]
-    infinitevl train {distill-layer, distill-e2e, sft, long-sft} --config configs/<stage>.yaml
-    infinitevl convert --teacher QWEN2.5-VL-DIR --out STUDENT-DIR
-
-With no --model, the small model shipped in the package answers (no network needed).
-"""
+"""Command line: one dispatch dict of subcommand -> function (`COMMANDS`); `USAGE` is the top-level help."""
 from __future__ import annotations
 
 import argparse
@@ -20,11 +11,43 @@ import torch
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-infinitevl"
 
+USAGE = """usage: infinitevl COMMAND [options]   (infinitevl COMMAND --help for its options)
+
+commands:
+  generate   answer a prompt about images and videos
+               infinitevl generate [--model DIR] [--image PATH ...] [--video PATH ...] --prompt "..."
+               infinitevl generate --messages chat.json     (the model card's `messages` list, as JSON)
+  stream     stream a video in constant memory, answering questions at given times
+               infinitevl stream VIDEO --ask 30s:"What is happening?" [--ask 2m:"..."] [--fps 2]
+  train      run one training stage
+               infinitevl train {distill-layer,distill-e2e,sft,long-sft} --config configs/<stage>.yaml
+  convert    turn a Qwen2.5-VL checkpoint into an InfiniteVL initialisation
+               infinitevl convert --teacher QWEN2.5-VL-DIR --out STUDENT-DIR
+
+With no --model, the small model shipped in the package answers (no network needed). It knows only a
+synthetic world of shapes, colours, counts and words (images from tools/synthetic_task.py); give a released
+checkpoint (--model DIR) for real photos and videos.
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and shows each option's default (unless it has none worth showing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "%(default)" in text or d is None or d is False or d == [] or d == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
 
 def _device(name: str) -> str:
+    """--device as a device string, or a ValueError naming what is wrong and what to give instead."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    from .model.infinitevl import check_device
+
+    return str(check_device(name))
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
@@ -37,25 +60,44 @@ def _load(model_dir: Path, device: str, dtype: torch.dtype):
     from transformers import AutoProcessor
 
     from . import InfiniteVL
+    from .model.checkpoint import require_tokenizer
+    from .model.config import InfiniteVLConfig
 
+    InfiniteVLConfig.from_file(model_dir)  # the checkpoint's kind first, then its tokenizer, then the weights
+    require_tokenizer(model_dir)
     model = InfiniteVL.from_pretrained(model_dir, dtype=dtype, device=device)
-    processor = AutoProcessor.from_pretrained(str(model_dir))
+    try:
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"cannot load the processor from {model_dir} ({e}): a released checkpoint directory has "
+                         "tokenizer.json, tokenizer_config.json and preprocessor_config.json beside its weights") from None
     return model, processor
 
 
+def note_if_shipped(model_dir: Path) -> None:
+    """The shipped tiny model answers only about its synthetic world: say so, once, on stderr."""
+    if Path(model_dir).resolve() == DEFAULT_MODEL:
+        print("note: no --model given, so the small model shipped in the package answers. It knows only synthetic "
+              "shapes, colours, counts and words (try src/infinitevl/assets/examples/); give --model DIR with a "
+              "released checkpoint for real images and videos.", file=sys.stderr)
+
+
 def _common(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory (default: shipped tiny model)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                    help="checkpoint directory (default: the small model shipped in the package)")
+    ap.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: bfloat16 on a GPU, float32 on CPU")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: off)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
 
 def cmd_generate(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="infinitevl generate", description="Answer a prompt about images/videos.")
+    ap = argparse.ArgumentParser(prog="infinitevl generate", description="Answer a prompt about images/videos.",
+                                 formatter_class=HelpFormatter)
     _common(ap)
     ap.add_argument("--image", type=str, action="append", default=[], help="image path (repeatable)")
     ap.add_argument("--video", type=str, action="append", default=[], help="video path (repeatable)")
@@ -73,17 +115,31 @@ def cmd_generate(argv: list[str]) -> int:
             raise ValueError(f"--messages {args.messages}: cannot read a JSON chat message list ({e})") from None
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ValueError(f"--messages {args.messages}: expected a JSON list of {{'role', 'content'}} messages")
-    elif not args.prompt:
-        ap.error("give --prompt (or --messages FILE)")
+    elif not (args.prompt or "").strip():
+        ap.error("give a non-empty --prompt (or --messages FILE)")
     else:
         content = [{"type": "image", "image": p} for p in args.image]
         content += [{"type": "video", "video": p, "fps": args.fps} for p in args.video]
         messages = [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
 
+    _note_placeholders(messages)
     device = _device(args.device)
     torch.manual_seed(args.seed)
     model, processor = _load(args.model, device, _dtype(args.dtype, device))
+    note_if_shipped(args.model)
     return _answer(model, processor, messages, args, device)
+
+
+def _note_placeholders(messages: list[dict]) -> None:
+    """`<image>`/`<video>` written in the text (the training records' placeholders) are plain text in the chat
+    format: say where media go instead."""
+    texts = [m.get("content") for m in messages]
+    texts = [t if isinstance(t, str) else " ".join(str(c.get("text", "")) for c in t if isinstance(c, dict))
+             for t in texts if isinstance(t, (str, list))]
+    found = sorted({p for p in ("<image>", "<video>") for t in texts if p in t})
+    if found:
+        print(f"note: {' and '.join(found)} in the text is read as plain text here; give media as --image/--video, "
+              "or in --messages as {\"type\": \"image\", \"image\": PATH} items", file=sys.stderr)
 
 
 def _answer(model, processor, messages: list[dict], args, device: str) -> int:
@@ -113,11 +169,11 @@ def _answer(model, processor, messages: list[dict], args, device: str) -> int:
             break
         tokens.append(int(col[0]))
         if not args.json:  # stream the answer as it is produced
-            text_so_far = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+            text_so_far = processor.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
             print(text_so_far[len(shown):], end="", flush=True)
             shown = text_so_far
     elapsed = time.perf_counter() - t0
-    answer = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    answer = processor.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
     if args.json:
         print(json.dumps({"answer": answer, "prompt_tokens": int(inputs["input_ids"].shape[1]),
                           "new_tokens": len(tokens), "seconds": round(elapsed, 3)}))
@@ -154,11 +210,13 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        asked = not argv or argv[0] in ("-h", "--help")
-        names = ", ".join(COMMANDS)
-        print(f"usage: infinitevl {{{names}}} ...\n\n{__doc__}", file=sys.stdout if asked else sys.stderr)
-        return 0 if asked else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"{USAGE}\ninfinitevl: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
+              file=sys.stderr)
+        return 2
     try:
         return COMMANDS[argv[0]](argv[1:]) or 0
     except ValueError as e:

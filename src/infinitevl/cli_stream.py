@@ -35,10 +35,11 @@ def _clock(seconds: float) -> str:
 
 
 def stream_main(argv: list[str]) -> int:
-    from .cli import _common, _device, _dtype
+    from .cli import HelpFormatter, _common, _device, _dtype, note_if_shipped
 
     ap = argparse.ArgumentParser(prog="infinitevl stream", description="Stream a video through the model in "
-                                 "constant memory and answer questions at given stream times.")
+                                 "constant memory and answer questions at given stream times.",
+                                 formatter_class=HelpFormatter)
     _common(ap)
     ap.add_argument("video", help="a video file, a directory of images, or a URL (rtsp://, http(s)://, /dev/videoN)")
     ap.add_argument("--ask", action="append", default=[], metavar='TIME:"QUESTION"',
@@ -59,11 +60,16 @@ def stream_main(argv: list[str]) -> int:
         raise ValueError(f"--fps must be > 0, got {args.fps}")
     if args.frames_per_step < 1:
         raise ValueError(f"--frames-per-step must be >= 1, got {args.frames_per_step}")
+    if not asks:
+        print("note: no --ask given: the video is streamed into the model's memory and nothing is asked "
+              '(add e.g. --ask 30s:"What is happening?")', file=sys.stderr)
 
     from transformers import AutoTokenizer
 
     from . import InfiniteVL
     from .inference import SamplingParams
+    from .model.checkpoint import require_tokenizer
+    from .model.config import InfiniteVLConfig
     from .inference.frames import FrameSpec
     from .inference.streaming import StreamSession
     from .inference.video_source import VideoSource
@@ -72,7 +78,10 @@ def stream_main(argv: list[str]) -> int:
     source = VideoSource(args.video, fps=args.fps, size=(spec.height, spec.width))
     device = _device(args.device)
     torch.manual_seed(args.seed)
+    InfiniteVLConfig.from_file(args.model)  # the checkpoint's kind first, then its tokenizer, then the weights
+    require_tokenizer(args.model)
     model = InfiniteVL.from_pretrained(args.model, dtype=_dtype(args.dtype, device), device=device)
+    note_if_shipped(args.model)
     session = StreamSession(model, AutoTokenizer.from_pretrained(str(args.model)), frame=spec,
                             pipeline=False if args.no_pipeline else None)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
@@ -98,7 +107,19 @@ def stream_main(argv: list[str]) -> int:
             for f, t in items:
                 session.push_frame(f, t)
 
-    for frame, ts in source:
+    failure: list[Exception] = []
+
+    def frames_until_failure():
+        """The source's frames; a source that breaks after some frames ends the stream (the questions are then
+        answered on what was seen and the error reported), one that gives none is the error itself."""
+        try:
+            yield from source
+        except ValueError as e:
+            if frames == 0:
+                raise
+            failure.append(e)
+
+    for frame, ts in frames_until_failure():
         if asks and asks[0][0] < ts:  # a question due before this frame sees everything up to the last one
             push(pending)
             pending = []
@@ -117,8 +138,11 @@ def stream_main(argv: list[str]) -> int:
     push(pending)
     if frames == 0:
         raise ValueError(f"{args.video} gave no frames")
-    for when, question in asks:  # at or after the end: answered on the whole stream
+    for when, question in asks:  # at or after the end (or the source's failure): answered on all frames seen
         answer(when, question, seen_until=last)
     if live:
         print(file=sys.stderr)
+    if failure:
+        print(f"error: {failure[0]} (the questions were answered on the {frames} sampled frames before it)", file=sys.stderr)
+        return 2
     return 0

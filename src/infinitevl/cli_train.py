@@ -38,9 +38,13 @@ def _stage(name: str):
 
 def train_main(argv: list[str] | None = None) -> int:
     """Runs one training stage; returns the process exit code (0 done, 3 stopped early by run.stop_after)."""
-    ap = argparse.ArgumentParser(prog="infinitevl train", description="Train one stage of the InfiniteVL recipe.")
+    from .cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="infinitevl train", description="Train one stage of the InfiniteVL recipe.",
+                                 formatter_class=HelpFormatter)
     ap.add_argument("stage", choices=sorted(STAGES), help="which stage to run")
-    ap.add_argument("--config", help="YAML file mirroring the stage's config dataclass (see configs/)")
+    ap.add_argument("--config", help="YAML file mirroring the stage's config dataclass (see configs/; needed in "
+                                      "practice: without it every key has its default and model/teacher are empty)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set run.epochs=2 --set data.max_tokens=4096 (repeatable)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -49,7 +53,9 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = options.load(cls, args.config, args.overrides)
     except (ValueError, TypeError) as e:
-        ap.error(str(e))
+        hint = "" if args.config else (f" (no --config given: start from a stage's file, e.g. --config "
+                                       f"configs/{args.stage.replace('-', '_')}.yaml)")
+        ap.error(f"{e}{hint}")
     if args.print_config:
         print(json.dumps(asdict(cfg), indent=2))
         return 0
@@ -79,28 +85,32 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def convert_main(argv: list[str] | None = None) -> int:
     """Teacher (transformers Qwen2.5-VL checkpoint dir) -> student init (InfiniteVL checkpoint dir)."""
+    from .cli import HelpFormatter
     from .training.student import StudentSpec, convert
 
     d = StudentSpec()
     ap = argparse.ArgumentParser(
         prog="infinitevl convert",
-        description="Turn a transformers Qwen2.5-VL checkpoint into an InfiniteVL initialisation: layers i with "
-                    "i %% attention_every != 0 become Gated DeltaNet (mimic init), everything else is copied.")
+        description="Turn a transformers Qwen2.5-VL checkpoint into an InfiniteVL initialisation:\nlayers i with "
+                    "i % attention_every != 0 become Gated DeltaNet (mimic init), everything else is copied.",
+        formatter_class=HelpFormatter)
     ap.add_argument("--teacher", required=True, help="transformers Qwen2.5-VL checkpoint directory")
     ap.add_argument("--out", required=True, help="output directory (InfiniteVL released format)")
-    ap.add_argument("--attention-every", type=int, default=d.attention_every)
-    ap.add_argument("--sliding-window", type=int, default=d.sliding_window)
+    ap.add_argument("--attention-every", type=int, default=d.attention_every,
+                    help="one sliding-window layer every N layers (the rest Gated DeltaNet)")
+    ap.add_argument("--sliding-window", type=int, default=d.sliding_window, help="window of the attention layers")
     ap.add_argument("--norm-eps", type=float, default=d.norm_eps, help="epsilon of the GDN output norm")
     ap.add_argument("--linear-head-dim", type=int, default=None, help="default: the teacher's head dim")
     ap.add_argument("--num-linear-heads", type=int, default=None, help="default: the teacher's attention heads")
     ap.add_argument("--no-mimic-init", action="store_true", help="keep the plain GDN init")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the new layers' init")
+    ap.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     args = ap.parse_args(argv)
     spec = StudentSpec(attention_every=args.attention_every, sliding_window=args.sliding_window,
                        norm_eps=args.norm_eps, linear_head_dim=args.linear_head_dim,
                        num_linear_heads=args.num_linear_heads, mimic_init=not args.no_mimic_init, seed=args.seed)
     try:
-        student = convert(args.teacher, args.out, spec)
+        student = convert(args.teacher, args.out, spec, overwrite=args.force)
     except ValueError as e:
         ap.error(str(e))
     kinds = student.config.text.layer_types

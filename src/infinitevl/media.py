@@ -125,7 +125,10 @@ def load_video(
             total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
             if total < 1 or native_fps <= 0:
                 raise MediaError(f"{path} reports no frames or no frame rate: re-encode it (e.g. ffmpeg -i in out.mp4)")
-            n = _frame_count(total, native_fps, fps, min_frames=min_frames, max_frames=max_frames)
+            try:
+                n = _frame_count(total, native_fps, fps, min_frames=min_frames, max_frames=max_frames)
+            except MediaError as e:
+                raise MediaError(f"video {path}: {e}") from None
             wanted = np.linspace(0, total - 1, n).round().astype(int)
             container.seek(0)
             frames = _decode_frames(container, stream, wanted)
@@ -147,7 +150,8 @@ def _frame_count(total: int, native_fps: float, fps: float, *, min_frames: int, 
     n = min(max(total / native_fps * fps, lo), hi, total)
     n = int(n // FRAME_FACTOR * FRAME_FACTOR)
     if n < FRAME_FACTOR:
-        raise MediaError(f"the video has {total} frame(s); at least {FRAME_FACTOR} are needed")
+        raise MediaError(f"it has {total} frame(s) and a video needs at least {FRAME_FACTOR} (the vision tower pairs "
+                         "frames): pass a still picture as an image instead")
     return n
 
 

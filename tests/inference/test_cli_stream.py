@@ -57,3 +57,34 @@ def test_stream_command_clips_answer_like_single_frames(capsys):
     assert runs[0] == runs[1] and [a["seen_until"] for a in runs[0]] == [3.0, 8.0]
     assert main(argv + ["--frames-per-step", "0"]) == 2
     assert "--frames-per-step must be >= 1" in capsys.readouterr().err
+
+
+def test_a_source_that_breaks_midway_still_answers_every_question(capsys, monkeypatch):
+    """A video that fails after some frames: the questions are answered on what was seen, then exit code 2."""
+    from PIL import Image
+
+    from infinitevl.inference import video_source
+    from infinitevl.media import MediaError
+
+    class Breaks:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __iter__(self):
+            for i in range(4):
+                yield Image.new("RGB", (56, 56), (40 * i, 0, 0)), i * 0.5
+            raise MediaError("broken.mp4 ended after 4 of the 20 frames it announces")
+
+    monkeypatch.setattr(video_source, "VideoSource", Breaks)
+    rc = main(["stream", "broken.mp4", "--ask", "1s:First?", "--ask", "9s:Later?", "--frame-size", "56",
+               "--max-new-tokens", "2", "--json", "--quiet"])
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert rc == 2 and [a["question"] for a in lines] == ["First?", "Later?"]
+    assert lines[0]["seen_until"] == 1.0 and lines[1]["seen_until"] == 1.5
+    assert "ended after 4" in err and "answered on the 4 sampled frames" in err
+
+
+def test_no_question_is_a_note_not_silence(capsys):
+    assert main(["stream", str(MEDIA / "3.mp4"), "--fps", "1", "--frame-size", "56", "--quiet"]) == 0
+    assert "no --ask given" in capsys.readouterr().err

@@ -64,8 +64,12 @@ def test_missing_and_invalid_fields():
         InfiniteVLConfig.from_dict(dict(RELEASED_4B, layer_types=["linear_attention"] * 3))
     with pytest.raises(ValueError, match="model_type"):
         InfiniteVLConfig.from_dict(dict(RELEASED_4B, model_type="llama"))
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="does-not-exist does not exist"):
         InfiniteVLConfig.from_file(REFERENCE_TINY / "does-not-exist")
+    with pytest.raises(ValueError, match="has no config.json"):
+        InfiniteVLConfig.from_file(REFERENCE_TINY.parent)
+    with pytest.raises(ValueError, match="infinitevl convert"):  # a Qwen2.5-VL checkpoint: say how to convert it
+        InfiniteVLConfig.from_dict(dict(RELEASED_4B, model_type="qwen2_5_vl"))
 
 
 def test_corrupt_config_json(tmp_path):

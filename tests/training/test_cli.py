@@ -42,3 +42,56 @@ def test_convert_command(hf_teacher_dir, tmp_path, capsys):
     assert m.config.text.sliding_window == 64
     with pytest.raises(SystemExit):
         convert_main(["--teacher", str(tmp_path / "s"), "--out", str(tmp_path / "t")])  # not a Qwen2.5-VL dir
+
+
+def test_config_values_of_the_wrong_type_name_the_key(tmp_path):
+    sft = _stage("sft")[1]
+    for text, message in [("data: [1, 2]", r"data must be a section of keys \(train, "),
+                          ("data: {vision: 5}", r"data.vision must be a section of keys"),
+                          ("run: {epochs: [1]}", r"run.epochs must be a number, got \[1\]"),
+                          ("run: {bf16: 1}", r"run.bf16 must be true or false"),
+                          ("run: {grad_accum: 2.5}", r"run.grad_accum must be a whole number"),
+                          ("run: {max_steps: abc}", r"run.max_steps must be a whole number or null"),
+                          ("run: {grad_accum: null}", r"run.grad_accum must be a whole number, got null"),
+                          ("optim: {betas: 0.9}", r"optim.betas must be a list")]:
+        (tmp_path / "c.yaml").write_text(text + "\nmodel: m\n")
+        with pytest.raises(ValueError, match=f"c.yaml: {message}"):
+            options.load(sft, tmp_path / "c.yaml")
+    # what YAML gives for numbers and a single path is taken as meant
+    (tmp_path / "c.yaml").write_text("model: m\ndata: {train: one.jsonl}\noptim: {lr: 1e-4}\nrun: {grad_accum: '4', "
+                                     "output_dir: 2024, max_steps: 1e3}\n")
+    cfg = options.load(sft, tmp_path / "c.yaml")
+    assert cfg.data.train == ["one.jsonl"] and cfg.optim.lr == 1e-4
+    assert (cfg.run.grad_accum, cfg.run.output_dir, cfg.run.max_steps) == (4, "2024", 1000)
+
+
+def test_a_missing_config_file_is_named_in_the_error(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["sft"])  # no --config: every key has its default, so model is empty
+    err = capsys.readouterr().err
+    assert "model is empty" in err and "--config configs/sft.yaml" in err
+
+
+def test_convert_keeps_an_existing_directory_unless_forced(hf_teacher_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        convert_main(["--teacher", str(hf_teacher_dir), "--out", str(out)])
+    assert "not empty" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):  # the teacher's own directory is never the output
+        convert_main(["--teacher", str(hf_teacher_dir), "--out", str(hf_teacher_dir), "--force"])
+    assert convert_main(["--teacher", str(hf_teacher_dir), "--out", str(out), "--force"]) == 0
+    assert not (out / "notes.txt").exists() and InfiniteVL.from_pretrained(out).config.text.sliding_window == 8192
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no .partial / .old left behind
+    with pytest.raises(SystemExit):
+        convert_main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "i % attention_every" in help_text and "(default: 8192)" in help_text
+
+
+def test_a_device_that_is_not_there_is_a_config_error():
+    from infinitevl.training import distributed
+
+    with pytest.raises(ValueError, match="run.device: unknown device 'gpu'"):
+        distributed.init("gpu")

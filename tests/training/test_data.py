@@ -153,3 +153,27 @@ def test_training_inputs_equal_the_inference_processor(fmt, synth_dir):
         for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
             if getattr(s, k) is not None:
                 torch.testing.assert_close(torch.as_tensor(out[k]).to(getattr(s, k).dtype), getattr(s, k))
+
+
+def test_jsonl_errors_name_the_line_of_the_file(tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    (tmp_path / "d.jsonl").write_text(f"{good}\n\n{good}\n{{\"messages\": [}}\n")
+    with pytest.raises(ValueError, match=r"d.jsonl: line 4 is not valid JSON .*column"):
+        read_records(tmp_path / "d.jsonl")
+    (tmp_path / "b.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="UTF-8"):
+        read_records(tmp_path / "b.json")
+
+
+def test_sharegpt_records_read_as_messages(fmt, tmp_path):
+    """LLaMA-Factory's other layout ({"conversations": [{"from", "value"}]}) builds the same sample."""
+    ours = read_records(MEDIA / "mllm_demo.json")[0]
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    conv = {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in ours.messages],
+            "images": [str(p) for p in ours.images]}
+    theirs = read_records(_write(tmp_path, [conv, {"conversations": [{"from": "robot", "value": "?"}]}]))
+    assert theirs[0].messages == ours.messages
+    a, b = fmt.build(ours), fmt.build(theirs[0])
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+    with pytest.raises(BadSample, match=r"d.jsonl:line 2.*message 0 must be"):
+        fmt.build(theirs[1])

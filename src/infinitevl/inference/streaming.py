@@ -261,7 +261,7 @@ class StreamSession:
         tokens = new.tolist()
         if tokens and tokens[-1] in stops:
             tokens = tokens[:-1]
-        answer = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         if keep:
             tail = torch.cat([new[-1:].view(1, 1).to(self.device), self._encode(REOPEN)], dim=1)
             self.model(tail, state=branch, logits_to_keep=1)

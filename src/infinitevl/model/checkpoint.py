@@ -34,6 +34,18 @@ def to_released_name(key: str) -> str:
     return key
 
 
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))  # a fast tokenizer, or a slow one's pair
+
+
+def require_tokenizer(directory: str | Path) -> None:
+    """A ValueError naming the missing files when a checkpoint `directory` (one with a config.json) has no
+    tokenizer: cheap, so callers check it before reading the weights (and before transformers' long error)."""
+    d = Path(directory)
+    if (d / "config.json").is_file() and not any(all((d / f).exists() for f in group) for group in TOKENIZER_FILES):
+        raise ValueError(f"{d} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): copy them, with "
+                         "tokenizer_config.json and preprocessor_config.json, from the released checkpoint")
+
+
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (single file or sharded with an index), released names."""
     directory = Path(directory)

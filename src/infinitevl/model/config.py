@@ -133,7 +133,10 @@ class InfiniteVLConfig:
         d = dict(d)
         model_type = d.get("model_type", "infinite_vl")
         if model_type not in ("infinite_vl", "infinitevl"):
-            raise ValueError(f"config.json has model_type {model_type!r}; expected 'infinite_vl'")
+            hint = (": this is a Qwen2.5-VL checkpoint; `infinitevl convert --teacher DIR --out NEW_DIR` turns it into "
+                    "an InfiniteVL initialisation (to be trained, see README *Training*)") if model_type.startswith(
+                "qwen2") else ": point to an InfiniteVL checkpoint (hustvl/InfiniteVL or hustvl/InfiniteVL-LongSFT)"
+            raise ValueError(f"config.json has model_type {model_type!r}, not 'infinite_vl'{hint}")
         vision_d = d.pop("vision_config", None)
         text_d = d.pop("text_config", None)
         top_fields = {f.name for f in dataclasses.fields(cls)} - {"text", "vision"}
@@ -167,14 +170,24 @@ class InfiniteVLConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "InfiniteVLConfig":
         path = Path(path)
+        if not path.exists():
+            raise ValueError(f"{path} does not exist: point to a released-format InfiniteVL checkpoint directory "
+                             "(config.json + model*.safetensors + tokenizer files)")
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
-            raise ValueError(f"no config.json at {path}: point to a released-format checkpoint directory")
+            raise ValueError(f"{path.parent} has no config.json: point to a released-format InfiniteVL checkpoint "
+                             "directory (config.json + model*.safetensors + tokenizer files)")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object (a model config)")
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def save(self, directory: str | Path) -> None:
         Path(directory, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -26,6 +26,24 @@ from .vision import VisionTransformer
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device this machine has, or a ValueError saying what to give instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is usable here (torch {torch.__version__}); "
+                             "use cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here; use cpu")
+    return dev
+
+
 class InfiniteVL(nn.Module):
     def __init__(self, config: InfiniteVLConfig):
         super().__init__()
@@ -46,6 +64,7 @@ class InfiniteVL(nn.Module):
     # ---- construction / IO ----
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "InfiniteVL":
+        device = check_device(device)
         config = InfiniteVLConfig.from_file(path)
         with torch.device("meta"):
             model = cls(config)

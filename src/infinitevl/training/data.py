@@ -3,6 +3,7 @@
 A record (JSON list or JSONL; media paths relative to the file):
     {"messages": [{"role": "system"|"user"|"assistant", "content": "...<image>...<video>..."}],
      "images": ["a.jpg", ...], "videos": ["b.mp4" or ["f0.jpg", "f1.jpg", ...], ...]}
+ShareGPT records ({"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}], ...}) are read too.
 Each <image>/<video> placeholder takes the next entry of images/videos, in order, and becomes
 <|vision_start|> + one pad token per merged patch + <|vision_end|>. The text follows the
 Qwen2-VL chat template (a default system turn when none is given):
@@ -66,23 +67,43 @@ class Record:
     problem: str | None = None  # a structural defect found while reading (reported when the record is built)
 
 
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _from_sharegpt(turns: list) -> list:
+    """ShareGPT turns ({"from": "human"|"gpt"|"system", "value": ...}) as messages; a turn that is not one
+    stays as it is, and the record check then names it."""
+    return [{"role": _SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+            if isinstance(t, dict) and "from" in t else t for t in turns]
+
+
 def read_records(path: str | Path, *, media_dir: str | Path | None = None) -> list[Record]:
     """Records of a JSON (list) or JSONL file; media paths resolved against `media_dir` or the file's folder."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"data file {path} does not exist: fix the path in the config")
     base = Path(media_dir) if media_dir is not None else path.parent
-    text = path.read_text()
     try:
-        if path.suffix == ".jsonl":
-            raw = [(i, json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
-        else:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read data file {path} ({e}): it must be UTF-8 JSON or JSONL text") from None
+    if path.suffix == ".jsonl":
+        raw = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    raw.append((i, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e.msg}, column {e.colno}): each line "
+                                     "of a .jsonl file must be one whole record") from None
+    else:
+        try:
             data = json.loads(text)
-            if not isinstance(data, list):
-                raise ValueError(f"{path} must hold a JSON list of records (or use .jsonl, one record per line)")
-            raw = list(enumerate(data))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {e}") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path} must hold a JSON list of records (or use .jsonl, one record per line)")
+        raw = list(enumerate(data))
 
     def resolve(p, nested=True):
         if isinstance(p, list) and nested:
@@ -94,9 +115,12 @@ def read_records(path: str | Path, *, media_dir: str | Path | None = None) -> li
     records = []
     for i, r in raw:
         where = f"{path}:{'line' if path.suffix == '.jsonl' else 'record'} {i + 1 if path.suffix == '.jsonl' else i}"
+        if isinstance(r, dict) and "messages" not in r and isinstance(r.get("conversations"), list):
+            r = {**r, "messages": _from_sharegpt(r["conversations"])}
         if not isinstance(r, dict) or not isinstance(r.get("messages"), list):
             records.append(Record([], [], [], where, "a record must be {'messages': [...], 'images': [...], "
-                                                     "'videos': [...]}"))
+                                                     "'videos': [...]} (or ShareGPT: {'conversations': [{'from': "
+                                                     "'human'|'gpt', 'value': ...}], ...})"))
             continue
         try:
             images = [resolve(p, False) for p in r.get("images") or []]
@@ -261,6 +285,9 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from ..model.checkpoint import require_tokenizer
+
+    require_tokenizer(path)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # it reads config.json, whose model_type it may not know
     try:

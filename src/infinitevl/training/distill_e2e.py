@@ -42,7 +42,8 @@ class DistillE2EConfig:
 
     def __post_init__(self):
         if not self.teacher:
-            raise ValueError("teacher is empty: set it to a transformers Qwen2.5-VL checkpoint directory")
+            raise ValueError("teacher is empty: set it (teacher: DIR in the config, or --set teacher=DIR) "
+                             "to a transformers Qwen2.5-VL checkpoint directory")
         if self.kl_reduction not in ("token", "sequence"):
             raise ValueError(f"kl_reduction must be 'token' or 'sequence', got {self.kl_reduction!r}")
         if self.positions not in ("all", "targets"):

@@ -37,7 +37,8 @@ class DistillLayerConfig:
 
     def __post_init__(self):
         if not self.teacher:
-            raise ValueError("teacher is empty: set it to a transformers Qwen2.5-VL checkpoint directory")
+            raise ValueError("teacher is empty: set it (teacher: DIR in the config, or --set teacher=DIR) "
+                             "to a transformers Qwen2.5-VL checkpoint directory")
 
 
 class LayerwiseObjective(Objective):

@@ -43,7 +43,12 @@ def init(device: str = "auto") -> Dist:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     else:
-        dev = torch.device(device)
+        from ..model.infinitevl import check_device
+
+        try:
+            dev = check_device(device)
+        except ValueError as e:
+            raise ValueError(f"run.device: {e}") from None
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank=rank, world=world, local_rank=local, device=dev)

@@ -35,7 +35,8 @@ class LongSFTConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("model is empty: set it to an InfiniteVL checkpoint directory (the SFT output)")
+            raise ValueError("model is empty: set it (model: DIR in the config, or --set model=DIR) "
+                             "to an InfiniteVL checkpoint directory (the SFT output)")
 
 
 def run(cfg: LongSFTConfig, d=None) -> TrainResult:

@@ -83,40 +83,90 @@ class RunConfig:
             raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
 
 
-def _convert(tp, value, where: str):
+_NONE = type(None)
+
+
+def _describe(tp) -> str:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_dict(tp, value, where=where)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not _NONE)
+    if dataclasses.is_dataclass(tp):
+        return f"a section of keys ({', '.join(f.name for f in dataclasses.fields(tp))})"
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(tp, value, where: str):
+    """`value` (from YAML) as type `tp`, or a ValueError naming the key, what it must be and what it got."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and _NONE in typing.get_args(tp):
             return None
-        for a in args:
-            if dataclasses.is_dataclass(a) and isinstance(value, dict):
-                return from_dict(a, value, where=where)
-        return _convert(args[0], value, where) if len(args) == 1 else value
-    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{where} must be a number, got {value!r}") from None
-    if tp is int and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"{where} must be an integer, got {value!r}") from None
+        for a in typing.get_args(tp):
+            if a is not _NONE:
+                try:
+                    return _convert(a, value, where)
+                except ValueError:
+                    pass
+        raise ValueError(f"{where} must be {_describe(tp)}{' or null' if _NONE in typing.get_args(tp) else ''}, "
+                         f"got {value!r}")
+    if value is None:
+        raise ValueError(f"{where} must be {_describe(tp)}, got null: give a value, or remove the key for the default")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be {_describe(tp)}, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, where=where)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, dict)) and item in (Any, str):  # one path / one source where a list is expected
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                number = float(value) if tp is float or not value.strip().lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError(f"{where} must be {_describe(tp)}, got {value!r}")
+        if tp is int:
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError(f"{where} must be a whole number, got {value!r}")
+            return int(number)
+        return float(number)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return str(value)
     return value
 
 
-def from_dict(cls: type[T], d: dict[str, Any], *, where: str = "config") -> T:
+def from_dict(cls: type[T], d: dict[str, Any], *, where: str = "") -> T:
+    """`cls` from a mapping; `where` is the dotted key of the mapping (empty at the top), named in errors."""
     if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
+        raise ValueError(f"{where or 'the config'} must be a mapping of keys, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}: known keys are {sorted(names)}")
-    return cls(**{k: _convert(hints[k], v, f"{where}.{k}") for k, v in d.items()})
+        raise ValueError(f"unknown key(s) {unknown} in {where or 'the config'}: known keys are {sorted(names)}")
+    return cls(**{k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in d.items()})
 
 
 def to_dict(obj) -> dict[str, Any]:
@@ -148,4 +198,7 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
             raise ValueError(f"override {o!r} must look like section.key=value")
         k, v = o.split("=", 1)
         _set_path(raw, k.strip(), yaml.safe_load(v))
-    return from_dict(cls, raw, where=str(path or "config"))
+    try:
+        return from_dict(cls, raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if path is not None else str(e)) from None

@@ -36,7 +36,8 @@ class SFTConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("model is empty: set it to an InfiniteVL checkpoint directory")
+            raise ValueError("model is empty: set it (model: DIR in the config, or --set model=DIR) "
+                             "to an InfiniteVL checkpoint directory")
 
 
 class CausalLMObjective(Objective):

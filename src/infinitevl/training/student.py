@@ -244,17 +244,36 @@ def copy_processor_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-def convert(teacher_dir: str | Path, out_dir: str | Path, spec: StudentSpec = StudentSpec()) -> InfiniteVL:
-    """Teacher checkpoint dir -> student checkpoint dir (released InfiniteVL format, float32 weights)."""
+def convert(teacher_dir: str | Path, out_dir: str | Path, spec: StudentSpec = StudentSpec(), *,
+            overwrite: bool = False) -> InfiniteVL:
+    """Teacher checkpoint dir -> student checkpoint dir (released InfiniteVL format, float32 weights).
+
+    A non-empty `out_dir` is an error unless `overwrite`; the student is written to a sibling folder first
+    and moved into place whole, so a failed conversion never leaves a half-written checkpoint."""
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(teacher_dir).resolve():
+        raise ValueError(f"the output directory {out_dir} is the teacher's: choose another one")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ValueError(f"{out_dir} already exists and is not empty: choose another output directory, or "
+                         f"overwrite it on purpose (--force)")
     teacher = load_teacher(teacher_dir)
     student = build_student(teacher, spec)
-    out_dir = Path(out_dir)
-    student.save_pretrained(out_dir)
-    copy_processor_files(teacher_dir, out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    student.save_pretrained(partial)
+    copy_processor_files(teacher_dir, partial)
     n_new = sum(p.numel() for i in gdn_layer_indices(student.config)
                 for p in student.model.layers[i].self_attn.parameters())
-    (out_dir / "conversion.json").write_text(json.dumps({
+    (partial / "conversion.json").write_text(json.dumps({
         "teacher": str(teacher_dir), "spec": dataclasses.asdict(spec), "new_gdn_params": n_new,
         "gdn_layers": gdn_layer_indices(student.config),
     }, indent=2) + "\n")
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        partial.rename(out_dir)
+        (shutil.rmtree if old.is_dir() else Path.unlink)(old)
+    else:
+        partial.rename(out_dir)
     return student
