@@ -36,7 +36,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         d = action.default
-        if "%(default)" in text or d is None or d is False or d == [] or d == argparse.SUPPRESS or not action.option_strings:
+        if "(default" in text or not action.option_strings or d is None or d is False or d in ([], argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
@@ -70,7 +70,8 @@ def _load(model_dir: Path, device: str, dtype: torch.dtype):
         processor = AutoProcessor.from_pretrained(str(model_dir))
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"cannot load the processor from {model_dir} ({e}): a released checkpoint directory has "
-                         "tokenizer.json, tokenizer_config.json and preprocessor_config.json beside its weights") from None
+                         "tokenizer.json, tokenizer_config.json and preprocessor_config.json beside its weights"
+                         ) from None
     return model, processor
 
 

@@ -143,6 +143,7 @@ def stream_main(argv: list[str]) -> int:
     if live:
         print(file=sys.stderr)
     if failure:
-        print(f"error: {failure[0]} (the questions were answered on the {frames} sampled frames before it)", file=sys.stderr)
+        print(f"error: {failure[0]} (the questions were answered on the {frames} sampled frames before it)",
+              file=sys.stderr)
         return 2
     return 0
