@@ -23,6 +23,7 @@ from ..model.infinitevl import VISION_KEYS, InfiniteVL
 from ..model.state import InferenceState
 from .cuda_graph import CapturedStep, EagerStep
 from .generate import prefill as prefill_with_vision
+from .request import prompt_inputs, request_options
 from .sampling import SamplingParams
 
 MAX_STOP_TOKENS = 16
@@ -210,7 +211,7 @@ class Engine:
     @torch.no_grad()
     def begin(
         self,
-        input_ids_BT: torch.Tensor,
+        input_ids_BT: torch.Tensor | None = None,
         *,
         sampling: SamplingParams = SamplingParams(),
         stop_token_ids: Iterable[int] | None = None,
@@ -222,7 +223,8 @@ class Engine:
     ) -> Decoding:
         """Prefills the prompt into a bucket's state (continuing `state` when given: it is copied in) and
         samples the first new token. Then call `step` for each further token."""
-        stops = sorted(set(stop_token_ids or []))
+        input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
+        stops = request_options(1, sampling, stop_token_ids, prefill_chunk_size)
         if len(stops) > MAX_STOP_TOKENS:
             raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
         B = input_ids_BT.shape[0]
@@ -259,7 +261,7 @@ class Engine:
     @torch.no_grad()
     def stream(
         self,
-        input_ids_BT: torch.Tensor,
+        input_ids_BT: torch.Tensor | None = None,
         *,
         max_new_tokens: int = 128,
         state: InferenceState | None = None,
@@ -269,8 +271,8 @@ class Engine:
         produced a stop token or after max_new_tokens. With `state`, the prompt continues it and, once the
         stream is exhausted, `state` holds everything consumed (as with `generate.generate`).
         Keyword arguments as for `begin`."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
         dec = self.begin(input_ids_BT, state=state, **kw)
         tok = dec.first.cpu()
         done = torch.isin(tok, dec.stops)
@@ -284,6 +286,6 @@ class Engine:
         if state is not None:
             state.copy_(dec.rows)
 
-    def generate(self, input_ids_BT: torch.Tensor, **kw) -> torch.Tensor:
+    def generate(self, input_ids_BT: torch.Tensor | None = None, **kw) -> torch.Tensor:
         """New tokens [B, N] (CPU long), N <= max_new_tokens; same arguments as `stream`."""
         return torch.stack(list(self.stream(input_ids_BT, **kw)), dim=1)

@@ -11,6 +11,7 @@ import torch
 
 from ..model.infinitevl import InfiniteVL
 from ..model.state import InferenceState
+from .request import prompt_inputs, request_options
 from .sampling import SamplingParams, sample
 
 
@@ -62,7 +63,7 @@ def _vision_only(kw: dict, *, with_ts: bool = True) -> dict:
 @torch.no_grad()
 def generate(
     model: InfiniteVL,
-    input_ids_BT: torch.Tensor,
+    input_ids_BT: torch.Tensor | None = None,
     *,
     max_new_tokens: int = 128,
     attention_mask_BT: torch.Tensor | None = None,
@@ -77,9 +78,9 @@ def generate(
 ) -> torch.Tensor:
     """New tokens [B, N] (N <= max_new_tokens). A row that produced a stop token is padded with
     `pad_token_id` afterwards; generation ends when every row stopped. `on_token` receives each new
-    column [B] as it is produced (streaming)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    column [B] as it is produced (streaming). The processor's output can be passed whole (`**inputs`)."""
+    input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
+    stop_token_ids = request_options(max_new_tokens, sampling, stop_token_ids, prefill_chunk_size)
     logits, state = prefill(model, input_ids_BT, state=state, attention_mask_BT=attention_mask_BT,
                             chunk_size=prefill_chunk_size, **vision)
     B = input_ids_BT.shape[0]

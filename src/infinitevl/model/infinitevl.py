@@ -188,12 +188,18 @@ class InfiniteVL(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None and (not torch.is_tensor(input_ids) or input_ids.is_floating_point()
+                                      or input_ids.dtype == torch.bool):
+            got = f"a {input_ids.dtype} tensor" if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {got}: e.g. torch.tensor([ids])")
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref.ndim < 2 or (input_ids is not None and input_ids.ndim != 2):
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(ref.shape)}")
         B, T = ref.shape[:2]
         if T == 0:
             raise ValueError("empty input: give at least one token")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be a whole number >= 0 (0 = all), got {logits_to_keep!r}")
         if attention_mask is not None:
             if attention_mask.shape != (B, T):
                 raise ValueError(f"attention_mask must be [{B}, {T}] like input_ids, got {tuple(attention_mask.shape)}")

@@ -1,0 +1,72 @@
+"""A generation request's arguments, checked once at the edge (`generate`, `Engine`): a ValueError naming the
+argument and the fix, instead of an error deep inside the model or a silently ignored keyword.
+
+The processor's output can be passed whole: `input_ids` and `attention_mask` are accepted under those names,
+and `mm_token_type_ids` (which the model recomputes from the token ids) is dropped.
+"""
+from __future__ import annotations
+
+from numbers import Integral
+
+import torch
+
+from ..model.infinitevl import VISION_KEYS
+from .sampling import SamplingParams
+
+DROPPED = ("mm_token_type_ids",)
+
+
+def prompt_inputs(input_ids_BT, attention_mask_BT, extra: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(input ids [B, T], attention mask or None, vision inputs) from a call's arguments."""
+    extra = dict(extra)
+    for alias, value in (("input_ids", input_ids_BT), ("attention_mask", attention_mask_BT)):
+        if alias in extra and value is not None:
+            raise ValueError(f"{alias} given twice (as {alias} and {alias}_BT): pass it once")
+    input_ids_BT = extra.pop("input_ids", input_ids_BT)
+    attention_mask_BT = extra.pop("attention_mask", attention_mask_BT)
+    for k in DROPPED:
+        extra.pop(k, None)
+    unknown = sorted(set(extra) - set(VISION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}: the vision inputs are {list(VISION_KEYS)}, the padding "
+                         "mask is attention_mask (check the spelling)")
+    if input_ids_BT is None:
+        raise ValueError("no input_ids: pass the prompt's token ids, a [batch, tokens] integer tensor")
+    if not torch.is_tensor(input_ids_BT) or input_ids_BT.is_floating_point() or input_ids_BT.is_complex() \
+            or input_ids_BT.dtype == torch.bool:
+        got = type(input_ids_BT).__name__ if not torch.is_tensor(input_ids_BT) else f"a {input_ids_BT.dtype} tensor"
+        raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {got}: e.g. "
+                         "torch.tensor([ids]) for one prompt")
+    if input_ids_BT.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids_BT.shape)}: "
+                         "use input_ids[None] for a single prompt")
+    if attention_mask_BT is not None and (not torch.is_tensor(attention_mask_BT)
+                                          or attention_mask_BT.shape != input_ids_BT.shape):
+        shape = tuple(attention_mask_BT.shape) if torch.is_tensor(attention_mask_BT) else type(attention_mask_BT)
+        raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids_BT.shape)}, "
+                         f"got {shape}")
+    return input_ids_BT.long(), attention_mask_BT, extra
+
+
+def _whole(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return int(value)
+
+
+def request_options(max_new_tokens, sampling, stop_token_ids, prefill_chunk_size) -> list[int]:
+    """Checks the options; returns the stop token ids as a sorted list."""
+    _whole(max_new_tokens, "max_new_tokens", 1)
+    if prefill_chunk_size is not None:
+        _whole(prefill_chunk_size, "prefill_chunk_size", 1)
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}: e.g. "
+                         "SamplingParams(temperature=0.7, top_p=0.9)")
+    if stop_token_ids is None:
+        return []
+    if isinstance(stop_token_ids, Integral):
+        stop_token_ids = [stop_token_ids]
+    try:
+        return sorted({_whole(t, "a stop token id", 0) for t in stop_token_ids})
+    except TypeError:
+        raise ValueError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}") from None

@@ -1,0 +1,81 @@
+"""A generation request's arguments: the processor's names work, everything else wrong is a named ValueError
+(`generate` and the `Engine` alike), never an error inside the model or a keyword silently dropped."""
+import numpy as np
+import pytest
+import torch
+
+from infinitevl import InfiniteVL, preset
+from infinitevl.inference import SamplingParams, generate
+from infinitevl.inference.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return InfiniteVL(preset("tiny")).eval()
+
+
+def _padded():
+    ids = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_processor_names_are_taken_as_meant(model, engine):
+    ids, mask = _padded()
+    run = Engine(model, max_batch_size=2, backend="torch").generate if engine else \
+        lambda *a, **k: generate(model, *a, **k)
+    hot = SamplingParams(temperature=50.0)  # near-uniform sampling: any change in the logits shows in the tokens
+
+    def tokens(*args, **kwargs):
+        torch.manual_seed(0)
+        return run(*args, max_new_tokens=16, sampling=hot, **kwargs).tolist()
+
+    want = tokens(ids, attention_mask_BT=mask)
+    assert tokens(ids, attention_mask=mask) == want
+    inputs = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": torch.zeros_like(ids)}
+    assert tokens(**inputs) == want  # the processor's output, whole
+    assert tokens(ids) != want  # the mask matters for the padded row
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_bad_requests_are_named(model, engine):
+    ids, mask = _padded()
+    run = Engine(model, max_batch_size=2, backend="torch").generate if engine else \
+        lambda *a, **k: generate(model, *a, **k)
+    cases = [
+        (dict(input_ids_BT=ids, pixel_value=torch.zeros(4, 8)), r"unknown argument\(s\) \['pixel_value'\]"),
+        (dict(input_ids_BT=ids, attention_mask_BT=mask, attention_mask=mask), "given twice"),
+        (dict(input_ids_BT=ids[0].tolist()), "integer tensor.*got list"),
+        (dict(input_ids_BT=ids.float()), "integer tensor.*float32"),
+        (dict(input_ids_BT=np.asarray(ids)), "integer tensor.*ndarray"),
+        (dict(input_ids_BT=ids[0]), r"\[batch, tokens\].*input_ids\[None\]"),
+        (dict(input_ids_BT=ids, attention_mask_BT=mask[:, 1:]), "shaped like input_ids"),
+        (dict(input_ids_BT=ids, max_new_tokens=2.5), "max_new_tokens must be a whole number"),
+        (dict(input_ids_BT=ids, max_new_tokens=0), "max_new_tokens must be a whole number >= 1"),
+        (dict(input_ids_BT=ids, prefill_chunk_size=0), "prefill_chunk_size must be a whole number >= 1"),
+        (dict(input_ids_BT=ids, stop_token_ids=["x"]), "stop token id"),
+        (dict(input_ids_BT=ids, sampling={"temperature": 0.7}), "SamplingParams"),
+        (dict(), "no input_ids"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run(**kwargs)
+    assert run(ids, max_new_tokens=2, stop_token_ids=5).shape[0] == 2  # one stop id needs no list
+
+
+def test_sampling_params_must_be_finite_numbers():
+    for kwargs, message in [(dict(temperature=float("nan")), "finite"), (dict(top_p=float("inf")), "finite"),
+                            (dict(temperature="0.7"), "finite number"), (dict(top_k=2.5), "whole number"),
+                            (dict(temperature=-1.0), ">= 0")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**kwargs)
+
+
+def test_model_forward_checks_its_ids(model):
+    with pytest.raises(ValueError, match="integer tensor"):
+        model([[1, 2, 3]])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(torch.tensor([[1, 2, 3]]), logits_to_keep=-1)
