@@ -53,7 +53,15 @@ def test_config_values_of_the_wrong_type_name_the_key(tmp_path):
                           ("run: {grad_accum: 2.5}", r"run.grad_accum must be a whole number"),
                           ("run: {max_steps: abc}", r"run.max_steps must be a whole number or null"),
                           ("run: {grad_accum: null}", r"run.grad_accum must be a whole number, got null"),
-                          ("optim: {betas: 0.9}", r"optim.betas must be a list")]:
+                          ("optim: {betas: 0.9}", r"optim.betas must be a list"),
+                          # right type, impossible value
+                          ("optim: {betas: [0.9]}", r"optim.betas must be two numbers"),
+                          ("optim: {lr: -1}", r"optim.lr must be > 0"),
+                          ("optim: {max_grad_norm: -1}", r"optim: .*max_grad_norm must be >= 0"),
+                          ("run: {log_every: 0}", r"run.log_every must be >= 1"),
+                          ("run: {save_every: 0}", r"run.save_every must be >= 1"),
+                          ("run: {keep_last: -1}", r"run.keep_last must be >= 0"),
+                          ("run: {max_steps: 0}", r"run.max_steps must be >= 1, or null")]:
         (tmp_path / "c.yaml").write_text(text + "\nmodel: m\n")
         with pytest.raises(ValueError, match=f"c.yaml: {message}"):
             options.load(sft, tmp_path / "c.yaml")

@@ -21,8 +21,8 @@ def _cfg(synth_dir, out, **run):
         data=DataConfig(train=[str(synth_dir / "train.jsonl")], max_tokens=512, row_tokens=160,
                         vision=VisionInputConfig(image_max_pixels=112 * 112)),
         optim=OptimConfig(lr=1e-3, warmup_ratio=0.2),
-        run=RunConfig(output_dir=str(out), epochs=2, max_steps=5, grad_accum=2, progress=False, log_every=1,
-                      save_every=100, keep_last=1, bf16=False, gradient_checkpointing=True, **run))
+        run=RunConfig(**{**dict(output_dir=str(out), epochs=2, max_steps=5, grad_accum=2, progress=False, log_every=1,
+                                save_every=100, keep_last=1, bf16=False, gradient_checkpointing=True), **run}))
 
 
 def test_resume_mid_epoch_is_bitwise_identical(synth_dir, tmp_path):
@@ -40,3 +40,30 @@ def test_resume_mid_epoch_is_bitwise_identical(synth_dir, tmp_path):
     logged = [json.loads(x)["step"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 6))
     assert sorted(p.name for p in (tmp_path / "b").glob("step-*")) == ["step-000005"]  # keep_last=1
+
+
+def test_resume_refuses_other_settings_and_damaged_checkpoints(synth_dir, tmp_path):
+    """A resume never restarts quietly from step 0 over good checkpoints, nor continues with other settings."""
+    import dataclasses
+
+    import pytest
+
+    out = tmp_path / "r"
+    sft.run(_cfg(synth_dir, out, stop_after=2, save_every=1, keep_last=0))
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000001", "step-000002"]
+    cfg = _cfg(synth_dir, out)
+    with pytest.raises(ValueError, match=r"other optimizer settings \(optim.lr 0.001 -> 0.005\)"):
+        sft.run(dataclasses.replace(cfg, optim=OptimConfig(lr=5e-3, warmup_ratio=0.2)))
+    with pytest.raises(ValueError, match="another parameter set"):
+        sft.run(dataclasses.replace(cfg, trainable=["gdn"]))
+    state = out / "step-000002" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match="step-000002 is damaged"):
+        sft.run(cfg)
+    state.unlink()  # incomplete: latest names a checkpoint that is not there
+    with pytest.raises(ValueError, match=r"missing or incomplete.*echo step-000001"):
+        sft.run(cfg)
+    assert (out / "step-000001" / "trainer_state.pt").exists()  # the good checkpoint is untouched
+    (out / "latest").write_text("step-000001\n")
+    rest = sft.run(cfg)
+    assert [h["step"] for h in rest.history] == [2, 3, 4, 5]

@@ -102,23 +102,46 @@ def _prune(out_dir: Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _complete(p: Path) -> bool:
+    return (p / STATE_FILE).exists() and (p / "model.safetensors").exists()
+
+
 def latest(out_dir: Path) -> Path | None:
+    """The checkpoint `latest` names; None when there is none. A `latest` naming a missing or incomplete
+    checkpoint is an error (starting over would overwrite and prune the good ones)."""
     f = out_dir / LATEST
     if not f.exists():
         return None
     p = out_dir / f.read_text().strip()
-    return p if (p / STATE_FILE).exists() and (p / "model.safetensors").exists() else None
+    if not _complete(p):
+        good = sorted(q.name for q in out_dir.glob("step-*") if q.is_dir() and _complete(q))
+        fix = (f"point it at the newest complete one (echo {good[-1]} > {f})" if good else
+               "no complete checkpoint is left")
+        raise ValueError(f"{f} names {p.name}, which is missing or incomplete (needs {STATE_FILE} and "
+                         f"model.safetensors): {fix}, or start over with a new run.output_dir")
+    return p
+
+
+def _damaged(path: Path, e: Exception) -> ValueError:
+    return ValueError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}): delete it and point "
+                      f"{path.parent / LATEST} at an earlier step-* directory, or start over with a new run.output_dir")
 
 
 def load(path: Path, *, wrapped: torch.nn.Module, prefix: str, tied: bool, optimizer, scheduler,
-         d: Dist) -> dict[str, Any]:
-    """Restores model, optimizer, scheduler and this rank's RNG from `path`; returns the trainer dict."""
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+         d: Dist, check=None) -> dict[str, Any]:
+    """Restores model, optimizer, scheduler and this rank's RNG from `path`; returns the trainer dict.
+    `check(trainer dict)` runs first and may refuse the checkpoint (a ValueError) before anything is restored."""
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        weights = {prefix + k: v for k, v in load_file(str(path / "model.safetensors")).items()}
+    except Exception as e:  # truncated zip / safetensors header, unpickling errors
+        raise _damaged(path, e) from e
     if state["world"] != d.world:
         raise ValueError(
             f"{path} was written by {state['world']} processes but this run has {d.world}: resume with the same "
             f"number of processes (the data split and RNG states depend on it)")
-    weights = {prefix + k: v for k, v in load_file(str(path / "model.safetensors")).items()}
+    if check is not None:
+        check(state["trainer"])
     if tied:
         weights[prefix + TIED_HEAD] = weights[prefix + "model.embed_tokens.weight"]
     opts = StateDictOptions(full_state_dict=True, strict=True)

@@ -14,6 +14,7 @@ a resumed run continues with bitwise the same losses.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -146,11 +147,31 @@ class Trainer:
             self.optimizer, lr_lambda(self.total, warmup, optim.scheduler, optim.min_lr_ratio))
         self.step = 0
         self.trainable, self.n_params = count(objective.student)
+        self.trained_names = sorted(n for n, p in objective.student.named_parameters() if p.requires_grad)
 
     # ---- state ----
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.loader.state_dict(), "total": self.total,
-                "skipped": dict(self.loader.dataset.skipped), **self.extra_state}
+                "skipped": dict(self.loader.dataset.skipped), "trained": self.trained_names,
+                "optim": dataclasses.asdict(self.optim_cfg), **self.extra_state}
+
+    def _same_run(self, ck: Path, st: dict[str, Any]) -> None:
+        """Refuses a checkpoint of a run with other settings (its optimizer state and schedule would not fit)."""
+        fix = "resume with the same settings, or use a new output_dir"
+        if st["total"] != self.total:
+            raise ValueError(f"{ck} belongs to a run of {st['total']} steps but this config gives {self.total}: "
+                             f"{fix} (the data and run settings decide the step count)")
+        if "trained" in st and st["trained"] != self.trained_names:
+            added = sorted(set(self.trained_names) - set(st["trained"]))
+            gone = sorted(set(st["trained"]) - set(self.trained_names))
+            raise ValueError(f"{ck} trained another parameter set ({len(added)} parameters added, e.g. {added[:2]}; "
+                             f"{len(gone)} removed, e.g. {gone[:2]}): {fix}")
+        changed = {k: (v, getattr(self.optim_cfg, k)) for k, v in st.get("optim", {}).items()
+                   if getattr(self.optim_cfg, k, v) != v}
+        if changed:
+            keys = ", ".join(f"optim.{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"{ck} was trained with other optimizer settings ({keys}); the optimizer and schedule "
+                             f"continue from the checkpoint: {fix}")
 
     def save(self) -> Path | None:
         return checkpointing.save(
@@ -164,10 +185,7 @@ class Trainer:
             return False
         st = checkpointing.load(ck, wrapped=self.wrapped, prefix="student.",
                                 tied=self.model_config.text.tie_word_embeddings, optimizer=self.optimizer,
-                                scheduler=self.scheduler, d=self.d)
-        if st["total"] != self.total:
-            raise ValueError(f"{ck} belongs to a run of {st['total']} steps but this config gives {self.total}: "
-                             f"resume with the same data and run settings, or use a new output_dir")
+                                scheduler=self.scheduler, d=self.d, check=lambda st: self._same_run(ck, st))
         for g in self.optimizer.param_groups:  # the implementation is this run's choice, not the checkpoint's
             for key in ("fused", "foreach"):
                 g[key] = self.optimizer.defaults.get(key)

@@ -32,6 +32,14 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
 
     def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.eps <= 0 or self.max_grad_norm < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim: weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 = no clipping), eps "
+                             f"> 0 and min_lr_ratio in [0, 1]; got weight_decay={self.weight_decay}, max_grad_norm="
+                             f"{self.max_grad_norm}, eps={self.eps}, min_lr_ratio={self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {self.betas}")
         if self.scheduler not in ("cosine", "linear", "constant"):
             raise ValueError(f"optim.scheduler must be cosine, linear or constant, got {self.scheduler!r}")
         if not 0 <= self.warmup_ratio < 1:
@@ -81,6 +89,14 @@ class RunConfig:
             raise ValueError(f"run.recompute_layers must be a whole number >= 0, or null for all layers; got {r!r}")
         if self.epochs <= 0:
             raise ValueError(f"run.epochs must be > 0, got {self.epochs}")
+        for name in ("grad_accum", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_last < 0:
+            raise ValueError(f"run.keep_last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
+        for name in ("max_steps", "stop_after"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, or null for no limit; got {getattr(self, name)}")
 
 
 _NONE = type(None)
