@@ -299,3 +299,42 @@ def test_bad_clips_keep_state(setup):
             s.push_clip(clips, ts)
     assert s.clock == clock
     assert all(torch.equal(a, b) for a, b in zip(before, s.state.tensors()))
+
+
+@torch.no_grad()
+def test_identity_sees_fine_tuned_weights_and_dtype(setup, tmp_path):
+    """Fine-tuning leaves the norms and embeddings alone: the fingerprint covers every weight. A state saved in
+    float32 and loaded into the bfloat16 model says that the dtype differs."""
+    model, tok = setup
+    s = StreamSession(model, tok, frame=SPEC)
+    s.push_frame(_frames(1)[0], 0.0)
+    s.save(tmp_path / "mem.safetensors")
+    tuned = InfiniteVL.from_pretrained(TINY)
+    tuned.model.layers[1].mlp.down_proj.weight[0, 0] += 0.01  # one weight of one MLP, as SFT or LoRA would change
+    with pytest.raises(ValueError, match="different model"):
+        StreamSession(tuned, tok, frame=SPEC).load(tmp_path / "mem.safetensors")
+    half = InfiniteVL.from_pretrained(TINY, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="saved with float32 weights and this model has bfloat16"):
+        StreamSession(half, tok, frame=SPEC).load(tmp_path / "mem.safetensors")
+    same = StreamSession(InfiniteVL.from_pretrained(TINY), tok, frame=SPEC)
+    same.load(tmp_path / "mem.safetensors")  # the same weights in another object load
+    _state_close(same.state, s.state, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_snapshot_and_save_misuse_are_named(setup, tmp_path):
+    model, tok = setup
+    one, two = StreamSession(model, tok, frame=SPEC), StreamSession(model, tok, frame=SPEC, batch_size=2)
+    one.push_frame(_frames(1)[0], 0.0)
+    before = [x.clone() for x in one.state.tensors()]
+    with pytest.raises(ValueError, match="snapshot holds 2 stream"):
+        one.restore(two.snapshot())
+    with pytest.raises(ValueError, match="StreamSnapshot"):
+        one.restore(before)
+    with pytest.raises(ValueError, match="is a directory"):
+        one.save(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        one.save(tmp_path / "missing" / "mem.safetensors")
+    assert not list(tmp_path.rglob("*.tmp")) and all(torch.equal(a, b) for a, b in zip(before, one.state.tensors()))
+    with pytest.raises(ValueError, match="tokenizer"):
+        StreamSession(model, None, frame=SPEC)

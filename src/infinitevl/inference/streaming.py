@@ -53,6 +53,7 @@ class _Clock:
 class StreamSnapshot:
     state: InferenceState
     clock: _Clock = field(repr=False)
+    model: InfiniteVL | None = field(default=None, repr=False, compare=False)  # the session's model when taken
 
 
 def _clips_to_tensor(clips) -> torch.Tensor:
@@ -73,12 +74,23 @@ def _clips_to_tensor(clips) -> torch.Tensor:
     return frames_to_tensor(clips.reshape(B * K, *clips.shape[2:])).view(B, K, *clips.shape[2:])
 
 
+@torch.no_grad()
 def model_identity(model: InfiniteVL) -> str:
-    """A fingerprint of the config and a few weights: a saved stream only loads into the same model."""
+    """A fingerprint of the config and of every weight (each tensor's float64 sum and two strided sums, reduced
+    where the weight lives, without copies): a saved stream only loads into the same model. A fine-tuned model
+    (SFT, a merged LoRA) differs in its sums; the same checkpoint loaded in another dtype differs too."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for t in (model.model.norm.weight, model.model.embed_tokens.weight[:2], model.visual.merger.ln_q.weight):
-        h.update(t.detach().float().cpu().numpy().tobytes())
+    stats = []
+    for _, p in sorted(model.named_parameters(remove_duplicate=True)):
+        flat = p.detach().reshape(-1)
+        stats.append(torch.stack([flat.sum(dtype=torch.float64), flat[::7].sum(dtype=torch.float64),
+                                  flat[3::11].sum(dtype=torch.float64)]))
+    h.update(torch.stack(stats).cpu().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def _weights_dtype(model: InfiniteVL) -> str:
+    return str(model.lm_head.weight.dtype).removeprefix("torch.")
 
 
 class StreamSession:
@@ -93,6 +105,9 @@ class StreamSession:
         previous frame's LLM part (inference/frame_step.py); every read of the state (`state`, `ask`,
         `snapshot`, `save`) first finishes the last frame, so nothing outside sees the difference. The session
         owns the model's backend choice (like the Engine)."""
+        if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+            raise ValueError(f"tokenizer must be the model's tokenizer (AutoTokenizer.from_pretrained(model_dir)), "
+                             f"got {type(tokenizer).__name__}")
         self.model, self.tokenizer, self.frame = model, tokenizer, frame
         cfg = model.config
         vc = cfg.vision
@@ -279,9 +294,21 @@ class StreamSession:
         return self._state.nbytes()
 
     def snapshot(self) -> StreamSnapshot:
-        return StreamSnapshot(self.state.clone(), self.clock.copy())
+        return StreamSnapshot(self.state.clone(), self.clock.copy(), self.model)
 
     def restore(self, snap: StreamSnapshot) -> None:
+        """Back to `snap` (taken from this session, or another one of the same model, frame size and streams)."""
+        if not isinstance(snap, StreamSnapshot):
+            raise ValueError(f"restore takes a StreamSnapshot (from snapshot()), got {type(snap).__name__}")
+        if snap.model is not None and snap.model is not self.model and \
+                model_identity(snap.model) != model_identity(self.model):
+            raise ValueError("the snapshot was taken with a different model: restore it into a session of that model")
+        mine, theirs = self._state.tensors(), snap.state.tensors()
+        if snap.state.batch_size != self.batch_size or len(mine) != len(theirs) or any(
+                a.shape != b.shape or a.dtype != b.dtype for a, b in zip(mine, theirs)):
+            raise ValueError(f"the snapshot holds {snap.state.batch_size} stream(s) of another state shape than this "
+                             f"session ({self.batch_size} stream(s)): restore it into a session like the one it came "
+                             "from (same batch size, model and dtype)")
         self.step.discard()  # a pending frame was pushed before the restore: the snapshot replaces it
         self._state.copy_(snap.state)  # in place: buffers keep their addresses
         self.clock = snap.clock.copy()
@@ -290,11 +317,20 @@ class StreamSession:
         """The whole memory (safetensors), with the model identity and the stream clock."""
         tensors = {f"state.{i:04d}": t.detach().cpu().contiguous() for i, t in enumerate(self.state.tensors())}
         meta = {"identity": model_identity(self.model), "frame": json.dumps(asdict(self.frame)),
-                "clock": json.dumps(asdict(self.clock)), "batch_size": str(self.batch_size), "format": "infinitevl-stream-1"}
+                "clock": json.dumps(asdict(self.clock)), "batch_size": str(self.batch_size),
+                "dtype": _weights_dtype(self.model), "format": "infinitevl-stream-1"}
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory: give a file name, e.g. {path / 'stream.safetensors'}")
+        if not path.parent.is_dir():
+            raise ValueError(f"cannot save to {path}: the folder {path.parent} does not exist (create it first)")
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            tmp.replace(path)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"cannot save the stream memory to {path} ({e})") from e
 
     def load(self, path: str | Path) -> None:
         """Restore a saved memory; checks that it was saved from this model, frame size and batch size."""
@@ -310,7 +346,10 @@ class StreamSession:
         if meta.get("format") != "infinitevl-stream-1":
             raise ValueError(f"{path} is not a saved InfiniteVL stream")
         if meta.get("identity") != model_identity(self.model):
-            raise ValueError(f"{path} was saved from a different model (config or weights differ): load it into that model")
+            saved, now = meta.get("dtype"), _weights_dtype(self.model)
+            why = (f"it was saved with {saved} weights and this model has {now}: load the model in {saved}, or"
+                   if saved and saved != now else "config or weights differ:")
+            raise ValueError(f"{path} was saved from a different model ({why} load it into the model it came from)")
         if json.loads(meta["frame"]) != asdict(self.frame) or int(meta["batch_size"]) != self.batch_size:
             raise ValueError(f"{path} was saved with frame {meta['frame']} and {meta['batch_size']} stream(s); "
                              f"this session has {asdict(self.frame)} and {self.batch_size}")
