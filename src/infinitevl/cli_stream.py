@@ -47,6 +47,8 @@ def stream_main(argv: list[str]) -> int:
     ap.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
     ap.add_argument("--frame-size", type=int, default=448, help="frames are resized to SIZE x SIZE (multiple of 28)")
     ap.add_argument("--keep", action="store_true", help="questions and answers join the stream's memory")
+    ap.add_argument("--to-end", action="store_true",
+                    help="read the video to its end even after the last question is answered (default: stop there)")
     ap.add_argument("--json", action="store_true", help="print answers as JSON lines")
     ap.add_argument("--quiet", action="store_true", help="no live FPS/memory line on stderr")
     ap.add_argument("--frames-per-step", type=int, default=1, metavar="K",
@@ -125,6 +127,8 @@ def stream_main(argv: list[str]) -> int:
             pending = []
         while asks and asks[0][0] < ts:
             answer(*asks.pop(0), seen_until=last)
+        if args.ask and not asks and not args.to_end:  # every question answered: a live source would never end
+            break
         pending.append((frame, ts))
         frames, last = frames + 1, ts
         if len(pending) == args.frames_per_step:

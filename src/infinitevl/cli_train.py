@@ -106,10 +106,10 @@ def convert_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the new layers' init")
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     args = ap.parse_args(argv)
-    spec = StudentSpec(attention_every=args.attention_every, sliding_window=args.sliding_window,
-                       norm_eps=args.norm_eps, linear_head_dim=args.linear_head_dim,
-                       num_linear_heads=args.num_linear_heads, mimic_init=not args.no_mimic_init, seed=args.seed)
     try:
+        spec = StudentSpec(attention_every=args.attention_every, sliding_window=args.sliding_window,
+                           norm_eps=args.norm_eps, linear_head_dim=args.linear_head_dim,
+                           num_linear_heads=args.num_linear_heads, mimic_init=not args.no_mimic_init, seed=args.seed)
         student = convert(args.teacher, args.out, spec, overwrite=args.force)
     except ValueError as e:
         ap.error(str(e))

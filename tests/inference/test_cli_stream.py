@@ -88,3 +88,29 @@ def test_a_source_that_breaks_midway_still_answers_every_question(capsys, monkey
 def test_no_question_is_a_note_not_silence(capsys):
     assert main(["stream", str(MEDIA / "3.mp4"), "--fps", "1", "--frame-size", "56", "--quiet"]) == 0
     assert "no --ask given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("to_end", [False, True])
+def test_stream_stops_after_the_last_question_unless_to_end(capsys, monkeypatch, to_end):
+    """A live source never ends: once every question is answered the command stops (--to-end reads on)."""
+    from PIL import Image
+
+    from infinitevl.inference import video_source
+
+    read = []
+
+    class Endless:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __iter__(self):
+            for i in range(40):  # stands in for a camera
+                read.append(i)
+                yield Image.new("RGB", (56, 56), (5 * i, 0, 0)), i * 0.5
+
+    monkeypatch.setattr(video_source, "VideoSource", Endless)
+    argv = ["stream", "camera", "--ask", "2s:What now?", "--frame-size", "56", "--max-new-tokens", "2", "--json",
+            "--quiet"] + (["--to-end"] if to_end else [])
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["seen_until"] == 2.0
+    assert len(read) == (40 if to_end else 6)  # the frame at 2.5 s is read (it tells the question is due), not pushed

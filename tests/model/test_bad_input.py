@@ -67,3 +67,15 @@ def test_bad_input_leaves_state_unchanged(setup):
     with pytest.raises(ValueError):
         model(ids, pixel_values=c["image.pixel_values"], image_grid_thw=c["image.image_grid_thw"], state=state)
     assert all(torch.equal(a, b) for a, b in zip(before, state.tensors()))
+
+
+def test_from_pretrained_arguments(tmp_path):
+    from infinitevl.model.infinitevl import check_dtype
+
+    assert check_dtype("bfloat16") is torch.bfloat16 and check_dtype("torch.float16") is torch.float16
+    with pytest.raises(ValueError, match="int8"):
+        check_dtype(torch.int8)
+    with pytest.raises(ValueError, match="Hub ids are not downloaded here"):
+        InfiniteVL.from_pretrained("hustvl/InfiniteVL")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        InfiniteVL.from_pretrained(tmp_path, device="gpu")

@@ -103,3 +103,11 @@ def test_a_device_that_is_not_there_is_a_config_error():
 
     with pytest.raises(ValueError, match="run.device: unknown device 'gpu'"):
         distributed.init("gpu")
+
+
+def test_convert_rejects_impossible_shapes(tmp_path, capsys):
+    for flag, value in (("--norm-eps", "-1"), ("--sliding-window", "0"), ("--num-linear-heads", "0")):
+        with pytest.raises(SystemExit):
+            convert_main(["--teacher", str(tmp_path), "--out", str(tmp_path / "s"), flag, value])
+        assert flag.lstrip("-").replace("-", "_") in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

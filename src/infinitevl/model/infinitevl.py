@@ -26,6 +26,20 @@ from .vision import VisionTransformer
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A floating dtype for the weights (a torch.dtype or its name), or a ValueError listing the choices."""
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype.removeprefix("torch."), dtype)
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype!r} is not one the model runs in: use torch.bfloat16, torch.float16 or "
+                         "torch.float32 (or their names)")
+    return dtype
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device this machine has, or a ValueError saying what to give instead."""
     try:
@@ -65,6 +79,11 @@ class InfiniteVL(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "InfiniteVL":
         device = check_device(device)
+        dtype = check_dtype(dtype)
+        if not Path(path).exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+            raise ValueError(f"{path} is not a local directory. Hub ids are not downloaded here: fetch the checkpoint "
+                             f"first (e.g. huggingface-cli download {path} --local-dir {Path(str(path)).name}) and "
+                             "pass that directory")
         config = InfiniteVLConfig.from_file(path)
         with torch.device("meta"):
             model = cls(config)

@@ -54,6 +54,14 @@ class StudentSpec:
     def __post_init__(self):
         if self.attention_every < 1:
             raise ValueError(f"attention_every must be >= 1, got {self.attention_every}")
+        if self.sliding_window < 1 or self.conv_size < 1 or not self.expand_v > 0:
+            raise ValueError(f"sliding_window and conv_size must be >= 1 and expand_v > 0; got {self.sliding_window}, "
+                             f"{self.conv_size}, {self.expand_v}")
+        if not 0 < self.norm_eps < 1:
+            raise ValueError(f"norm_eps must be a small positive number (e.g. 1e-5), got {self.norm_eps}")
+        for name in ("num_linear_heads", "linear_head_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or left out for the teacher's), got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------- teacher
