@@ -114,3 +114,23 @@ def test_help_and_unknown_commands(capsys):
 def test_placeholders_in_the_text_get_a_note(capsys):
     rc, _, err = _run(["generate", "--prompt", "<image> What is it?", "--max-new-tokens", "1"], capsys)
     assert rc == 0 and "<image> in the text is read as plain text" in err
+
+
+def test_messages_files_are_checked_item_by_item(tmp_path, capsys):
+    import shutil
+
+    shutil.copy2(MEDIA / "1.jpg", tmp_path / "photo.jpg")
+    cases = {
+        "audio.json": ([{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}]}], "unsupported item"),
+        "number.json": ([{"role": "user", "content": [{"type": "text", "text": 42}]}], "needs a string 'text'"),
+        "two.json": ([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], "one conversation"),
+    }
+    for name, (messages, message) in cases.items():
+        (tmp_path / name).write_text(json.dumps(messages))
+        rc, _, err = _run(["generate", "--messages", str(tmp_path / name)], capsys)
+        assert rc == 2 and message in err and name in err
+    # a path relative to the messages file (run from elsewhere) is found
+    (tmp_path / "rel.json").write_text(json.dumps([{"role": "user", "content": [
+        {"type": "image", "image": "photo.jpg"}, {"type": "text", "text": "Describe the image."}]}]))
+    rc, out, _ = _run(["generate", "--messages", str(tmp_path / "rel.json"), "--max-new-tokens", "2", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["prompt_tokens"] > 20

@@ -96,6 +96,18 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
 
+def sampling_args(args):
+    """The sampling options as SamplingParams, checked before any model is loaded."""
+    from .inference import SamplingParams
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        return SamplingParams(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise ValueError(f"{e} (--temperature, --top-k, --top-p)") from None
+
+
 def cmd_generate(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="infinitevl generate", description="Answer a prompt about images/videos.",
                                  formatter_class=HelpFormatter)
@@ -110,12 +122,7 @@ def cmd_generate(argv: list[str]) -> int:
     if args.messages is not None:
         if args.prompt or args.image or args.video:
             ap.error("--messages replaces --prompt/--image/--video: give one or the other")
-        try:
-            messages = json.loads(Path(args.messages).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--messages {args.messages}: cannot read a JSON chat message list ({e})") from None
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise ValueError(f"--messages {args.messages}: expected a JSON list of {{'role', 'content'}} messages")
+        messages = read_messages(Path(args.messages))
     elif not (args.prompt or "").strip():
         ap.error("give a non-empty --prompt (or --messages FILE)")
     else:
@@ -124,11 +131,57 @@ def cmd_generate(argv: list[str]) -> int:
         messages = [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
 
     _note_placeholders(messages)
+    args.sampling = sampling_args(args)
     device = _device(args.device)
     torch.manual_seed(args.seed)
     model, processor = _load(args.model, device, _dtype(args.dtype, device))
     note_if_shipped(args.model)
     return _answer(model, processor, messages, args, device)
+
+
+MEDIA_KEYS = {"image": ("image", "image_url"), "image_url": ("image_url", "image"), "video": ("video",)}
+
+
+def read_messages(path: Path) -> list[dict]:
+    """A messages JSON file (the model card's `messages`: one conversation), checked item by item. Media paths
+    may be relative to the file's folder (or to the working directory) and may start with ~."""
+    try:
+        messages = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--messages {path}: cannot read a JSON chat message list ({e})") from None
+    if isinstance(messages, list) and messages and all(isinstance(m, list) for m in messages):
+        raise ValueError(f"--messages {path} holds {len(messages)} conversations: give one conversation per file "
+                         "(a list of {'role', 'content'} messages)")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m
+                                                                 for m in messages):
+        raise ValueError(f"--messages {path}: expected a JSON list of {{'role', 'content'}} messages")
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise ValueError(f"--messages {path}: message {i}'s content must be a string or a list of items")
+        for j, item in enumerate(content):
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind is None and isinstance(item, dict):
+                kind = next((k for k in ("text", *MEDIA_KEYS) if k in item), None)
+            where = f"--messages {path}: message {i}, item {j}"
+            if kind == "text":
+                if not isinstance(item.get("text"), str):
+                    raise ValueError(f"{where}: a text item needs a string 'text', got {item.get('text')!r}")
+            elif kind in MEDIA_KEYS:
+                key = next((k for k in MEDIA_KEYS[kind] if k in item), None)
+                src = item.get(key) if key is not None else None
+                if isinstance(src, str) and not src.startswith(("http://", "https://", "data:")):
+                    local = Path(item[key].removeprefix("file://")).expanduser()
+                    beside = path.parent / local
+                    if not local.is_absolute() and not local.exists() and beside.exists():
+                        local = beside
+                    item[key] = str(local)
+            else:
+                raise ValueError(f"{where}: unsupported item {item!r:.80} (the model reads text, image and video "
+                                 "items)")
+    return messages
 
 
 def _note_placeholders(messages: list[dict]) -> None:
@@ -146,7 +199,6 @@ def _note_placeholders(messages: list[dict]) -> None:
 def _answer(model, processor, messages: list[dict], args, device: str) -> int:
     """The same chat `messages` format as the library API and qwen_vl_utils: media decoded by
     infinitevl.media, tokens expanded by the checkpoint's processor, answered by infinitevl.inference."""
-    from .inference import SamplingParams
     from .inference.engine import Engine
     from .media import process_vision_info
     from .model.infinitevl import VISION_KEYS
@@ -164,7 +216,7 @@ def _answer(model, processor, messages: list[dict], args, device: str) -> int:
     tokens: list[int] = []
     shown = ""
     for col in engine.stream(inputs["input_ids"], max_new_tokens=args.max_new_tokens,
-                             sampling=SamplingParams(args.temperature, args.top_k, args.top_p),
+                             sampling=args.sampling,
                              stop_token_ids=stops, **vision):
         if int(col[0]) in stops:
             break

@@ -35,7 +35,7 @@ def _clock(seconds: float) -> str:
 
 
 def stream_main(argv: list[str]) -> int:
-    from .cli import HelpFormatter, _common, _device, _dtype, note_if_shipped
+    from .cli import HelpFormatter, _common, _device, _dtype, note_if_shipped, sampling_args
 
     ap = argparse.ArgumentParser(prog="infinitevl stream", description="Stream a video through the model in "
                                  "constant memory and answer questions at given stream times.",
@@ -58,6 +58,7 @@ def stream_main(argv: list[str]) -> int:
                     help="GPU: run each frame whole instead of its vision tower beside the previous frame's LLM part")
     args = ap.parse_args(argv)
     asks = sorted((parse_ask(a) for a in args.ask), key=lambda a: a[0])  # stable: same-time questions in order
+    sampling = sampling_args(args)
     if args.fps <= 0:
         raise ValueError(f"--fps must be > 0, got {args.fps}")
     if args.frames_per_step < 1:
@@ -69,7 +70,6 @@ def stream_main(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     from . import InfiniteVL
-    from .inference import SamplingParams
     from .model.checkpoint import require_tokenizer
     from .model.config import InfiniteVLConfig
     from .inference.frames import FrameSpec
@@ -86,7 +86,6 @@ def stream_main(argv: list[str]) -> int:
     note_if_shipped(args.model)
     session = StreamSession(model, AutoTokenizer.from_pretrained(str(args.model)), frame=spec,
                             pipeline=False if args.no_pipeline else None)
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     live = not args.quiet
 
     def answer(when: float, question: str, seen_until: float) -> None:
