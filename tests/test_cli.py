@@ -85,6 +85,10 @@ def test_device_errors_and_empty_prompts(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--prompt", "   "])
     assert "non-empty --prompt" in capsys.readouterr().err
+    for flags, message in ((["--temperature", "nan"], "finite"), (["--top-p", "1.5"], "top_p"),
+                           (["--max-new-tokens", "0"], "--max-new-tokens")):
+        rc, _, err = _run(["generate", "--prompt", "hi", *flags], capsys)
+        assert rc == 2 and message in err and "note:" not in err  # refused before the model loads
 
 
 def test_model_directories_that_cannot_answer(tmp_path, capsys):
