@@ -64,6 +64,10 @@ def test_bad_requests_are_named(model, engine):
         with pytest.raises(ValueError, match=message):
             run(**kwargs)
     assert run(ids, max_new_tokens=2, stop_token_ids=5).shape[0] == 2  # one stop id needs no list
+    # numpy and tensor numbers are numbers
+    assert run(ids, max_new_tokens=np.int64(2), stop_token_ids=torch.tensor([5, 6])).shape[0] == 2
+    assert run(ids, max_new_tokens=2, stop_token_ids=torch.tensor(5),
+               sampling=SamplingParams(np.float32(0.5), np.int64(3), np.float64(0.9))).shape[0] == 2
 
 
 def test_sampling_params_must_be_finite_numbers():

@@ -338,3 +338,21 @@ def test_snapshot_and_save_misuse_are_named(setup, tmp_path):
     assert not list(tmp_path.rglob("*.tmp")) and all(torch.equal(a, b) for a, b in zip(before, one.state.tensors()))
     with pytest.raises(ValueError, match="tokenizer"):
         StreamSession(model, None, frame=SPEC)
+
+
+def test_identity_is_exact_whatever_the_thread_count():
+    """Integer sums of the weights' bits: the same fingerprint with 1 or 2 threads (float sums are not)."""
+    from infinitevl.inference.streaming import model_identity
+
+    torch.manual_seed(0)
+    model = InfiniteVL.from_pretrained(TINY)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1.0 + 1e-3)  # values no float sum adds up in a fixed order
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = model_identity(model)
+        torch.set_num_threads(2)
+        assert model_identity(model) == one
+    finally:
+        torch.set_num_threads(threads)

@@ -3,6 +3,7 @@ errors, and `convert` writes a loadable student."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_config_values_of_the_wrong_type_name_the_key(tmp_path):
     for text, message in [("data: [1, 2]", r"data must be a section of keys \(train, "),
                           ("data: {vision: 5}", r"data.vision must be a section of keys"),
                           ("run: {epochs: [1]}", r"run.epochs must be a number, got \[1\]"),
-                          ("run: {bf16: 1}", r"run.bf16 must be true or false"),
+                          ("run: {bf16: 2}", r"run.bf16 must be true or false"),
                           ("run: {grad_accum: 2.5}", r"run.grad_accum must be a whole number"),
                           ("run: {max_steps: abc}", r"run.max_steps must be a whole number or null"),
                           ("run: {grad_accum: null}", r"run.grad_accum must be a whole number, got null"),
@@ -66,10 +67,11 @@ def test_config_values_of_the_wrong_type_name_the_key(tmp_path):
         with pytest.raises(ValueError, match=f"c.yaml: {message}"):
             options.load(sft, tmp_path / "c.yaml")
     # what YAML gives for numbers and a single path is taken as meant
-    (tmp_path / "c.yaml").write_text("model: m\ndata: {train: one.jsonl}\noptim: {lr: 1e-4}\nrun: {grad_accum: '4', "
-                                     "output_dir: 2024, max_steps: 1e3}\n")
+    (tmp_path / "c.yaml").write_text("model: m\ndata: {train: one.jsonl, system_prompt: null}\noptim: {lr: 1e-4}\n"
+                                     "run: {grad_accum: '4', output_dir: 2024, max_steps: 1e3, bf16: 0}\n")
     cfg = options.load(sft, tmp_path / "c.yaml")
     assert cfg.data.train == ["one.jsonl"] and cfg.optim.lr == 1e-4
+    assert cfg.data.system_prompt is None and cfg.run.bf16 is False
     assert (cfg.run.grad_accum, cfg.run.output_dir, cfg.run.max_steps) == (4, "2024", 1000)
 
 
@@ -111,3 +113,18 @@ def test_convert_rejects_impossible_shapes(tmp_path, capsys):
             convert_main(["--teacher", str(tmp_path), "--out", str(tmp_path / "s"), flag, value])
         assert flag.lstrip("-").replace("-", "_") in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_convert_into_the_empty_working_folder_and_through_a_link(hf_teacher_dir, tmp_path, monkeypatch, capsys):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert convert_main(["--teacher", str(hf_teacher_dir), "--out", "."]) == 0
+    assert (here / "config.json").exists() and Path.cwd() == here
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "old.txt").write_text("x")
+    (tmp_path / "link").symlink_to(target)
+    assert convert_main(["--teacher", str(hf_teacher_dir), "--out", str(tmp_path / "link"), "--force"]) == 0
+    assert (tmp_path / "link").is_symlink() and (target / "config.json").exists() and not (target / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "link", "real"]

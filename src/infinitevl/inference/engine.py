@@ -23,7 +23,7 @@ from ..model.infinitevl import VISION_KEYS, InfiniteVL
 from ..model.state import InferenceState
 from .cuda_graph import CapturedStep, EagerStep
 from .generate import prefill as prefill_with_vision
-from .request import prompt_inputs, request_options
+from .request import prompt_inputs, request_options, whole_number
 from .sampling import SamplingParams
 
 MAX_STOP_TOKENS = 16
@@ -271,8 +271,7 @@ class Engine:
         produced a stop token or after max_new_tokens. With `state`, the prompt continues it and, once the
         stream is exhausted, `state` holds everything consumed (as with `generate.generate`).
         Keyword arguments as for `begin`."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        max_new_tokens = whole_number(max_new_tokens, "max_new_tokens", 1)
         dec = self.begin(input_ids_BT, state=state, **kw)
         tok = dec.first.cpu()
         done = torch.isin(tok, dec.stops)

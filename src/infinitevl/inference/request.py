@@ -6,6 +6,7 @@ and `mm_token_type_ids` (which the model recomputes from the token ids) is dropp
 """
 from __future__ import annotations
 
+import operator
 from numbers import Integral
 
 import torch
@@ -48,25 +49,34 @@ def prompt_inputs(input_ids_BT, attention_mask_BT, extra: dict) -> tuple[torch.T
     return input_ids_BT.long(), attention_mask_BT, extra
 
 
-def _whole(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+def whole_number(value, name: str, low: int) -> int:
+    """An int, a numpy integer or a one-element integer tensor, >= low."""
+    try:
+        if isinstance(value, bool) or (torch.is_tensor(value) and value.is_floating_point()):
+            raise TypeError
+        number = operator.index(value) if not torch.is_tensor(value) else int(value.item())
+    except (TypeError, RuntimeError, ValueError):
+        number = None
+    if number is None or number < low:
         raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
-    return int(value)
+    return number
 
 
 def request_options(max_new_tokens, sampling, stop_token_ids, prefill_chunk_size) -> list[int]:
     """Checks the options; returns the stop token ids as a sorted list."""
-    _whole(max_new_tokens, "max_new_tokens", 1)
+    whole_number(max_new_tokens, "max_new_tokens", 1)
     if prefill_chunk_size is not None:
-        _whole(prefill_chunk_size, "prefill_chunk_size", 1)
+        whole_number(prefill_chunk_size, "prefill_chunk_size", 1)
     if not isinstance(sampling, SamplingParams):
         raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}: e.g. "
                          "SamplingParams(temperature=0.7, top_p=0.9)")
     if stop_token_ids is None:
         return []
-    if isinstance(stop_token_ids, Integral):
+    if isinstance(stop_token_ids, Integral) or (torch.is_tensor(stop_token_ids) and stop_token_ids.ndim == 0):
         stop_token_ids = [stop_token_ids]
+    elif torch.is_tensor(stop_token_ids):
+        stop_token_ids = stop_token_ids.reshape(-1).tolist()
     try:
-        return sorted({_whole(t, "a stop token id", 0) for t in stop_token_ids})
+        return sorted({whole_number(t, "a stop token id", 0) for t in stop_token_ids})
     except TypeError:
         raise ValueError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}") from None

@@ -6,6 +6,7 @@ and needs no multinomial (and so no sync): it can run inside a captured CUDA gra
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,12 @@ class SamplingParams:
     def __post_init__(self):
         for name in ("temperature", "top_p"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            object.__setattr__(self, name, float(v))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise ValueError(f"top_k must be a whole number (0 = off), got {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -74,18 +74,20 @@ def _clips_to_tensor(clips) -> torch.Tensor:
     return frames_to_tensor(clips.reshape(B * K, *clips.shape[2:])).view(B, K, *clips.shape[2:])
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 @torch.no_grad()
 def model_identity(model: InfiniteVL) -> str:
-    """A fingerprint of the config and of every weight (each tensor's float64 sum and two strided sums, reduced
-    where the weight lives, without copies): a saved stream only loads into the same model. A fine-tuned model
-    (SFT, a merged LoRA) differs in its sums; the same checkpoint loaded in another dtype differs too."""
+    """A fingerprint of the config and of every weight: each tensor's bit patterns summed as integers (all of
+    them, and every 7th), so the result is exact whatever the device or thread count, in chunks so the int64
+    temporaries stay small. A saved stream only loads into the same model: a fine-tuned one (SFT, a merged
+    LoRA) differs, and so does the same checkpoint loaded in another dtype."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    stats = []
     for _, p in sorted(model.named_parameters(remove_duplicate=True)):
-        flat = p.detach().reshape(-1)
-        stats.append(torch.stack([flat.sum(dtype=torch.float64), flat[::7].sum(dtype=torch.float64),
-                                  flat[3::11].sum(dtype=torch.float64)]))
-    h.update(torch.stack(stats).cpu().numpy().tobytes())
+        bits = p.detach().reshape(-1).view(_BITS[p.element_size()])
+        stats = [sum(int(c.sum(dtype=torch.int64)) for c in x.split(1 << 24)) for x in (bits, bits[::7])]
+        h.update(f"{p.dtype}:{stats[0]}:{stats[1]};".encode())
     return h.hexdigest()[:32]
 
 

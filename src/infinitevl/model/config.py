@@ -131,7 +131,7 @@ class InfiniteVLConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InfiniteVLConfig":
         d = dict(d)
-        model_type = d.get("model_type", "infinite_vl")
+        model_type = str(d.get("model_type", "infinite_vl"))
         if model_type not in ("infinite_vl", "infinitevl"):
             hint = (": this is a Qwen2.5-VL checkpoint; `infinitevl convert --teacher DIR --out NEW_DIR` turns it into "
                     "an InfiniteVL initialisation (to be trained, see README *Training*)") if model_type.startswith(
@@ -170,6 +170,11 @@ class InfiniteVLConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "InfiniteVLConfig":
         path = Path(path)
+        if not path.exists() and not path.parent.exists() and str(path).count("/") == 1 and \
+                not str(path).startswith((".", "/", "~")):
+            raise ValueError(f"{path} is not a local directory. Hub ids are not downloaded here: fetch the checkpoint "
+                             f"first (e.g. huggingface-cli download {path} --local-dir {path.name}) and pass that "
+                             "directory")
         if not path.exists():
             raise ValueError(f"{path} does not exist: point to a released-format InfiniteVL checkpoint directory "
                              "(config.json + model*.safetensors + tokenizer files)")

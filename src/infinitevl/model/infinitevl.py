@@ -80,10 +80,6 @@ class InfiniteVL(nn.Module):
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "InfiniteVL":
         device = check_device(device)
         dtype = check_dtype(dtype)
-        if not Path(path).exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
-            raise ValueError(f"{path} is not a local directory. Hub ids are not downloaded here: fetch the checkpoint "
-                             f"first (e.g. huggingface-cli download {path} --local-dir {Path(str(path)).name}) and "
-                             "pass that directory")
         config = InfiniteVLConfig.from_file(path)
         with torch.device("meta"):
             model = cls(config)

@@ -13,6 +13,7 @@ tensors, which works the same for a plain module, DDP and FSDP2.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
@@ -114,7 +116,8 @@ def latest(out_dir: Path) -> Path | None:
         return None
     p = out_dir / f.read_text().strip()
     if not _complete(p):
-        good = sorted(q.name for q in out_dir.glob("step-*") if q.is_dir() and _complete(q))
+        good = sorted(q.name for q in out_dir.glob("step-*")
+                      if q.is_dir() and not q.name.endswith(".tmp") and _complete(q))
         fix = (f"point it at the newest complete one (echo {good[-1]} > {f})" if good else
                "no complete checkpoint is left")
         raise ValueError(f"{f} names {p.name}, which is missing or incomplete (needs {STATE_FILE} and "
@@ -134,8 +137,11 @@ def load(path: Path, *, wrapped: torch.nn.Module, prefix: str, tied: bool, optim
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         weights = {prefix + k: v for k, v in load_file(str(path / "model.safetensors")).items()}
-    except Exception as e:  # truncated zip / safetensors header, unpickling errors
+    except (EOFError, pickle.UnpicklingError, SafetensorError, RuntimeError) as e:  # truncated or corrupt files
         raise _damaged(path, e) from e
+    except (ImportError, AttributeError, OSError) as e:  # the environment, not the files (e.g. another numpy)
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}): the files look whole; resume "
+                         "with the package versions that wrote it") from e
     if state["world"] != d.world:
         raise ValueError(
             f"{path} was written by {state['world']} processes but this run has {d.world}: resume with the same "

@@ -140,7 +140,7 @@ class DataConfig:
     max_tokens: int = 8192  # per sample (published cutoff_len 8096); longer samples are bad samples
     row_tokens: int | None = None  # packing budget per row (default: max_tokens)
     on_bad_sample: str = "error"  # "error": stop with the located error; "skip": count and skip
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: str | None = "You are a helpful assistant."  # null or "": no default system turn
     vision: VisionInputConfig = field(default_factory=VisionInputConfig)
     cache: bool = False  # keep built samples in memory (small data sets)
     workers: int = 0  # processes that build the next steps' samples while the model trains (0: in the loop)

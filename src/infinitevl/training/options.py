@@ -149,9 +149,9 @@ def _convert(tp, value, where: str):
             raise ValueError(f"{where} must be a mapping, got {value!r}")
         return value
     if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
-        return value
+        if value in (0, 1) and not isinstance(value, float):  # --set run.bf16=1
+            return bool(value)
+        raise ValueError(f"{where} must be true or false, got {value!r}")
     if tp in (int, float):
         number = value
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
