@@ -53,19 +53,26 @@ def _device(name: str) -> str:
 def _dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    from .model.infinitevl import check_dtype
+
+    return check_dtype(name)
+
+
+def load_model(model_dir: Path, device: str, dtype: torch.dtype):
+    """The model of a checkpoint directory, checked cheaply first: its kind, then its tokenizer, then the weights."""
+    from . import InfiniteVL
+    from .model.checkpoint import require_tokenizer
+    from .model.config import InfiniteVLConfig
+
+    InfiniteVLConfig.from_file(model_dir)
+    require_tokenizer(model_dir)
+    return InfiniteVL.from_pretrained(model_dir, dtype=dtype, device=device)
 
 
 def _load(model_dir: Path, device: str, dtype: torch.dtype):
     from transformers import AutoProcessor
 
-    from . import InfiniteVL
-    from .model.checkpoint import require_tokenizer
-    from .model.config import InfiniteVLConfig
-
-    InfiniteVLConfig.from_file(model_dir)  # the checkpoint's kind first, then its tokenizer, then the weights
-    require_tokenizer(model_dir)
-    model = InfiniteVL.from_pretrained(model_dir, dtype=dtype, device=device)
+    model = load_model(model_dir, device, dtype)
     try:
         processor = AutoProcessor.from_pretrained(str(model_dir))
     except (OSError, ValueError, TypeError) as e:
@@ -139,12 +146,11 @@ def cmd_generate(argv: list[str]) -> int:
     return _answer(model, processor, messages, args, device)
 
 
-MEDIA_KEYS = {"image": ("image", "image_url"), "image_url": ("image_url", "image"), "video": ("video",)}
-
-
 def read_messages(path: Path) -> list[dict]:
     """A messages JSON file (the model card's `messages`: one conversation), checked item by item. Media paths
     may be relative to the file's folder (or to the working directory) and may start with ~."""
+    from .media import item_kind
+
     try:
         messages = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -162,22 +168,20 @@ def read_messages(path: Path) -> list[dict]:
         if not isinstance(content, list):
             raise ValueError(f"--messages {path}: message {i}'s content must be a string or a list of items")
         for j, item in enumerate(content):
-            kind = item.get("type") if isinstance(item, dict) else None
-            if kind is None and isinstance(item, dict):
-                kind = next((k for k in ("text", *MEDIA_KEYS) if k in item), None)
+            kind = item_kind(item) if isinstance(item, dict) else None
             where = f"--messages {path}: message {i}, item {j}"
-            if kind == "text":
-                if not isinstance(item.get("text"), str):
-                    raise ValueError(f"{where}: a text item needs a string 'text', got {item.get('text')!r}")
-            elif kind in MEDIA_KEYS:
-                key = next((k for k in MEDIA_KEYS[kind] if k in item), None)
+            if kind is not None:
+                key = kind if kind in item else "image_url" if "image_url" in item else None
                 src = item.get(key) if key is not None else None
                 if isinstance(src, str) and not src.startswith(("http://", "https://", "data:")):
-                    local = Path(item[key].removeprefix("file://")).expanduser()
+                    local = Path(src.removeprefix("file://")).expanduser()
                     beside = path.parent / local
                     if not local.is_absolute() and not local.exists() and beside.exists():
                         local = beside
                     item[key] = str(local)
+            elif isinstance(item, dict) and item.get("type", "text" if "text" in item else None) == "text":
+                if not isinstance(item.get("text"), str):
+                    raise ValueError(f"{where}: a text item needs a string 'text', got {item.get('text')!r}")
             else:
                 raise ValueError(f"{where}: unsupported item {item!r:.80} (the model reads text, image and video "
                                  "items)")

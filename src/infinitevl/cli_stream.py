@@ -35,7 +35,7 @@ def _clock(seconds: float) -> str:
 
 
 def stream_main(argv: list[str]) -> int:
-    from .cli import HelpFormatter, _common, _device, _dtype, note_if_shipped, sampling_args
+    from .cli import HelpFormatter, _common, _device, _dtype, load_model, note_if_shipped, sampling_args
 
     ap = argparse.ArgumentParser(prog="infinitevl stream", description="Stream a video through the model in "
                                  "constant memory and answer questions at given stream times.",
@@ -69,9 +69,6 @@ def stream_main(argv: list[str]) -> int:
 
     from transformers import AutoTokenizer
 
-    from . import InfiniteVL
-    from .model.checkpoint import require_tokenizer
-    from .model.config import InfiniteVLConfig
     from .inference.frames import FrameSpec
     from .inference.streaming import StreamSession
     from .inference.video_source import VideoSource
@@ -80,9 +77,7 @@ def stream_main(argv: list[str]) -> int:
     source = VideoSource(args.video, fps=args.fps, size=(spec.height, spec.width))
     device = _device(args.device)
     torch.manual_seed(args.seed)
-    InfiniteVLConfig.from_file(args.model)  # the checkpoint's kind first, then its tokenizer, then the weights
-    require_tokenizer(args.model)
-    model = InfiniteVL.from_pretrained(args.model, dtype=_dtype(args.dtype, device), device=device)
+    model = load_model(args.model, device, _dtype(args.dtype, device))
     note_if_shipped(args.model)
     session = StreamSession(model, AutoTokenizer.from_pretrained(str(args.model)), frame=spec,
                             pipeline=False if args.no_pipeline else None)

@@ -205,11 +205,12 @@ def vision_items(messages: list[dict] | list[list[dict]]) -> list[dict]:
                 raise ValueError(f"each message must be a dict with 'role' and 'content', got {message!r:.80}")
             content = message["content"]
             if isinstance(content, list):
-                items.extend(c for c in content if isinstance(c, dict) and _kind(c) is not None)
+                items.extend(c for c in content if isinstance(c, dict) and item_kind(c) is not None)
     return items
 
 
-def _kind(item: dict) -> str | None:
+def item_kind(item: dict) -> str | None:
+    """'image', 'video' or None (text, or anything else) for one content item."""
     if "image" in item or "image_url" in item or item.get("type") in ("image", "image_url"):
         return "image"
     if "video" in item or item.get("type") == "video":
@@ -281,7 +282,7 @@ def process_vision_info(
     videos: list[np.ndarray] = []
     metadata: list[dict[str, Any]] = []
     for item in vision_items(messages):
-        if _kind(item) == "image":
+        if item_kind(item) == "image":
             images.append(fetch_image(item))
         else:
             frames, fps_used = fetch_video(item)

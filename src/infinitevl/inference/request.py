@@ -11,7 +11,7 @@ from numbers import Integral
 
 import torch
 
-from ..model.infinitevl import VISION_KEYS
+from ..model.infinitevl import VISION_KEYS, check_input_ids
 from .sampling import SamplingParams
 
 DROPPED = ("mm_token_type_ids",)
@@ -33,14 +33,7 @@ def prompt_inputs(input_ids_BT, attention_mask_BT, extra: dict) -> tuple[torch.T
                          "mask is attention_mask (check the spelling)")
     if input_ids_BT is None:
         raise ValueError("no input_ids: pass the prompt's token ids, a [batch, tokens] integer tensor")
-    if not torch.is_tensor(input_ids_BT) or input_ids_BT.is_floating_point() or input_ids_BT.is_complex() \
-            or input_ids_BT.dtype == torch.bool:
-        got = type(input_ids_BT).__name__ if not torch.is_tensor(input_ids_BT) else f"a {input_ids_BT.dtype} tensor"
-        raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {got}: e.g. "
-                         "torch.tensor([ids]) for one prompt")
-    if input_ids_BT.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids_BT.shape)}: "
-                         "use input_ids[None] for a single prompt")
+    check_input_ids(input_ids_BT)
     if attention_mask_BT is not None and (not torch.is_tensor(attention_mask_BT)
                                           or attention_mask_BT.shape != input_ids_BT.shape):
         shape = tuple(attention_mask_BT.shape) if torch.is_tensor(attention_mask_BT) else type(attention_mask_BT)

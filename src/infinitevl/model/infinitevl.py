@@ -40,6 +40,18 @@ def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
+def check_input_ids(input_ids) -> None:
+    """A ValueError unless `input_ids` is an integer tensor [batch, tokens]."""
+    if not torch.is_tensor(input_ids) or input_ids.is_floating_point() or input_ids.is_complex() \
+            or input_ids.dtype == torch.bool:
+        got = f"a {input_ids.dtype} tensor" if torch.is_tensor(input_ids) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {got}: e.g. torch.tensor([ids]) "
+                         "for one prompt")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}: use input_ids[None] "
+                         "for a single prompt")
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device this machine has, or a ValueError saying what to give instead."""
     try:
@@ -203,13 +215,11 @@ class InfiniteVL(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None and (not torch.is_tensor(input_ids) or input_ids.is_floating_point()
-                                      or input_ids.dtype == torch.bool):
-            got = f"a {input_ids.dtype} tensor" if torch.is_tensor(input_ids) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {got}: e.g. torch.tensor([ids])")
+        if input_ids is not None:
+            check_input_ids(input_ids)
         ref = input_ids if input_ids is not None else inputs_embeds
-        if ref.ndim < 2 or (input_ids is not None and input_ids.ndim != 2):
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(ref.shape)}")
+        if ref.ndim < 2:
+            raise ValueError(f"inputs_embeds must be [batch, tokens, hidden], got shape {tuple(ref.shape)}")
         B, T = ref.shape[:2]
         if T == 0:
             raise ValueError("empty input: give at least one token")
