@@ -138,3 +138,27 @@ def test_messages_files_are_checked_item_by_item(tmp_path, capsys):
         {"type": "image", "image": "photo.jpg"}, {"type": "text", "text": "Describe the image."}]}]))
     rc, out, _ = _run(["generate", "--messages", str(tmp_path / "rel.json"), "--max-new-tokens", "2", "--json"], capsys)
     assert rc == 0 and json.loads(out)["prompt_tokens"] > 20
+
+
+def test_messages_file_paths_resolve_beside_the_file(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    for name in ("1.jpg", "2.jpg", "3.jpg"):  # frames of one video have one size
+        shutil.copy2(MEDIA / "1.jpg", tmp_path / name)
+    messages = [{"role": "user", "content": [
+        {"type": "video", "video": ["1.jpg", "2.jpg", "3.jpg", "2.jpg"]},
+        {"type": "image_url", "image_url": {"url": "3.jpg"}},
+        {"type": "image", "image": "https://example.com/x.png"},
+        {"type": "text", "text": "What changes?"}]}]
+    (tmp_path / "frames.json").write_text(json.dumps(messages))
+    monkeypatch.chdir(tmp_path.parent)  # run from elsewhere
+    content = cli.read_messages(tmp_path / "frames.json")[0]["content"]
+    assert content[0]["video"] == [str(tmp_path / n) for n in ("1.jpg", "2.jpg", "3.jpg", "2.jpg")]
+    assert content[1]["image_url"] == {"url": str(tmp_path / "3.jpg")}
+    assert content[2]["image"] == "https://example.com/x.png"  # URLs are kept as written
+    messages[0]["content"] = messages[0]["content"][:2] + messages[0]["content"][3:]
+    (tmp_path / "frames.json").write_text(json.dumps(messages))
+    rc, out, err = _run(["generate", "--messages", str(tmp_path / "frames.json"), "--max-new-tokens", "2",
+                         "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["prompt_tokens"] > 40

@@ -173,12 +173,12 @@ def read_messages(path: Path) -> list[dict]:
             if kind is not None:
                 key = kind if kind in item else "image_url" if "image_url" in item else None
                 src = item.get(key) if key is not None else None
-                if isinstance(src, str) and not src.startswith(("http://", "https://", "data:")):
-                    local = Path(src.removeprefix("file://")).expanduser()
-                    beside = path.parent / local
-                    if not local.is_absolute() and not local.exists() and beside.exists():
-                        local = beside
-                    item[key] = str(local)
+                if isinstance(src, str):
+                    item[key] = _beside(src, path)
+                elif isinstance(src, list):  # a video as its frames
+                    item[key] = [_beside(f, path) if isinstance(f, str) else f for f in src]
+                elif isinstance(src, dict) and isinstance(src.get("url"), str):  # {"image_url": {"url": ...}}
+                    item[key] = {**src, "url": _beside(src["url"], path)}
             elif isinstance(item, dict) and item.get("type", "text" if "text" in item else None) == "text":
                 if not isinstance(item.get("text"), str):
                     raise ValueError(f"{where}: a text item needs a string 'text', got {item.get('text')!r}")
@@ -186,6 +186,18 @@ def read_messages(path: Path) -> list[dict]:
                 raise ValueError(f"{where}: unsupported item {item!r:.80} (the model reads text, image and video "
                                  "items)")
     return messages
+
+
+def _beside(src: str, messages_file: Path) -> str:
+    """A media path from a messages file: ~ expanded; a relative path that is not found from the working
+    directory but is beside the file is taken from there. URLs and data URIs are kept as written."""
+    if src.startswith(("http://", "https://", "data:")):
+        return src
+    local = Path(src.removeprefix("file://")).expanduser()
+    beside = messages_file.parent / local
+    if not local.is_absolute() and not local.exists() and beside.exists():
+        local = beside
+    return str(local)
 
 
 def _note_placeholders(messages: list[dict]) -> None:
