@@ -23,6 +23,8 @@ commands:
                infinitevl train {distill-layer,distill-e2e,sft,long-sft} --config configs/<stage>.yaml
   convert    turn a Qwen2.5-VL checkpoint into an InfiniteVL initialisation
                infinitevl convert --teacher QWEN2.5-VL-DIR --out STUDENT-DIR
+  merge-lora merge a long-sft training checkpoint's LoRA adapters into a loadable checkpoint
+               infinitevl merge-lora runs/long-sft/step-000500 --out DIR
 
 With no --model, the small model shipped in the package answers (no network needed). It knows only a
 synthetic world of shapes, colours, counts and words (images from tools/synthetic_task.py); give a released
@@ -263,6 +265,12 @@ def cmd_convert(argv: list[str]) -> int:
     return convert_main(argv)
 
 
+def cmd_merge_lora(argv: list[str]) -> int:
+    from .cli_train import merge_main
+
+    return merge_main(argv)
+
+
 def cmd_stream(argv: list[str]) -> int:
     from .cli_stream import stream_main
 
@@ -274,6 +282,7 @@ COMMANDS = {
     "stream": cmd_stream,
     "train": cmd_train,
     "convert": cmd_convert,
+    "merge-lora": cmd_merge_lora,
 }
 
 

@@ -5,6 +5,7 @@
     infinitevl train sft           --config configs/sft.yaml
     infinitevl train long-sft      --config configs/long_sft.yaml
     infinitevl convert --teacher Qwen2.5-VL-3B-Instruct/ --out student-init/
+    infinitevl merge-lora runs/long-sft/step-000500 --out long-sft-500/
 
 The same command runs in one process (CPU or one GPU) or under torchrun for several:
     torchrun --nproc_per_node 8 -m infinitevl.cli_train train sft --config configs/sft.yaml
@@ -116,6 +117,28 @@ def convert_main(argv: list[str] | None = None) -> int:
     kinds = student.config.text.layer_types
     print(f"wrote {args.out}: {kinds.count('linear_attention')} GDN + {kinds.count('sliding_attention')} "
           f"sliding-window layers (window {spec.sliding_window})")
+    return 0
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    """A long-sft training checkpoint (unmerged LoRA adapters) -> a plain released-format checkpoint."""
+    from .cli import HelpFormatter
+    from .training.lora import merge_checkpoint
+
+    ap = argparse.ArgumentParser(
+        prog="infinitevl merge-lora",
+        description="Fold the LoRA adapters of a long-sft training checkpoint (a step-* directory) into its\n"
+                    "weights, giving a checkpoint that generate, stream and from_pretrained load (a finished\n"
+                    "run's final/ is merged already).", formatter_class=HelpFormatter)
+    ap.add_argument("checkpoint", help="a step-* directory of a long-sft run")
+    ap.add_argument("--out", required=True, help="output directory (InfiniteVL released format)")
+    ap.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    args = ap.parse_args(argv)
+    try:
+        out = merge_checkpoint(args.checkpoint, args.out, overwrite=args.force)
+    except ValueError as e:
+        ap.error(str(e))
+    print(f"wrote {out}: the adapters of {args.checkpoint} merged")
     return 0
 
 

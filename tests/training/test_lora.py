@@ -6,6 +6,7 @@ import torch
 
 from infinitevl import InfiniteVL
 from infinitevl.model.config import InfiniteVLConfig
+from infinitevl import cli
 from infinitevl.training import long_sft
 from infinitevl.training.data import DataConfig
 from infinitevl.training.lora import LoRAConfig, add_lora, has_lora, merge_lora
@@ -54,3 +55,22 @@ def test_long_sft_writes_a_merged_plain_checkpoint(synth_dir, tmp_path):
     assert after.keys() == before.keys()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.endswith(("q_proj.weight", "o_proj.weight", "down_proj.weight")) for k in changed)
+
+    # a step checkpoint holds the unmerged adapters: loading it says how to merge it; merging gives final/
+    step = tmp_path / "step-000003"
+    with pytest.raises(ValueError, match="infinitevl merge-lora"):
+        InfiniteVL.from_pretrained(step)
+    assert cli.main(["merge-lora", str(step), "--out", str(tmp_path / "merged")]) == 0
+    merged = InfiniteVL.from_pretrained(tmp_path / "merged").state_dict()
+    assert merged.keys() == after.keys() and all(torch.equal(merged[k], after[k]) for k in after)
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    with pytest.raises(SystemExit):  # a non-empty --out needs --force
+        cli.main(["merge-lora", str(step), "--out", str(tmp_path / "merged")])
+
+    # another LoRA setting is another run: refused on resume, before anything is restored
+    import dataclasses
+
+    for lora in (LoRAConfig(r=4, alpha=64, targets=["q_proj", "o_proj", "down_proj"]),
+                 LoRAConfig(r=2, alpha=8, targets=["q_proj", "o_proj", "down_proj"])):
+        with pytest.raises(ValueError, match=r"belongs to another run \(lora "):
+            long_sft.run(dataclasses.replace(cfg, lora=lora))

@@ -67,3 +67,37 @@ def test_resume_refuses_other_settings_and_damaged_checkpoints(synth_dir, tmp_pa
     (out / "latest").write_text("step-000001\n")
     rest = sft.run(cfg)
     assert [h["step"] for h in rest.history] == [2, 3, 4, 5]
+
+
+def test_resume_refuses_another_run_and_an_occupied_folder(synth_dir, tmp_path, capsys):
+    """The checkpoint records what the run started from: another model, stage or an occupied folder with
+    resume off are refused before anything is written; the same model moved elsewhere resumes."""
+    import dataclasses
+    import shutil
+
+    import pytest
+    from safetensors.torch import save_file
+
+    out = tmp_path / "r"
+    sft.run(_cfg(synth_dir, out, stop_after=2, save_every=1, keep_last=0))
+    before = sorted(p.name for p in out.iterdir())
+    cfg = _cfg(synth_dir, out)
+    other = tmp_path / "other"
+    shutil.copytree(TINY_ASSET, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(k for k in sorted(weights) if k.startswith("visual."))  # a frozen weight
+    weights[name] = weights[name] + 1
+    save_file(weights, str(other / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"belongs to another run \(model .* -> .*other'\)"):
+        sft.run(dataclasses.replace(cfg, model=str(other)))
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run .*run.resume: true"):
+        sft.run(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=False)))
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing pruned or written
+    moved = tmp_path / "moved"
+    shutil.copytree(TINY_ASSET, moved)
+    rest = sft.run(dataclasses.replace(cfg, model=str(moved)))  # the same weights in another folder
+    assert [h["step"] for h in rest.history] == [3, 4, 5]
+    capsys.readouterr()
+    again = sft.run(cfg)
+    assert again.history == [] and again.final_step == 5
+    assert "holds a finished run (5 steps): nothing to train" in capsys.readouterr().out

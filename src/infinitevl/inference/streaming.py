@@ -15,7 +15,6 @@ in which case the question and answer join the stream and a new video block open
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..model.fingerprint import weights_fingerprint
 from ..model.infinitevl import InfiniteVL
 from ..model.state import InferenceState
 from .frame_step import FrameStep
@@ -74,21 +74,13 @@ def _clips_to_tensor(clips) -> torch.Tensor:
     return frames_to_tensor(clips.reshape(B * K, *clips.shape[2:])).view(B, K, *clips.shape[2:])
 
 
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 @torch.no_grad()
 def model_identity(model: InfiniteVL) -> str:
-    """A fingerprint of the config and of every weight: each tensor's bit patterns summed as integers (all of
-    them, and every 7th), so the result is exact whatever the device or thread count, in chunks so the int64
-    temporaries stay small. A saved stream only loads into the same model: a fine-tuned one (SFT, a merged
-    LoRA) differs, and so does the same checkpoint loaded in another dtype."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for _, p in sorted(model.named_parameters(remove_duplicate=True)):
-        bits = p.detach().reshape(-1).view(_BITS[p.element_size()])
-        stats = [sum(int(c.sum(dtype=torch.int64)) for c in x.split(1 << 24)) for x in (bits, bits[::7])]
-        h.update(f"{p.dtype}:{stats[0]}:{stats[1]};".encode())
-    return h.hexdigest()[:32]
+    """A fingerprint of the config and of every weight (model/fingerprint.py). A saved stream only loads into the
+    same model: a fine-tuned one (SFT, a merged LoRA) differs, and so does the same checkpoint loaded in another
+    dtype."""
+    return weights_fingerprint(model.named_parameters(remove_duplicate=True),
+                               prefix=json.dumps(model.config.to_dict(), sort_keys=True))
 
 
 def _weights_dtype(model: InfiniteVL) -> str:

@@ -88,6 +88,10 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], *, tied:
     expected_names = {k for k in expected if not (tied and k == TIED_HEAD)}
     missing = sorted(expected_names - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
+    if any(".lora_A." in k for k in unexpected):
+        raise ValueError("these weights hold LoRA adapters that are not merged (a long-sft training checkpoint, "
+                         "step-*): merge them with `infinitevl merge-lora STEP_DIR --out DIR` and load DIR (the "
+                         "run's final/ is merged already)")
     if missing or unexpected:
         raise ValueError(
             f"checkpoint does not match the config: {len(missing)} missing weight(s) {missing[:8]}"

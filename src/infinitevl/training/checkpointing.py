@@ -1,7 +1,8 @@
 """Training checkpoints: written atomically, restored exactly.
 
     <output_dir>/step-000120/   config.json + model.safetensors (a loadable model in the released
-                                format) + the tokenizer/processor files + trainer_state.pt
+                                format; a LoRA run's holds the unmerged adapters: `infinitevl merge-lora`
+                                makes it one) + the tokenizer/processor files + trainer_state.pt
                                 (optimizer, scheduler, step, data position, per-rank RNG states)
     <output_dir>/latest         the name of the newest complete checkpoint
 
@@ -102,6 +103,14 @@ def _prune(out_dir: Path, keep_last: int) -> None:
     done = sorted(p for p in out_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
     for p in done[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def existing(out_dir: Path) -> list[str]:
+    """Names of the checkpoints (and `latest`) in out_dir: what a new run there would prune or overwrite."""
+    if not out_dir.is_dir():
+        return []
+    found = sorted(p.name for p in out_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return found + ([LATEST] if (out_dir / LATEST).exists() else [])
 
 
 def _complete(p: Path) -> bool:

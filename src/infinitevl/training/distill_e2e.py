@@ -17,7 +17,7 @@ import torch
 from ..model.infinitevl import InfiniteVL
 from . import runner
 from .data import IGNORE, DataConfig
-from .distill_layer import load_pair
+from .distill_layer import load_pair, pair_setup
 from .loop import Objective, TrainResult
 from .losses import kl_sum
 from .options import OptimConfig, RunConfig
@@ -89,4 +89,5 @@ def run(cfg: DistillE2EConfig, d=None) -> TrainResult:
     obj = KLObjective(student.train(), teacher, temperature=cfg.temperature, reduction=cfg.kl_reduction,
                       positions=cfg.positions, chunk=cfg.chunk)
     return runner.train(obj, model_config=student.config, init_dir=tok_dir, data=cfg.data, optim=cfg.optim,
-                        run=cfg.run, d=d)
+                        run=cfg.run, d=d, setup=pair_setup("distill-e2e", cfg, temperature=cfg.temperature,
+                                                           kl_reduction=cfg.kl_reduction, positions=cfg.positions))

@@ -8,6 +8,7 @@ frozen, so their terms are constants, kept for a loss comparable with the publis
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,12 @@ def load_pair(teacher_dir: str, student_dir: str, spec: StudentSpec) -> tuple[In
     return teacher, build_student(teacher, spec), teacher_dir
 
 
+def pair_setup(stage: str, cfg, **objective) -> dict:
+    """A distillation run's setup (loop.Trainer): teacher, student (or the spec it was converted with)."""
+    return {"stage": stage, "teacher": runner.resolved(cfg.teacher), "student": runner.resolved(cfg.student),
+            **({} if cfg.student else {"spec": dataclasses.asdict(cfg.spec)}), **objective}
+
+
 def run(cfg: DistillLayerConfig, d=None) -> TrainResult:
     teacher, student, tok_dir = load_pair(cfg.teacher, cfg.student, cfg.spec)
     set_trainable(student, cfg.trainable)
@@ -104,4 +111,4 @@ def run(cfg: DistillLayerConfig, d=None) -> TrainResult:
     teacher.to(device)
     return runner.train(LayerwiseObjective(student.train(), teacher, mse_factor=cfg.mse_factor),
                         model_config=student.config, init_dir=tok_dir, data=cfg.data, optim=cfg.optim, run=cfg.run,
-                        d=d)
+                        d=d, setup=pair_setup("distill-layer", cfg, mse_factor=cfg.mse_factor))

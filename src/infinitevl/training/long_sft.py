@@ -7,7 +7,9 @@ merged into the base weights and `<output_dir>/final` is a plain checkpoint with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+import torch
 
 from ..model.infinitevl import InfiniteVL
 from . import runner
@@ -42,9 +44,10 @@ class LongSFTConfig:
 def run(cfg: LongSFTConfig, d=None) -> TrainResult:
     base = InfiniteVL.from_pretrained(cfg.model)
     config = base.config
+    torch.manual_seed(cfg.run.seed)  # the adapters' init follows the run's seed
     model = add_lora(base, cfg.lora).train()
     return runner.train(
         CausalLMObjective(model, chunk=cfg.loss_chunk), model_config=config, init_dir=cfg.model, data=cfg.data,
         optim=cfg.optim, run=cfg.run, d=d, cpu_student=lambda: add_lora(InfiniteVL(config), cfg.lora),
-        finalize=merge_lora,
+        finalize=merge_lora, setup={"stage": "long-sft", "model": runner.resolved(cfg.model), "lora": asdict(cfg.lora)},
     )

@@ -27,12 +27,17 @@ import torch
 from torch import nn
 
 from ..layers.fuse import share_frozen_storage, unshare_storage
+from ..model.fingerprint import weights_fingerprint
 from . import checkpointing
 from .distributed import Dist, all_sum, no_sync, wrap
 from .loader import RowLoader
 from .options import OptimConfig, RunConfig
 from .packing import PackedBatch
 from .params import count
+
+
+# setup keys that name directories: a run whose model moved resumes when the weights are the same
+PATH_KEYS = ("model", "teacher", "student")
 
 
 class Objective(nn.Module):
@@ -111,14 +116,19 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, objective: Objective, loader: RowLoader, *, run: RunConfig, optim: OptimConfig, d: Dist,
-                 model_config, init_dir: Path | None, extra_state: dict | None = None):
+                 model_config, init_dir: Path | None, setup: dict | None = None):
+        """setup: what the run starts from that its checkpoints do not hold (the stage, the model and teacher
+        directories, objective and LoRA settings: plain values), recorded in every checkpoint; a resume with
+        other values is refused. The frozen weights' fingerprint is added here."""
         self.run, self.optim_cfg, self.d = run, optim, d
         self.loader, self.model_config, self.init_dir = loader, model_config, init_dir
         self.out = Path(run.output_dir)
-        self.extra_state = extra_state or {}
+        self.setup = dict(setup or {})
         objective.student.model.gradient_checkpointing = run.gradient_checkpointing
         objective.student.model.recompute_layers = run.recompute_layers
         objective.to(d.device).train()
+        self.setup["frozen"] = weights_fingerprint(
+            (n, p) for n, p in objective.student.named_parameters() if not p.requires_grad)
         self.backend = objective.student.set_backend(run.backend)  # fla's training kernels on a GPU
         strategy = run.parallel
         if strategy == "auto":
@@ -153,7 +163,7 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "loader": self.loader.state_dict(), "total": self.total,
                 "skipped": dict(self.loader.dataset.skipped), "trained": self.trained_names,
-                "optim": dataclasses.asdict(self.optim_cfg), **self.extra_state}
+                "optim": dataclasses.asdict(self.optim_cfg), "setup": self.setup}
 
     def _same_run(self, ck: Path, st: dict[str, Any]) -> None:
         """Refuses a checkpoint of a run with other settings (its optimizer state and schedule would not fit)."""
@@ -166,12 +176,29 @@ class Trainer:
             gone = sorted(set(st["trained"]) - set(self.trained_names))
             raise ValueError(f"{ck} trained another parameter set ({len(added)} parameters added, e.g. {added[:2]}; "
                              f"{len(gone)} removed, e.g. {gone[:2]}): {fix}")
+        self._same_setup(ck, st.get("setup"), fix)
         changed = {k: (v, getattr(self.optim_cfg, k)) for k, v in st.get("optim", {}).items()
                    if getattr(self.optim_cfg, k, v) != v}
         if changed:
             keys = ", ".join(f"optim.{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"{ck} was trained with other optimizer settings ({keys}); the optimizer and schedule "
                              f"continue from the checkpoint: {fix}")
+
+    def _same_setup(self, ck: Path, old: dict | None, fix: str) -> None:
+        """The checkpoint's run started from the same stage, model, teacher and settings. A model directory that
+        moved is the same model when the frozen weights' fingerprint is unchanged."""
+        if old is None:  # written before setups were recorded
+            return
+        new = self.setup
+        changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                   if k != "frozen" and old.get(k) != new.get(k)}
+        same_weights = old.get("frozen") == new.get("frozen")
+        if changed and (set(changed) - set(PATH_KEYS) or not same_weights):
+            keys = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"{ck} belongs to another run ({keys}): {fix}")
+        if not same_weights:
+            raise ValueError(f"{ck}: the frozen weights of the model this run starts from changed since the run "
+                             f"began (the directories are the same, their contents are not): {fix}")
 
     def save(self) -> Path | None:
         return checkpointing.save(
@@ -180,7 +207,14 @@ class Trainer:
             init_dir=self.init_dir, keep_last=self.run.keep_last)
 
     def maybe_resume(self) -> bool:
-        ck = checkpointing.latest(self.out) if self.run.resume else None
+        if not self.run.resume:
+            old = checkpointing.existing(self.out)
+            if old:
+                raise ValueError(f"run.output_dir {self.out} holds checkpoints of an earlier run ({', '.join(old)}) "
+                                 "and run.resume is false: resume that run (run.resume: true), or start over in a "
+                                 "new run.output_dir (or delete the folder)")
+            return False
+        ck = checkpointing.latest(self.out)
         if ck is None:
             return False
         st = checkpointing.load(ck, wrapped=self.wrapped, prefix="student.",
@@ -264,6 +298,9 @@ class Trainer:
             print(f"[train] {self.n_params / 1e6:.2f}M params, {self.trainable / 1e6:.3f}M trainable, "
                   f"{self.total} steps, {self.d.world} process(es) on {self.d.device}"
                   + (f", resumed at step {self.step}" if resumed else ""), flush=True)
+        if resumed and self.step == self.total and self.d.main:
+            print(f"[train] {self.out} holds a finished run ({self.total} steps): nothing to train; final/ is "
+                  "written again from its last checkpoint. To train again, give a new run.output_dir.", flush=True)
         bar = None
         if self.run.progress and self.d.main:
             from tqdm.auto import tqdm

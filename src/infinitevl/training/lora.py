@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from pathlib import Path
 
 from torch import nn
 
@@ -73,6 +74,57 @@ def merge_lora(model: nn.Module) -> nn.Module:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
     return model
+
+
+def merge_checkpoint(step_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """A long-sft training checkpoint (step-*: unmerged adapters, the LoRA settings in its trainer state) ->
+    a plain released-format checkpoint in `out`, written beside it and moved into place when complete."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ..model.config import InfiniteVLConfig
+    from .checkpointing import STATE_FILE
+    from .student import copy_processor_files
+
+    step_dir, out = Path(step_dir), Path(out)
+    if not (step_dir / STATE_FILE).is_file() or not (step_dir / "model.safetensors").is_file():
+        raise ValueError(f"{step_dir} is not a training checkpoint (needs {STATE_FILE} and model.safetensors): "
+                         "give a step-* directory of a long-sft run")
+    if out.resolve() == step_dir.resolve():
+        raise ValueError("--out must be another directory than the checkpoint")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
+    try:
+        state = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable state file gets the same answer
+        raise ValueError(f"cannot read {step_dir / STATE_FILE} ({type(e).__name__}: {e})") from e
+    lora = (state.get("trainer", {}).get("setup") or {}).get("lora")
+    if lora is None:
+        raise ValueError(f"{step_dir} is not from a long-sft (LoRA) run, or was written before its LoRA settings "
+                         "were recorded: it needs no merging if it has no adapters; load it directly")
+    config = InfiniteVLConfig.from_file(step_dir)
+    model = add_lora(InfiniteVL(config), LoRAConfig(**lora))
+    weights = load_file(str(step_dir / "model.safetensors"))
+    if config.text.tie_word_embeddings:
+        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{step_dir}: the weights do not fit its LoRA settings ({len(missing)} missing, e.g. "
+                         f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    model = merge_lora(model)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        copy_processor_files(step_dir, tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -78,6 +78,11 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.output_dir:
+            self.output_dir = str(Path(self.output_dir).expanduser())
+        if not self.output_dir or Path(self.output_dir).is_file():
+            raise ValueError(f"run.output_dir must be a folder (new, or one of this run's), got {self.output_dir!r}"
+                             + (": that is a file" if self.output_dir else ""))
         if self.parallel not in ("auto", "ddp", "fsdp", "none"):
             raise ValueError(f"run.parallel must be auto, ddp, fsdp or none, got {self.parallel!r}")
         if self.backend not in ("auto", "torch", "fla"):

@@ -25,6 +25,11 @@ from .options import OptimConfig, RunConfig
 from .student import copy_processor_files
 
 
+def resolved(path: str | Path | None) -> str:
+    """A directory as recorded in a run's setup: absolute, "" for none."""
+    return str(Path(path).expanduser().resolve()) if path else ""
+
+
 def build_loader(data: DataConfig, tokenizer_dir: str | Path, model_config, run: RunConfig,
                  d: distributed.Dist) -> RowLoader:
     fmt = chat_format_for(tokenizer_dir, model_config, data)
@@ -37,12 +42,13 @@ def build_loader(data: DataConfig, tokenizer_dir: str | Path, model_config, run:
 
 
 def train(objective: Objective, *, model_config, init_dir: str | Path, data: DataConfig, optim: OptimConfig,
-          run: RunConfig, d: distributed.Dist | None = None, extra_state: dict | None = None,
+          run: RunConfig, d: distributed.Dist | None = None, setup: dict | None = None,
           cpu_student: Callable[[], nn.Module] | None = None,
           finalize: Callable[[nn.Module], nn.Module] | None = None,
           save: Callable[[nn.Module, Path], None] | None = None) -> TrainResult:
     """Trains `objective` and, when the run completes, exports `<output_dir>/final`.
 
+    setup: what the run starts from (see Trainer); a resume must match it.
     cpu_student builds an empty CPU module shaped like objective.student (for the export);
     finalize turns it into a plain InfiniteVL (e.g. merges LoRA); save writes it (default
     `save_pretrained`, the released InfiniteVL format)."""
@@ -50,7 +56,7 @@ def train(objective: Objective, *, model_config, init_dir: str | Path, data: Dat
     torch.manual_seed(run.seed)
     loader = build_loader(data, init_dir, model_config, run, d)
     trainer = Trainer(objective, loader, run=run, optim=optim, d=d, model_config=model_config,
-                      init_dir=Path(init_dir), extra_state=extra_state)
+                      init_dir=Path(init_dir), setup=setup)
     try:
         result = trainer.fit()
     finally:

@@ -61,4 +61,5 @@ def run(cfg: SFTConfig, d=None) -> TrainResult:
     model = load_teacher(cfg.model).requires_grad_(True) if qwen else InfiniteVL.from_pretrained(cfg.model)
     set_trainable(model.train(), cfg.trainable)
     return runner.train(CausalLMObjective(model, chunk=cfg.loss_chunk), model_config=model.config, init_dir=cfg.model,
-                        data=cfg.data, optim=cfg.optim, run=cfg.run, d=d, save=save_teacher if qwen else None)
+                        data=cfg.data, optim=cfg.optim, run=cfg.run, d=d, save=save_teacher if qwen else None,
+                        setup={"stage": "sft", "model": runner.resolved(cfg.model)})
