@@ -30,7 +30,8 @@ def test_config_typos_and_print(capsys):
         options.load(_stage("sft")[1], ROOT / "configs/sft.yaml", ["optim.lerning_rate=1"])
     with pytest.raises(SystemExit):
         train_main(["sft", "--config", str(ROOT / "configs/sft.yaml"), "--set", "run.paralel=ddp"])
-    assert "paralel" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "paralel" in err and "sft.yaml with --set run.paralel:" in err
     assert train_main(["sft", "--config", str(ROOT / "configs/sft.yaml"), "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["trainable"] == ["gdn", "attention"]
     assert set(STAGES) == {"distill-layer", "distill-e2e", "sft", "long-sft"}

@@ -88,21 +88,33 @@ def test_bad_records_are_located_or_counted(fmt, tmp_path, synth_dir):
         {"messages": [{"role": "user", "content": "Hi"}]},
         {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "x"}], "images": [3]},
         {"messages": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<image>x"}],
+         "images": [img]},
+        {"messages": [{"role": "user", "content": "<|image_pad|>Hi"}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "x"}],
+         "images": img},
+        {"messages": [{"role": "user", "content": "<video>Hi"}, {"role": "assistant", "content": "x"}],
+         "videos": [[img, img, "missing.png"]]},
     ]
     path = _write(tmp_path, [good] + bad)
     recs = read_records(path)
-    for rec, reason, words in zip(recs[1:], ["placeholders", "media", "media", "too_long", "no_assistant", "format",
-                                             "format"],
-                                  ["2 <image>", "not found", "cannot read image", "max_tokens", "no assistant",
-                                   "path strings", "message 0 must be"]):
+    reasons = ["placeholders", "media", "media", "too_long", "no_assistant", "format", "format", "placeholders",
+               "format", "format", "media"]
+    words = ["2 <image>", "not found", "cannot read image", "max_tokens", "no assistant", "path strings",
+             "message 0 must be", r"message 1 \(assistant\) holds an <image>", r"contains <\|image_pad\|> in its text",
+             "'images' must be a list", "image file not found"]
+    assert len(reasons) == len(words) == len(bad)
+    for rec, reason, words in zip(recs[1:], reasons, words):
         with pytest.raises(BadSample, match=words) as e:
+            fmt.length(rec)  # found while measuring, before any training step
+        with pytest.raises(BadSample, match=words):
             fmt.build(rec)
         assert e.value.reason == reason and f"{path}:line {recs.index(rec) + 1}" in str(e.value)
     with pytest.raises(BadSample, match="line 2"):
         ChatDataset(recs, fmt, on_bad_sample="error")
     ds = ChatDataset(recs, fmt, on_bad_sample="skip")
-    assert ds.skipped == {"placeholders": 1, "media": 2, "too_long": 1, "no_assistant": 1, "format": 2}
-    assert ds.lengths[0] is not None and ds.lengths[1:] == [None] * 7
+    assert ds.skipped == {"placeholders": 2, "media": 3, "too_long": 1, "no_assistant": 1, "format": 4}
+    assert ds.lengths[0] is not None and ds.lengths[1:] == [None] * 11
 
 
 def test_truncated_image_found_at_load_time_is_skipped(fmt, tmp_path, synth_dir):
@@ -125,6 +137,23 @@ def test_sources_repeat_and_config_errors(tmp_path, synth_dir):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_records(tmp_path / "x.json")
+    line = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    (tmp_path / "lines.json").write_text(f"{line}\n{line}\n")
+    with pytest.raises(ValueError, match="name it .jsonl"):
+        read_records(tmp_path / "lines.json")
+    (tmp_path / "LINES.JSONL").write_text(f"{line}\n{line}\n")
+    assert len(read_records(tmp_path / "LINES.JSONL")) == 2
+    for name, text in (("e.jsonl", ""), ("e.json", "[]"), ("blank.json", "  \n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name} (holds no records|is empty)"):
+            read_records(tmp_path / name)
+    for train, words in (([{"path": None}], r"data.train\[0\].path must be a path"),
+                         ([5], r"data.train\[0\] must be a path"),
+                         ([{"path": str(tmp_path / "LINES.JSONL"), "repeat": "two"}], r"repeat must be a number")):
+        with pytest.raises(ValueError, match=words):
+            DataConfig(train=train)
+    with pytest.raises(ValueError, match="relative paths are read from the working directory"):
+        load_records(DataConfig(train=["no/such/file.jsonl"]))
 
 
 def test_training_inputs_equal_the_inference_processor(fmt, synth_dir):

@@ -54,3 +54,25 @@ def test_config_errors():
         distill_layer.DistillLayerConfig()
     with pytest.raises(ValueError, match="kl_reduction"):
         distill_e2e.DistillE2EConfig(teacher="x", kl_reduction="mean")
+
+
+def test_pairs_and_trainable_sets_that_cannot_distil_are_refused(hf_teacher_dir, synth_dir, tmp_path):
+    import json
+    import shutil
+
+    from infinitevl.training.student import convert
+
+    student = tmp_path / "student"
+    convert(hf_teacher_dir, student, StudentSpec(sliding_window=64))
+    cfg = distill_layer.DistillLayerConfig(teacher=str(hf_teacher_dir), student=str(student), trainable=["vision"],
+                                           data=_data(synth_dir), run=_run(tmp_path / "out", 1))
+    with pytest.raises(ValueError, match=r"selects nothing in the decoder layers"):
+        distill_layer.run(cfg)
+    other = tmp_path / "other"
+    shutil.copytree(student, other)
+    config = json.loads((other / "config.json").read_text())
+    config["image_token_id"] = config["video_token_id"] - 7
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not share the teacher's vocabulary \(image_token_id"):
+        distill_layer.load_pair(str(hf_teacher_dir), str(other), StudentSpec())
+    assert not (tmp_path / "out").exists()

@@ -62,7 +62,7 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     else:
         raise ValueError(
             f"no model.safetensors or model.safetensors.index.json in {directory}: "
-            f"point --model at a released-format checkpoint directory"
+            f"give a released-format checkpoint directory (config.json with its safetensors weights)"
         )
     weights: dict[str, torch.Tensor] = {}
     for f in files:

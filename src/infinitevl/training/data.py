@@ -28,6 +28,9 @@ from .vision_inputs import MediaError, VisionInputConfig, VisionInputs, image_si
 IGNORE = -100
 PLACEHOLDER = re.compile(r"(<image>|<video>)")
 ROLES = ("system", "user", "assistant")
+# tokens the format itself writes: in a record's text they would break the turns or the media count
+STRUCTURAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+              "<|vision_pad|>", "<|endoftext|>")
 
 
 class BadSample(ValueError):
@@ -81,13 +84,17 @@ def read_records(path: str | Path, *, media_dir: str | Path | None = None) -> li
     """Records of a JSON (list) or JSONL file; media paths resolved against `media_dir` or the file's folder."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"data file {path} does not exist: fix the path in the config")
+        rel = "" if path.is_absolute() else f" (relative paths are read from the working directory, {Path.cwd()})"
+        raise ValueError(f"data file {path} does not exist{rel}: fix the path in the config")
+    if not path.is_file():
+        raise ValueError(f"data file {path} is not a file: give a .json or .jsonl file")
     base = Path(media_dir) if media_dir is not None else path.parent
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read data file {path} ({e}): it must be UTF-8 JSON or JSONL text") from None
-    if path.suffix == ".jsonl":
+    jsonl = path.suffix.lower() == ".jsonl"
+    if jsonl:
         raw = []
         for i, line in enumerate(text.splitlines()):
             if line.strip():
@@ -97,10 +104,14 @@ def read_records(path: str | Path, *, media_dir: str | Path | None = None) -> li
                     raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e.msg}, column {e.colno}): each line "
                                      "of a .jsonl file must be one whole record") from None
     else:
+        if not text.strip():
+            raise ValueError(f"data file {path} is empty: give it a JSON list of records")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            hint = (": it looks like one record per line, so name it .jsonl" if e.msg == "Extra data" else
+                    ": a .json file holds one JSON list of records (one record per line is .jsonl)")
+            raise ValueError(f"{path} is not valid JSON ({e}){hint}") from None
         if not isinstance(data, list):
             raise ValueError(f"{path} must hold a JSON list of records (or use .jsonl, one record per line)")
         raw = list(enumerate(data))
@@ -114,7 +125,7 @@ def read_records(path: str | Path, *, media_dir: str | Path | None = None) -> li
 
     records = []
     for i, r in raw:
-        where = f"{path}:{'line' if path.suffix == '.jsonl' else 'record'} {i + 1 if path.suffix == '.jsonl' else i}"
+        where = f"{path}:{'line' if jsonl else 'record'} {i + 1 if jsonl else i}"
         if isinstance(r, dict) and "messages" not in r and isinstance(r.get("conversations"), list):
             r = {**r, "messages": _from_sharegpt(r["conversations"])}
         if not isinstance(r, dict) or not isinstance(r.get("messages"), list):
@@ -123,12 +134,17 @@ def read_records(path: str | Path, *, media_dir: str | Path | None = None) -> li
                                                      "'human'|'gpt', 'value': ...}], ...})"))
             continue
         try:
+            for key in ("images", "videos"):
+                if not isinstance(r.get(key) or [], list):
+                    raise TypeError(f"'{key}' must be a list of paths, got {type(r[key]).__name__} {r[key]!r:.60}")
             images = [resolve(p, False) for p in r.get("images") or []]
             videos = [resolve(p) for p in r.get("videos") or []]
         except TypeError as e:
             records.append(Record([], [], [], where, str(e)))
             continue
         records.append(Record(r["messages"], images, videos, where))
+    if not records:
+        raise ValueError(f"data file {path} holds no records")
     return records
 
 
@@ -152,6 +168,8 @@ class DataConfig:
             raise ValueError(f"data.max_tokens must be >= 8, got {self.max_tokens}")
         if isinstance(self.vision, dict):
             self.vision = VisionInputConfig(**self.vision)
+        for k, src in enumerate(self.train):
+            source(src, k)
 
 
 class ChatFormat:
@@ -184,6 +202,15 @@ class ChatFormat:
                 raise BadSample(rec.where, f"message {j} must be {{'role': one of {ROLES}, 'content': str}}", "format")
         if not any(m["role"] == "assistant" for m in msgs):
             raise BadSample(rec.where, "no assistant message: nothing to learn from", "no_assistant")
+        for j, m in enumerate(msgs):
+            found = [t for t in STRUCTURAL if t in m["content"]]
+            if found:
+                raise BadSample(rec.where, f"message {j} contains {found[0]} in its text: the chat format writes "
+                                "these tokens itself (give media as <image>/<video> placeholders)", "format")
+            if m["role"] == "assistant" and PLACEHOLDER.search(m["content"]):
+                raise BadSample(rec.where, f"message {j} (assistant) holds an <image>/<video> placeholder: media go "
+                                "in user or system turns (the model reads them, it does not write them)",
+                                "placeholders")
         n_img = sum(m["content"].count("<image>") for m in msgs)
         n_vid = sum(m["content"].count("<video>") for m in msgs)
         if n_img != len(rec.images) or n_vid != len(rec.videos):
@@ -253,8 +280,8 @@ class ChatFormat:
 
     def _check_length(self, rec: Record, n: int) -> None:
         if n > self.max_tokens:
-            raise BadSample(rec.where, f"{n} tokens > data.max_tokens={self.max_tokens}: raise max_tokens, lower the "
-                            f"image/video pixel budget, or set on_bad_sample: skip", "too_long")
+            raise BadSample(rec.where, f"{n} tokens > data.max_tokens={self.max_tokens}: raise max_tokens, or lower the "
+                            f"image/video pixel budget", "too_long")
 
     def build(self, rec: Record) -> Sample:
         self._check(rec)
@@ -326,14 +353,17 @@ class ChatDataset:
         self._cache: dict[int, Sample] = {}
         self.lengths: list[int | None] = [self._measure(r) for r in records]
         if not any(n is not None for n in self.lengths):
-            raise ValueError(f"no usable sample among {len(records)} records ({self.skipped}): fix the data")
+            first = f"; the first: {self.skip_log[0]}" if self.skip_log else ""
+            raise ValueError(f"no usable sample among {len(records)} records (skipped: {self.skipped}{first}): fix "
+                             "the data")
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _skip(self, e: BadSample) -> None:
         if self.on_bad_sample == "error":
-            raise e
+            raise BadSample(e.where, f"{e.message} (or set data.on_bad_sample: skip to count and skip such records)",
+                            e.reason) from e
         self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
         self.skip_log.append(str(e))
 
@@ -358,6 +388,24 @@ class ChatDataset:
         return s
 
 
+def source(src: Any, k: int) -> dict[str, Any]:
+    """data.train[k] as {path, repeat?, media_dir?}, checked."""
+    if not isinstance(src, (str, dict)):
+        raise ValueError(f"data.train[{k}] must be a path or {{path, repeat, media_dir}}, got {src!r}")
+    src = {"path": src} if isinstance(src, str) else dict(src)
+    unknown = set(src) - {"path", "repeat", "media_dir"}
+    if unknown or "path" not in src:
+        raise ValueError(f"data.train[{k}] must be a path or {{path, repeat, media_dir}}, got keys {sorted(src)}")
+    for key in ("path", "media_dir"):
+        if key in src and not (isinstance(src[key], str) and src[key]):
+            raise ValueError(f"data.train[{k}].{key} must be a path, got {src[key]!r}")
+    repeat = src.get("repeat", 1.0)
+    if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not repeat >= 0:
+        raise ValueError(f"data.train[{k}].repeat must be a number >= 0 (1 = once, 0.5 = a random half), got "
+                         f"{repeat!r}")
+    return src
+
+
 def load_records(data: DataConfig, *, seed: int = 0) -> list[Record]:
     """All records of `data.train`, each source repeated `repeat` times (a fraction takes a seeded subset)."""
     import random
@@ -366,14 +414,10 @@ def load_records(data: DataConfig, *, seed: int = 0) -> list[Record]:
         raise ValueError("data.train is empty: list at least one JSON/JSONL file")
     out: list[Record] = []
     for k, src in enumerate(data.train):
-        src = {"path": src} if isinstance(src, str) else dict(src)
-        unknown = set(src) - {"path", "repeat", "media_dir"}
-        if unknown or "path" not in src:
-            raise ValueError(f"data.train[{k}] must be a path or {{path, repeat, media_dir}}, got keys {sorted(src)}")
-        recs = read_records(src["path"], media_dir=src.get("media_dir"))
-        repeat = float(src.get("repeat", 1.0))
-        if repeat < 0:
-            raise ValueError(f"data.train[{k}].repeat must be >= 0, got {repeat}")
+        src = source(src, k)
+        repeat = src.get("repeat", 1.0)
+        recs = read_records(Path(src["path"]).expanduser(),
+                            media_dir=Path(src["media_dir"]).expanduser() if "media_dir" in src else None)
         whole, frac = int(repeat), repeat - int(repeat)
         extra = random.Random(seed + k).sample(recs, round(frac * len(recs))) if frac else []
         out += recs * whole + extra

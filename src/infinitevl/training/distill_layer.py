@@ -94,6 +94,14 @@ def load_pair(teacher_dir: str, student_dir: str, spec: StudentSpec) -> tuple[In
                 student.config.text.num_hidden_layers != teacher.config.text.num_hidden_layers:
             raise ValueError(f"student {student_dir} does not have the teacher's shape: convert the teacher with "
                              f"`infinitevl convert` first")
+        s, t = student.config, teacher.config
+        fields = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        differ = [f"{k} {getattr(t, k)} vs {getattr(s, k)}" for k in fields if getattr(s, k) != getattr(t, k)]
+        if s.text.vocab_size != t.text.vocab_size:
+            differ.insert(0, f"vocab_size {t.text.vocab_size} vs {s.text.vocab_size}")
+        if differ:
+            raise ValueError(f"student {student_dir} does not share the teacher's vocabulary ({'; '.join(differ)}, "
+                             f"teacher vs student): convert this teacher with `infinitevl convert` and use that")
         return teacher, student, student_dir
     return teacher, build_student(teacher, spec), teacher_dir
 
@@ -107,6 +115,10 @@ def pair_setup(stage: str, cfg, **objective) -> dict:
 def run(cfg: DistillLayerConfig, d=None) -> TrainResult:
     teacher, student, tok_dir = load_pair(cfg.teacher, cfg.student, cfg.spec)
     set_trainable(student, cfg.trainable)
+    if not any(p.requires_grad for p in student.model.layers.parameters()):
+        raise ValueError(f"trainable {cfg.trainable} selects nothing in the decoder layers, and layer-wise "
+                         "distillation trains only those (each layer's output is pulled to the teacher's): use gdn "
+                         "(the published set), attention or mlp")
     device = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     teacher.to(device)
     return runner.train(LayerwiseObjective(student.train(), teacher, mse_factor=cfg.mse_factor),

@@ -32,6 +32,10 @@ class LoRAConfig:
     def __post_init__(self):
         if self.r < 1:
             raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0 (the adapters are scaled by alpha / r), got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise ValueError("lora.targets is empty: name at least one linear layer, e.g. q_proj")
 

@@ -218,8 +218,14 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
         if "=" not in o:
             raise ValueError(f"override {o!r} must look like section.key=value")
         k, v = o.split("=", 1)
-        _set_path(raw, k.strip(), yaml.safe_load(v))
+        try:
+            value = yaml.safe_load(v) if v.strip() else ""  # key= is the empty string (key=null is null)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {o}: the value is not valid YAML ({e})") from None
+        _set_path(raw, k.strip(), value)
     try:
         return from_dict(cls, raw)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}" if path is not None else str(e)) from None
+        sets = f"--set {', '.join(o.split('=', 1)[0].strip() for o in overrides)}" if overrides else ""
+        source = " with ".join(str(x) for x in (path, sets) if x)
+        raise ValueError(f"{source}: {e}" if source else str(e)) from None

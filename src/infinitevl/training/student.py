@@ -53,15 +53,16 @@ class StudentSpec:
 
     def __post_init__(self):
         if self.attention_every < 1:
-            raise ValueError(f"attention_every must be >= 1, got {self.attention_every}")
+            raise ValueError(f"spec.attention_every (--attention-every) must be >= 1, got {self.attention_every}")
         if self.sliding_window < 1 or self.conv_size < 1 or not self.expand_v > 0:
-            raise ValueError(f"sliding_window and conv_size must be >= 1 and expand_v > 0; got {self.sliding_window}, "
-                             f"{self.conv_size}, {self.expand_v}")
+            raise ValueError(f"spec.sliding_window and spec.conv_size must be >= 1 and spec.expand_v > 0; got "
+                             f"{self.sliding_window}, {self.conv_size}, {self.expand_v}")
         if not 0 < self.norm_eps < 1:
-            raise ValueError(f"norm_eps must be a small positive number (e.g. 1e-5), got {self.norm_eps}")
+            raise ValueError(f"spec.norm_eps must be a small positive number (e.g. 1e-5), got {self.norm_eps}")
         for name in ("num_linear_heads", "linear_head_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (or left out for the teacher's), got {getattr(self, name)}")
+                raise ValueError(f"spec.{name} must be >= 1 (or left out for the teacher's), got "
+                                 f"{getattr(self, name)}")
 
 
 # ---------------------------------------------------------------- teacher
@@ -74,7 +75,7 @@ def teacher_config(d: dict[str, Any], *, where: str = "config.json", sliding_win
     if d.get("model_type") not in TEACHER_MODEL_TYPES:
         raise ValueError(
             f"{where} has model_type {d.get('model_type')!r}; the teacher must be a transformers Qwen2.5-VL "
-            f"checkpoint ({TEACHER_MODEL_TYPES}). To continue from an InfiniteVL checkpoint, train it directly."
+            f"checkpoint (model_type {', '.join(TEACHER_MODEL_TYPES)}). To continue from an InfiniteVL checkpoint, train it directly."
         )
     text = dict(d)
     text.update(d.get("text_config") or {})

@@ -137,7 +137,12 @@ def probe_video(path: Path | list[Path], frames_fps: float) -> VideoInfo:
     if isinstance(path, list):
         if not path:
             raise MediaError("a video given as a list of frames needs at least one frame")
-        w, h = image_size(path[0])
+        sizes = [image_size(p) for p in path]  # headers only: a missing or odd frame is found while measuring
+        odd = next((p for p, s in zip(path, sizes) if s != sizes[0]), None)
+        if odd is not None:
+            raise MediaError(f"the frames of one video must all have one size: {path[0]} is "
+                             f"{sizes[0][0]}x{sizes[0][1]}, {odd} is {image_size(odd)[0]}x{image_size(odd)[1]}")
+        w, h = sizes[0]
         return VideoInfo(w, h, len(path), frames_fps)
     import av
 
