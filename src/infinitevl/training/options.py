@@ -226,6 +226,8 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     try:
         return from_dict(cls, raw)
     except ValueError as e:
-        sets = f"--set {', '.join(o.split('=', 1)[0].strip() for o in overrides)}" if overrides else ""
-        source = " with ".join(str(x) for x in (path, sets) if x)
+        # the override that set the value named in the message, else the file
+        keys = [o.split("=", 1)[0].strip() for o in overrides]
+        hit = next((k for k in reversed(keys) if k in str(e) or f"'{k.split('.')[-1]}'" in str(e)), None)
+        source = f"--set {hit}" if hit else path
         raise ValueError(f"{source}: {e}" if source else str(e)) from None
