@@ -58,8 +58,11 @@ class RowLoader:
             self._plans = {epoch: plan_rows(order, self.dataset.lengths, self.budget)}
         return self._plans[epoch]
 
+    def rows_in_epoch(self, epoch: int) -> int:
+        return len(self._all_rows(epoch))
+
     def steps_in_epoch(self, epoch: int) -> int:
-        return len(self._all_rows(epoch)) // (self.world * self.accum)
+        return self.rows_in_epoch(epoch) // (self.world * self.accum)
 
     def total_steps(self, epochs: float) -> int:
         """Steps in `epochs` epochs (a fraction takes that share of the last epoch's steps)."""

@@ -147,8 +147,10 @@ class Trainer:
             if run.max_steps is not None:
                 self.total = min(self.total, run.max_steps)
             if self.total < 1:
-                raise ValueError("the run has no optimizer step: add data, lower grad_accum/row_tokens, or raise "
-                                 "epochs")
+                rows = loader.rows_in_epoch(0)
+                raise ValueError(f"the run has no optimizer step: an epoch packs {rows} row(s) and a step takes "
+                                 f"{loader.world * loader.accum} (grad_accum x processes): add data, lower "
+                                 "grad_accum or data.row_tokens, or raise epochs")
         except BaseException:
             self.release()
             raise
@@ -298,6 +300,11 @@ class Trainer:
             print(f"[train] {self.n_params / 1e6:.2f}M params, {self.trainable / 1e6:.3f}M trainable, "
                   f"{self.total} steps, {self.d.world} process(es) on {self.d.device}"
                   + (f", resumed at step {self.step}" if resumed else ""), flush=True)
+            rows = self.loader.rows_in_epoch(self.loader.state.epoch)
+            per_step = self.loader.world * self.loader.accum
+            if rows % per_step:
+                print(f"[train] this epoch packs {rows} rows; a step takes {per_step} (grad_accum x processes), so "
+                      f"its last {rows % per_step} rows are not used (each epoch shuffles again)", flush=True)
         if resumed and self.step == self.total and self.d.main:
             print(f"[train] {self.out} holds a finished run ({self.total} steps): nothing to train; final/ is "
                   "written again from its last checkpoint. To train again, give a new run.output_dir.", flush=True)
