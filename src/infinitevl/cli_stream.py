@@ -21,11 +21,24 @@ def parse_time(text: str) -> float:
     return h * 3600 + mi * 60 + sec
 
 
+# a clock time before the question: H:MM:SS or M:SS (then the question follows the next colon)
+_CLOCK = re.compile(r"\s*(?:(\d+):)?(\d+):([0-5]\d(?:\.\d*)?)\s*:(.*)", re.S)
+
+
 def parse_ask(text: str) -> tuple[float, str]:
-    """'30s:What is happening?' -> (30.0, 'What is happening?')."""
+    """'30s:What is happening?' -> (30.0, 'What is happening?'); '1:30:Why?' and '1:02:03:Why?' are clock times
+    (M:SS, H:MM:SS)."""
+    clock = _CLOCK.fullmatch(text)
+    if clock is not None:
+        if not clock.group(4).strip():
+            raise ValueError(f"--ask {text!r} has no question after the time: write TIME:QUESTION, e.g. --ask "
+                             "1:30:\"What is happening?\"")
+        h, m, sec = clock.group(1), clock.group(2), clock.group(3)
+        return (int(h) * 3600 if h else 0) + int(m) * 60 + float(sec), clock.group(4).strip()
     when, sep, question = text.partition(":")
     if not sep or not question.strip():
-        raise ValueError(f"--ask {text!r}: write TIME:QUESTION, e.g. --ask 30s:\"What is happening?\"")
+        raise ValueError(f"--ask {text!r}: write TIME:QUESTION, e.g. --ask 30s:\"What is happening?\" (TIME: 90, "
+                         "30s, 2m, 1m30s, 1:30)")
     return parse_time(when), question.strip()
 
 
@@ -43,7 +56,8 @@ def stream_main(argv: list[str]) -> int:
     _common(ap)
     ap.add_argument("video", help="a video file, a directory of images, or a URL (rtsp://, http(s)://, /dev/videoN)")
     ap.add_argument("--ask", action="append", default=[], metavar='TIME:"QUESTION"',
-                    help='a question at a stream time, e.g. 30s:"What is happening?" (repeatable; 90, 2m, 1m30s)')
+                    help='a question at a stream time, e.g. 30s:"What is happening?" (repeatable; 90, 2m, 1m30s, 1:30, '
+                         '1:02:03)')
     ap.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
     ap.add_argument("--frame-size", type=int, default=448, help="frames are resized to SIZE x SIZE (multiple of 28)")
     ap.add_argument("--keep", action="store_true", help="questions and answers join the stream's memory")
@@ -59,8 +73,8 @@ def stream_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     asks = sorted((parse_ask(a) for a in args.ask), key=lambda a: a[0])  # stable: same-time questions in order
     sampling = sampling_args(args)
-    if args.fps <= 0:
-        raise ValueError(f"--fps must be > 0, got {args.fps}")
+    if not 0 < args.fps <= 1000:
+        raise ValueError(f"--fps must be a number of frames per second in (0, 1000], got {args.fps}")
     if args.frames_per_step < 1:
         raise ValueError(f"--frames-per-step must be >= 1, got {args.frames_per_step}")
     if not asks:

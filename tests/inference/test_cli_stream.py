@@ -22,6 +22,12 @@ def test_parse_ask_and_bad_times():
             parse_time(bad)
     with pytest.raises(ValueError, match="TIME:QUESTION"):
         parse_ask("30s")
+    # clock times: M:SS and H:MM:SS before the question
+    assert parse_ask("1:30:What now?") == (90.0, "What now?")
+    assert parse_ask("1:02:03.5:Why: really?") == (3723.5, "Why: really?")
+    assert parse_ask("90:What now?") == (90.0, "What now?")
+    with pytest.raises(ValueError, match="no question after the time"):
+        parse_ask("1:30: ")
 
 
 def test_stream_command_answers_at_times(capsys):
@@ -114,3 +120,9 @@ def test_stream_stops_after_the_last_question_unless_to_end(capsys, monkeypatch,
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["seen_until"] == 2.0
     assert len(read) == (40 if to_end else 6)  # the frame at 2.5 s is read (it tells the question is due), not pushed
+
+
+def test_frame_rates_that_are_not_one_are_refused(capsys):
+    for fps in ("0", "-1", "inf", "1e308", "nan"):
+        assert main(["stream", str(MEDIA / "1.mp4"), "--fps", fps, "--ask", "1s:What?"]) == 2
+        assert "--fps must be a number of frames per second" in capsys.readouterr().err
