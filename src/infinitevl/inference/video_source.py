@@ -29,8 +29,8 @@ OPEN_TIMEOUT_S = 10.0
 class VideoSource:
     def __init__(self, source: str | Path, *, fps: float = 2.0, size: tuple[int, int] | None = None):
         """size: (height, width) to resize every frame to (e.g. the session's FrameSpec), or None."""
-        if not (isinstance(fps, (int, float)) and fps > 0):
-            raise ValueError(f"fps must be a number > 0, got {fps!r}")
+        if isinstance(fps, bool) or not (isinstance(fps, (int, float)) and 0 < fps < float("inf")):
+            raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
         if size is not None and (len(size) != 2 or min(size) < 1):
             raise ValueError(f"size must be (height, width) in pixels, got {size!r}")
         if not isinstance(source, (str, Path)):
