@@ -176,7 +176,8 @@ def test_session_usable_and_unchanged_after_bad_input(setup):
     for sess in (clean, s):
         sess.push_frame(frames[0], 0.0)
     for bad, t in ((np.zeros((70, 90, 4), dtype=np.uint8), 1.0), (np.zeros((70, 90, 3), dtype=np.float32), 1.0),
-                   (None, 1.0), (frames[1], float("nan")), (frames[1], "soon"), (frames[1], None)):
+                   (None, 1.0), (frames[1], float("nan")), (frames[1], "soon"), (frames[1], None),
+                   (np.zeros((0, 90, 3), dtype=np.uint8), 1.0), (frames[1], 1e300)):
         with pytest.raises(ValueError):
             s.push_frame(bad, t)
     with pytest.raises(ValueError, match="one frame and one timestamp per stream"):
@@ -356,3 +357,18 @@ def test_identity_is_exact_whatever_the_thread_count():
         assert model_identity(model) == one
     finally:
         torch.set_num_threads(threads)
+
+
+def test_frames_without_pixels_and_absurd_times_are_refused_cleanly():
+    import numpy as np
+    import pytest
+
+    from infinitevl.inference.frames import frames_to_tensor
+
+    for bad, words in ((np.zeros((0, 0, 3), np.uint8), "at least one pixel"),
+                       (np.zeros((0, 56, 3), np.uint8), "at least one pixel"),
+                       (np.zeros((56, 56), np.uint8), "grey: repeat it to 3 channels"),
+                       (np.zeros((56, 56, 3), np.float32), r"\(x \* 255\)"),
+                       (torch.empty(56, 56, 3, dtype=torch.uint8, device="meta"), "meta tensor")):
+        with pytest.raises(ValueError, match=words):
+            frames_to_tensor(bad)

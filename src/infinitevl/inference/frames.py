@@ -66,9 +66,18 @@ def frames_to_tensor(frames) -> torch.Tensor:
     if frames.ndim == 3:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        hint = ""
+        if frames.is_floating_point():
+            hint = " (floats in [0, 1]: (x * 255).round().clamp(0, 255) cast to uint8)"
+        elif frames.dtype == torch.uint8:
+            hint = " (grey: repeat it to 3 channels; RGBA: drop the alpha; channels first: move them last)"
         raise ValueError(
-            f"a frame must be uint8 [H, W, 3] (RGB) or [B, H, W, 3]; got {frames.dtype} {tuple(frames.shape)}"
+            f"a frame must be uint8 [H, W, 3] (RGB) or [B, H, W, 3]; got {frames.dtype} {tuple(frames.shape)}{hint}"
         )
+    if frames.shape[1] < 1 or frames.shape[2] < 1:
+        raise ValueError(f"a frame must have at least one pixel; got size {frames.shape[2]}x{frames.shape[1]}")
+    if frames.device.type == "meta":
+        raise ValueError("a frame must hold pixels: got a meta tensor (no data)")
     return frames
 
 

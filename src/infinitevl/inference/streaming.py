@@ -83,6 +83,10 @@ def model_identity(model: InfiniteVL) -> str:
                                prefix=json.dumps(model.config.to_dict(), sort_keys=True))
 
 
+# a stream's clock ends here (~31 years): its positions (timestamp x tokens_per_second) stay exact integers
+MAX_TIMESTAMP_S = 1e9
+
+
 def _weights_dtype(model: InfiniteVL) -> str:
     return str(model.lm_head.weight.dtype).removeprefix("torch.")
 
@@ -230,8 +234,9 @@ class StreamSession:
         """Stream b's next frames' timestamps: finite, >= 0, never going back."""
         last = self.clock.last_ts[b]
         for t in ts:
-            if not math.isfinite(t) or t < 0:
-                raise ValueError(f"timestamp {t} of stream {b} must be a finite number of seconds >= 0")
+            if not math.isfinite(t) or not 0 <= t <= MAX_TIMESTAMP_S:
+                raise ValueError(f"timestamp {t} of stream {b} must be a finite number of seconds in [0, "
+                                 f"{MAX_TIMESTAMP_S:.0e}] (seconds from the stream's start)")
             if last is not None and t < last:
                 raise ValueError(f"timestamps must not go back: stream {b} got {t} after {last}")
             last = t
