@@ -182,7 +182,7 @@ def test_session_usable_and_unchanged_after_bad_input(setup):
             s.push_frame(bad, t)
     with pytest.raises(ValueError, match="one frame and one timestamp per stream"):
         s.push_frames([frames[1], frames[2]], [1.0, 2.0])
-    for q in ("", None, 3):
+    for q in ("", None, "  "):
         with pytest.raises(ValueError, match="empty"):
             s.ask(q)
     with pytest.raises(ValueError, match="does not exist"):
@@ -372,3 +372,31 @@ def test_frames_without_pixels_and_absurd_times_are_refused_cleanly():
                        (torch.empty(56, 56, 3, dtype=torch.uint8, device="meta"), "meta tensor")):
         with pytest.raises(ValueError, match=words):
             frames_to_tensor(bad)
+
+
+@torch.no_grad()
+def test_a_kept_answer_cut_by_max_new_tokens_closes_its_turn(setup):
+    """keep=True writes question, answer, <|im_end|> and the reopened user turn into the memory, also when
+    max_new_tokens cut the answer short (the turn is closed as if the model had ended it)."""
+    from infinitevl.inference.streaming import REOPEN
+
+    model, tok = setup
+    s = StreamSession(model, tok, frame=SPEC)
+    for i, f in enumerate(_frames(2)):
+        s.push_frame(f, i * 0.5)
+    before = s.state.clone()
+    q = "What is happening?"
+    qids = torch.tensor([tok(QUESTION.format(question=q), add_special_tokens=False)["input_ids"]])
+    new = generate(model, qids, max_new_tokens=2, state=before.clone())[0]
+    assert model.config.eos_token_id not in new.tolist()  # cut short, not ended
+    s.ask(q, max_new_tokens=2, keep=True)
+    end = tok("<|im_end|>", add_special_tokens=False)["input_ids"]
+    reopen = tok(REOPEN, add_special_tokens=False)["input_ids"]
+    offline = before.clone()
+    model(torch.cat([qids, new[None], torch.tensor([end + reopen])], dim=1), state=offline)
+    _state_close(s.state, offline, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must be a string"):
+        s.ask(b"What?")
+    for bad in (0.5, True, 1):
+        with pytest.raises(ValueError, match="does not exist"):
+            s.ask(q, stream=bad)

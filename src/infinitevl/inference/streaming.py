@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -261,10 +262,14 @@ class StreamSession:
     def ask(self, question: str, *, stream: int = 0, max_new_tokens: int = 64,
             sampling: SamplingParams = SamplingParams(), keep: bool = False) -> str:
         """Answer about everything seen so far on `stream`. The stream's state is unchanged unless `keep`."""
-        if not isinstance(question, str) or not question.strip():
+        if question is not None and not isinstance(question, str):
+            raise ValueError(f"the question must be a string, got {type(question).__name__}")
+        if not question or not question.strip():
             raise ValueError("the question is empty: ask something")
-        if not 0 <= stream < self.batch_size:
-            raise ValueError(f"stream {stream} does not exist (this session has {self.batch_size})")
+        if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or not 0 <= stream < self.batch_size:
+            raise ValueError(f"stream {stream!r} does not exist (this session has {self.batch_size}: 0 to "
+                             f"{self.batch_size - 1})")
+        stream = int(stream)
         ids = self._encode(QUESTION.format(question=question))
         branch = self.state.select([stream])
         stops = self._stop_ids()
@@ -277,7 +282,10 @@ class StreamSession:
             tokens = tokens[:-1]
         answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         if keep:
-            tail = torch.cat([new[-1:].view(1, 1).to(self.device), self._encode(REOPEN)], dim=1)
+            # the last answer token is not in the state yet; an answer cut by max_new_tokens gets its turn closed
+            last = new[-1:].view(1, 1).to(self.device)
+            close = [] if new[-1].item() in stops else [self._encode("<|im_end|>")]
+            tail = torch.cat([last, *close, self._encode(REOPEN)], dim=1)
             self.model(tail, state=branch, logits_to_keep=1)
             self._write_row(stream, branch)
             self.clock.block_start[stream] = int(branch.next_position[0])
@@ -318,7 +326,7 @@ class StreamSession:
         meta = {"identity": model_identity(self.model), "frame": json.dumps(asdict(self.frame)),
                 "clock": json.dumps(asdict(self.clock)), "batch_size": str(self.batch_size),
                 "dtype": _weights_dtype(self.model), "format": "infinitevl-stream-1"}
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.is_dir():
             raise ValueError(f"{path} is a directory: give a file name, e.g. {path / 'stream.safetensors'}")
         if not path.parent.is_dir():
@@ -333,7 +341,7 @@ class StreamSession:
 
     def load(self, path: str | Path) -> None:
         """Restore a saved memory; checks that it was saved from this model, frame size and batch size."""
-        path = Path(path)
+        path = Path(path).expanduser()
         try:
             from safetensors import safe_open
 
