@@ -8,8 +8,13 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+
+FRAME_SIZE = 448  # the published demo's frames: 256 visual tokens each
+SHIPPED_FRAME_SIZE = 112  # the shipped tiny model's synthetic videos (tools/synthetic_task.py SIZE)
 
 
 def parse_time(text: str) -> float:
@@ -48,7 +53,7 @@ def _clock(seconds: float) -> str:
 
 
 def stream_main(argv: list[str]) -> int:
-    from .cli import HelpFormatter, _common, _device, _dtype, load_model, note_if_shipped, sampling_args
+    from .cli import DEFAULT_MODEL, HelpFormatter, _common, _device, _dtype, load_model, note_if_shipped, sampling_args
 
     ap = argparse.ArgumentParser(prog="infinitevl stream", description="Stream a video through the model in "
                                  "constant memory and answer questions at given stream times.",
@@ -59,7 +64,9 @@ def stream_main(argv: list[str]) -> int:
                     help='a question at a stream time, e.g. 30s:"What is happening?" (repeatable; 90, 2m, 1m30s, 1:30, '
                          '1:02:03)')
     ap.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
-    ap.add_argument("--frame-size", type=int, default=448, help="frames are resized to SIZE x SIZE (multiple of 28)")
+    ap.add_argument("--frame-size", type=int, default=None,
+                    help=f"frames are resized to SIZE x SIZE (a multiple of 28; default {FRAME_SIZE}, 256 tokens a "
+                         f"frame; {SHIPPED_FRAME_SIZE} with the shipped model, the size it was trained on)")
     ap.add_argument("--keep", action="store_true", help="questions and answers join the stream's memory")
     ap.add_argument("--to-end", action="store_true",
                     help="read the video to its end even after the last question is answered (default: stop there)")
@@ -87,6 +94,9 @@ def stream_main(argv: list[str]) -> int:
     from .inference.streaming import StreamSession
     from .inference.video_source import VideoSource
 
+    if args.frame_size is None:
+        shipped = Path(args.model).resolve() == DEFAULT_MODEL
+        args.frame_size = SHIPPED_FRAME_SIZE if shipped else FRAME_SIZE
     spec = FrameSpec(height=args.frame_size, width=args.frame_size)
     source = VideoSource(args.video, fps=args.fps, size=(spec.height, spec.width))
     device = _device(args.device)

@@ -126,3 +126,19 @@ def test_frame_rates_that_are_not_one_are_refused(capsys):
     for fps in ("0", "-1", "inf", "1e308", "nan"):
         assert main(["stream", str(MEDIA / "1.mp4"), "--fps", fps, "--ask", "1s:What?"]) == 2
         assert "--fps must be a number of frames per second" in capsys.readouterr().err
+
+
+def test_the_shipped_model_streams_at_its_training_size_by_default(capsys, monkeypatch):
+    import infinitevl.inference.streaming as streaming
+
+    sizes = []
+    real = streaming.StreamSession.__init__
+
+    def spy(self, model, tokenizer, *, frame, **kw):
+        sizes.append((frame.height, frame.width))
+        real(self, model, tokenizer, frame=frame, **kw)
+
+    monkeypatch.setattr(streaming.StreamSession, "__init__", spy)
+    assert main(["stream", str(MEDIA / "1.mp4"), "--fps", "1", "--ask", "2s:What?", "--max-new-tokens", "2",
+                 "--quiet"]) == 0
+    assert sizes == [(112, 112)]

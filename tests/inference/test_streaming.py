@@ -400,3 +400,16 @@ def test_a_kept_answer_cut_by_max_new_tokens_closes_its_turn(setup):
     for bad in (0.5, True, 1):
         with pytest.raises(ValueError, match="does not exist"):
             s.ask(q, stream=bad)
+
+
+@torch.no_grad()
+def test_batched_timestamps_may_be_arrays_and_the_stream_count_is_checked(setup):
+    model, tok = setup
+    frames = _frames(2)
+    a, b = StreamSession(model, tok, frame=SPEC, batch_size=2), StreamSession(model, tok, frame=SPEC, batch_size=2)
+    a.push_frames(frames, [0.0, 0.5])
+    b.push_frames(np.stack(frames), np.array([0.0, 0.5]))
+    assert a.clock == b.clock and all(torch.equal(x, y) for x, y in zip(a.state.tensors(), b.state.tensors()))
+    for bad in (0, 2.0, "2", True):
+        with pytest.raises(ValueError, match="batch_size"):
+            StreamSession(model, tok, frame=SPEC, batch_size=bad)

@@ -47,3 +47,17 @@ def test_bad_sources_raise_value_errors(tmp_path):
         list(VideoSource(tmp_path))
     with pytest.raises(MediaError, match="cannot open"):
         list(VideoSource("http://127.0.0.1:1/stream.mp4"))
+    for bad in (float("inf"), True):
+        with pytest.raises(ValueError, match="fps must be a finite number"):
+            VideoSource(MEDIA / "1.mp4", fps=bad)
+    for bad in ((448.5, 448), (448,), (-1, 448), "448"):
+        with pytest.raises(ValueError, match=r"size must be \(height, width\)"):
+            VideoSource(MEDIA / "1.mp4", size=bad)
+    for url in ("ftp://example.invalid/x.mp4", "s3://bucket/x.mp4"):
+        with pytest.raises(MediaError, match="sources are not read"):
+            VideoSource(url)
+
+
+def test_one_number_is_a_square_size():
+    frame, t = next(iter(VideoSource(MEDIA / "1.mp4", size=56)))
+    assert frame.shape == (56, 56, 3) and t == 0.0

@@ -113,8 +113,9 @@ class StreamSession:
         if (frame.patch_size, frame.merge_size, frame.temporal_patch_size) != (
                 vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size):
             raise ValueError("the frame spec's patch/merge/temporal sizes must equal the model's vision config")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size (the number of streams) must be a whole number >= 1, got {batch_size!r}")
+        batch_size = int(batch_size)
         self.backend = model.set_backend(backend, vision=True)
         if self.backend == "fla":
             model.fuse_projections(vision=True)
@@ -162,6 +163,8 @@ class StreamSession:
             absent = [b for b, img in enumerate(images) if img is None]
         else:
             images, absent = frames_to_tensor(images), []
+        if isinstance(timestamps, (np.ndarray, torch.Tensor)) and timestamps.ndim == 1:
+            timestamps = timestamps.tolist()
         ts_in = list(timestamps) if isinstance(timestamps, (list, tuple)) else [timestamps]
         if len(images) != B or len(ts_in) != B:
             raise ValueError(f"give exactly one frame and one timestamp per stream ({B}; None and None for a "

@@ -31,11 +31,18 @@ class VideoSource:
         """size: (height, width) to resize every frame to (e.g. the session's FrameSpec), or None."""
         if isinstance(fps, bool) or not (isinstance(fps, (int, float)) and 0 < fps < float("inf")):
             raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
-        if size is not None and (len(size) != 2 or min(size) < 1):
-            raise ValueError(f"size must be (height, width) in pixels, got {size!r}")
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
+        if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in size)):
+            raise ValueError(f"size must be (height, width) in whole pixels (or one number for a square), got {size!r}")
         if not isinstance(source, (str, Path)):
             raise MediaError(f"a video source is a path, a directory or a URL; got {type(source).__name__}")
-        self.source, self.fps, self.size = str(source), float(fps), size
+        scheme = str(source).partition("://")[0] if "://" in str(source) else None
+        if scheme is not None and not str(source).startswith(LIVE_PREFIXES + ("file://",)):
+            raise MediaError(f"{source}: {scheme}:// sources are not read; give a file, a directory of images, or a "
+                             f"URL starting with {', '.join(LIVE_PREFIXES)} (download other sources first)")
+        self.source, self.fps, self.size = str(source), float(fps), None if size is None else tuple(size)
         self.live = self.source.startswith(LIVE_PREFIXES) or self.source.startswith("/dev/video")
         path = Path(self.source[len("file://"):] if self.source.startswith("file://") else self.source)
         self.images: list[Path] | None = None
