@@ -51,8 +51,16 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     args = ap.parse_args(argv)
     mod, cls = _stage(args.stage)
+    required = "teacher" if args.stage.startswith("distill") else "model"
     try:
-        cfg = options.load(cls, args.config, args.overrides)
+        try:
+            cfg = options.load(cls, args.config, args.overrides)
+        except ValueError as e:
+            if not (args.print_config and f"{required} is empty" in str(e)):
+                raise
+            # the defaults can be printed before the model is chosen
+            cfg = options.load(cls, args.config, [*args.overrides, f"{required}=unset"])
+            setattr(cfg, required, "")
     except (ValueError, TypeError) as e:
         hint = "" if args.config else (f" (no --config given: start from a stage's file, e.g. --config "
                                        f"configs/{args.stage.replace('-', '_')}.yaml)")

@@ -35,6 +35,13 @@ def test_config_typos_and_print(capsys):
     assert train_main(["sft", "--config", str(ROOT / "configs/sft.yaml"), "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["trainable"] == ["gdn", "attention"]
     assert set(STAGES) == {"distill-layer", "distill-e2e", "sft", "long-sft"}
+    # the defaults print before a model is chosen; a run still needs one
+    assert train_main(["distill-layer", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["teacher"] == "" and printed["mse_factor"] == 1000.0
+    with pytest.raises(SystemExit):
+        train_main(["distill-layer"])
+    assert "teacher is empty" in capsys.readouterr().err
 
 
 def test_convert_command(hf_teacher_dir, tmp_path, capsys):
