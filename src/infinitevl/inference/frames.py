@@ -57,7 +57,9 @@ def frames_to_tensor(frames) -> torch.Tensor:
     except ImportError:  # pragma: no cover
         Image = None
     if Image is not None and isinstance(frames, Image.Image):
-        frames = np.asarray(frames.convert("RGB"))
+        from ..media import load_image
+
+        frames = np.asarray(load_image(frames))  # transparency on white, as for images from files
     if isinstance(frames, np.ndarray):
         # decoders hand out read-only arrays; torch wants writable memory
         frames = torch.from_numpy(np.ascontiguousarray(frames) if frames.flags.writeable else frames.copy())

@@ -104,6 +104,8 @@ class StreamSession:
         previous frame's LLM part (inference/frame_step.py); every read of the state (`state`, `ask`,
         `snapshot`, `save`) first finishes the last frame, so nothing outside sees the difference. The session
         owns the model's backend choice (like the Engine)."""
+        if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "image_processor"):  # a processor: its tokenizer
+            tokenizer = tokenizer.tokenizer
         if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
             raise ValueError(f"tokenizer must be the model's tokenizer (AutoTokenizer.from_pretrained(model_dir)), "
                              f"got {type(tokenizer).__name__}")
@@ -163,6 +165,9 @@ class StreamSession:
             absent = [b for b, img in enumerate(images) if img is None]
         else:
             images, absent = frames_to_tensor(images), []
+            if images.shape[0] != B:
+                raise ValueError(f"give one frame per stream ({B}), got {images.shape[0]} frame(s) "
+                                 + ("(push_clip takes several frames of one stream)" if B == 1 else ""))
         if isinstance(timestamps, (np.ndarray, torch.Tensor)) and timestamps.ndim == 1:
             timestamps = timestamps.tolist()
         ts_in = list(timestamps) if isinstance(timestamps, (list, tuple)) else [timestamps]
@@ -180,6 +185,8 @@ class StreamSession:
             full = frames.new_zeros(B, *frames.shape[1:])
             full[present] = frames
             frames = full
+        if any(isinstance(t, (str, bool)) for t in ts_in):
+            raise ValueError(f"timestamps must be numbers of seconds, got {timestamps!r:.80}")
         try:
             # an absent stream's step runs on a stand-in position (its last time) and is then undone
             ts = [(self.clock.last_ts[b] or 0.0) if b in absent else float(t) for b, t in enumerate(ts_in)]
@@ -273,7 +280,9 @@ class StreamSession:
             raise ValueError(f"stream {stream!r} does not exist (this session has {self.batch_size}: 0 to "
                              f"{self.batch_size - 1})")
         stream = int(stream)
-        ids = self._encode(QUESTION.format(question=question))
+        # the question is text: chat-format tokens written in it (e.g. <|im_end|>) stay plain text
+        head, tail = QUESTION.split("{question}")
+        ids = torch.cat([self._encode(head), self._encode(question, text_only=True), self._encode(tail)], dim=1)
         branch = self.state.select([stream])
         stops = self._stop_ids()
         if self._engine is None:  # the decode step in a CUDA graph on a GPU (eager on CPU), same kernels
@@ -307,7 +316,8 @@ class StreamSession:
         return StreamSnapshot(self.state.clone(), self.clock.copy(), self.model)
 
     def restore(self, snap: StreamSnapshot) -> None:
-        """Back to `snap` (taken from this session, or another one of the same model, frame size and streams)."""
+        """Back to `snap` (taken from this session, or another one of the same model and number of streams; the
+        memory does not depend on the frame size, so a session of another frame size may take it)."""
         if not isinstance(snap, StreamSnapshot):
             raise ValueError(f"restore takes a StreamSnapshot (from snapshot()), got {type(snap).__name__}")
         if snap.model is not None and snap.model is not self.model and \
@@ -333,7 +343,8 @@ class StreamSession:
         if path.is_dir():
             raise ValueError(f"{path} is a directory: give a file name, e.g. {path / 'stream.safetensors'}")
         if not path.parent.is_dir():
-            raise ValueError(f"cannot save to {path}: the folder {path.parent} does not exist (create it first)")
+            what = "is a file" if path.parent.exists() else "does not exist (create it first)"
+            raise ValueError(f"cannot save to {path}: the folder {path.parent} {what}")
         tmp = path.with_name(path.name + ".tmp")
         try:
             save_file(tensors, str(tmp), metadata=meta)
@@ -372,8 +383,9 @@ class StreamSession:
         self.clock = _Clock(**json.loads(meta["clock"]))
 
     # ---- helpers ----
-    def _encode(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _encode(self, text: str, *, text_only: bool = False) -> torch.Tensor:
+        """Token ids [1, T] on the device; text_only: special-token strings in `text` are plain text."""
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=text_only)["input_ids"]
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     def _feed_text(self, ids_BT: torch.Tensor) -> None:
