@@ -136,3 +136,21 @@ def test_convert_into_the_empty_working_folder_and_through_a_link(hf_teacher_dir
     assert convert_main(["--teacher", str(hf_teacher_dir), "--out", str(tmp_path / "link"), "--force"]) == 0
     assert (tmp_path / "link").is_symlink() and (target / "config.json").exists() and not (target / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "link", "real"]
+
+
+def test_config_errors_blame_the_override_only_when_it_gave_the_value(tmp_path):
+    import yaml
+
+    dl, lsft = _stage("distill-layer")[1], _stage("long-sft")[1]
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"teacher": "/x", "spec": {"num_linear_heads": 0}, "run": {"sed": 1}}))
+    with pytest.raises(ValueError, match=r"^.*c\.yaml: unknown key\(s\) \['sed'\]"):
+        options.load(dl, f, ["run.seed=3"])  # a typo in the file, a good override beside it
+    f.write_text(yaml.safe_dump({"teacher": "/x", "spec": {"num_linear_heads": 0}}))
+    with pytest.raises(ValueError, match=r"^.*c\.yaml: spec.num_linear_heads must be >= 1"):
+        options.load(dl, f, ["teacher=/y"])
+    f.write_text(yaml.safe_dump({"model": "/x", "lora": {"alpha": 8}}))
+    with pytest.raises(ValueError, match=r"^--set lora.dropout: lora.dropout must be in \[0, 1\)"):
+        options.load(lsft, f, ["lora.r=8", "lora.dropout=2"])
+    with pytest.raises(ValueError, match=r"^--set data.train: data.train\[0\].path must be a path"):
+        options.load(lsft, f, ["data.train=[{path: null}]"])

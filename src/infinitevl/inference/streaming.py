@@ -385,7 +385,11 @@ class StreamSession:
     # ---- helpers ----
     def _encode(self, text: str, *, text_only: bool = False) -> torch.Tensor:
         """Token ids [1, T] on the device; text_only: special-token strings in `text` are plain text."""
-        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=text_only)["input_ids"]
+        kw = {"split_special_tokens": True} if text_only else {}
+        try:
+            ids = self.tokenizer(text, add_special_tokens=False, **kw)["input_ids"]
+        except TypeError:  # a tokenizer without the option (e.g. a byte-level test tokenizer) reads text as text
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     def _feed_text(self, ids_BT: torch.Tensor) -> None:

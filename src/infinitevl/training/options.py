@@ -7,6 +7,7 @@ default), and `key.sub=value` overrides from the command line are applied on top
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,29 +135,29 @@ def _convert(tp, value, where: str):
                     return _convert(a, value, where)
                 except ValueError:
                     pass
-        raise ValueError(f"{where} must be {_describe(tp)}{' or null' if _NONE in typing.get_args(tp) else ''}, "
+        raise ConfigError(where, f"{where} must be {_describe(tp)}{' or null' if _NONE in typing.get_args(tp) else ''}, "
                          f"got {value!r}")
     if value is None:
-        raise ValueError(f"{where} must be {_describe(tp)}, got null: give a value, or remove the key for the default")
+        raise ConfigError(where, f"{where} must be {_describe(tp)}, got null: give a value, or remove the key for the default")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"{where} must be {_describe(tp)}, got {type(value).__name__} {value!r}")
+            raise ConfigError(where, f"{where} must be {_describe(tp)}, got {type(value).__name__} {value!r}")
         return from_dict(tp, value, where=where)
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         if isinstance(value, (str, dict)) and item in (Any, str):  # one path / one source where a list is expected
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(where, f"{where} must be a list, got {value!r}")
         return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
+            raise ConfigError(where, f"{where} must be a mapping, got {value!r}")
         return value
     if tp is bool:
         if value in (0, 1) and not isinstance(value, float):  # --set run.bf16=1
             return bool(value)
-        raise ValueError(f"{where} must be true or false, got {value!r}")
+        raise ConfigError(where, f"{where} must be true or false, got {value!r}")
     if tp in (int, float):
         number = value
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -165,29 +166,57 @@ def _convert(tp, value, where: str):
             except ValueError:
                 number = None
         if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ValueError(f"{where} must be {_describe(tp)}, got {value!r}")
+            raise ConfigError(where, f"{where} must be {_describe(tp)}, got {value!r}")
         if tp is int:
             if isinstance(number, float) and not number.is_integer():
-                raise ValueError(f"{where} must be a whole number, got {value!r}")
+                raise ConfigError(where, f"{where} must be a whole number, got {value!r}")
             return int(number)
         return float(number)
     if tp is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(where, f"{where} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; `key` is its dotted key ("" for the whole config)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 def from_dict(cls: type[T], d: dict[str, Any], *, where: str = "") -> T:
     """`cls` from a mapping; `where` is the dotted key of the mapping (empty at the top), named in errors."""
     if not isinstance(d, dict):
-        raise ValueError(f"{where or 'the config'} must be a mapping of keys, got {type(d).__name__}")
+        raise ConfigError(where, f"{where or 'the config'} must be a mapping of keys, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where or 'the config'}: known keys are {sorted(names)}")
-    return cls(**{k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in d.items()})
+        raise ConfigError(f"{where}.{unknown[0]}" if where else unknown[0],
+                          f"unknown key(s) {unknown} in {where or 'the config'}: known keys are {sorted(names)}")
+    values = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in d.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the section's own checks (__post_init__): the key is this section
+        raise ConfigError(where, str(e)) from None
+
+
+def _blamed(e: ConfigError, overrides: list[str]) -> str | None:
+    """The --set key that gave the value `e` is about: the same key, or one inside the section `e` names whose
+    dotted name the message mentions (a section's own checks name their keys)."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    for k in reversed(keys):  # the last override of a key wins
+        if k == e.key or e.key.startswith(k + ".") or e.key.startswith(k + "["):
+            return k
+        inside = not e.key or k.startswith(e.key + ".")
+        if inside and re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", str(e)):
+            return k
+    return None
 
 
 def to_dict(obj) -> dict[str, Any]:
@@ -227,7 +256,6 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
         return from_dict(cls, raw)
     except ValueError as e:
         # the override that set the value named in the message, else the file
-        keys = [o.split("=", 1)[0].strip() for o in overrides]
-        hit = next((k for k in reversed(keys) if k in str(e) or f"'{k.split('.')[-1]}'" in str(e)), None)
+        hit = _blamed(e, list(overrides)) if isinstance(e, ConfigError) else None
         source = f"--set {hit}" if hit else path
         raise ValueError(f"{source}: {e}" if source else str(e)) from None
