@@ -2,6 +2,8 @@
 and only the GDN mixers move."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -76,3 +78,33 @@ def test_pairs_and_trainable_sets_that_cannot_distil_are_refused(hf_teacher_dir,
     with pytest.raises(ValueError, match=r"does not share the teacher's vocabulary \(image_token_id"):
         distill_layer.load_pair(str(hf_teacher_dir), str(other), StudentSpec())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_with_another_teacher_is_refused(hf_teacher_dir, synth_dir, tmp_path):
+    """The teacher is the one input no checkpoint holds: its weights are in the run's fingerprint, so another
+    teacher (even beside a student given as a directory) is refused, and the same teacher moved resumes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from infinitevl.training.student import convert
+
+    student = tmp_path / "student"
+    convert(hf_teacher_dir, student, StudentSpec(sliding_window=64))
+    cfg = distill_e2e.DistillE2EConfig(teacher=str(hf_teacher_dir), student=str(student), data=_data(synth_dir),
+                                       run=_run(tmp_path / "out", 3))
+    cfg.run.stop_after = 1
+    distill_e2e.run(cfg)
+    cfg.run.stop_after = None
+    other = tmp_path / "other_teacher"
+    shutil.copytree(hf_teacher_dir, other)
+    f = next(other.glob("*.safetensors"))
+    weights = load_file(str(f))
+    name = next(k for k in sorted(weights) if k.endswith("mlp.down_proj.weight"))
+    weights[name] = weights[name] * 1.5
+    save_file(weights, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"belongs to another run \(teacher "):
+        distill_e2e.run(dataclasses.replace(cfg, teacher=str(other)))
+    moved = tmp_path / "moved_teacher"
+    shutil.copytree(hf_teacher_dir, moved)
+    assert [h["step"] for h in distill_e2e.run(dataclasses.replace(cfg, teacher=str(moved))).history] == [2, 3]

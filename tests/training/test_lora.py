@@ -66,6 +66,10 @@ def test_long_sft_writes_a_merged_plain_checkpoint(synth_dir, tmp_path):
     assert (tmp_path / "merged" / "tokenizer.json").exists()
     with pytest.raises(SystemExit):  # a non-empty --out needs --force
         cli.main(["merge-lora", str(step), "--out", str(tmp_path / "merged")])
+    for out in (tmp_path, step / "m"):  # never the run's folder (it holds the checkpoint) or inside the checkpoint
+        with pytest.raises(SystemExit):
+            cli.main(["merge-lora", str(step), "--out", str(out), "--force"])
+    assert (step / "trainer_state.pt").exists() and (tmp_path / "final").exists()
 
     # another LoRA setting is another run: refused on resume, before anything is restored
     import dataclasses

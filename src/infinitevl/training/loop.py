@@ -29,7 +29,7 @@ from torch import nn
 from ..layers.fuse import share_frozen_storage, unshare_storage
 from ..model.fingerprint import weights_fingerprint
 from . import checkpointing
-from .distributed import Dist, all_sum, no_sync, wrap
+from .distributed import Dist, all_sum, gather_objects, no_sync, wrap
 from .loader import RowLoader
 from .options import OptimConfig, RunConfig
 from .packing import PackedBatch
@@ -127,8 +127,16 @@ class Trainer:
         objective.student.model.gradient_checkpointing = run.gradient_checkpointing
         objective.student.model.recompute_layers = run.recompute_layers
         objective.to(d.device).train()
+        # what no checkpoint holds: the student's frozen weights and the teacher (kept outside the objective's
+        # parameters); every process must start from the same ones
+        teacher = getattr(objective, "teacher", None)
         self.setup["frozen"] = weights_fingerprint(
-            (n, p) for n, p in objective.student.named_parameters() if not p.requires_grad)
+            [(n, p) for n, p in objective.student.named_parameters() if not p.requires_grad]
+            + ([(f"teacher.{n}", p) for n, p in teacher.named_parameters()] if teacher is not None else []))
+        prints = gather_objects(self.setup["frozen"], d)
+        if len(set(prints)) > 1:
+            raise ValueError(f"the processes loaded different weights (frozen-weight fingerprints {prints}): give "
+                             "every process the same model and teacher files")
         self.backend = objective.student.set_backend(run.backend)  # fla's training kernels on a GPU
         strategy = run.parallel
         if strategy == "auto":
@@ -192,15 +200,16 @@ class Trainer:
         if old is None:  # written before setups were recorded
             return
         new = self.setup
-        changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-                   if k != "frozen" and old.get(k) != new.get(k)}
+        # keys both runs know (a later version may record more; a key one of them lacks is not compared)
+        changed = {k: (old[k], new[k]) for k in sorted(set(old) & set(new))
+                   if k != "frozen" and _differs(old[k], new[k])}
         same_weights = old.get("frozen") == new.get("frozen")
         if changed and (set(changed) - set(PATH_KEYS) or not same_weights):
             keys = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"{ck} belongs to another run ({keys}): {fix}")
         if not same_weights:
-            raise ValueError(f"{ck}: the frozen weights of the model this run starts from changed since the run "
-                             f"began (the directories are the same, their contents are not): {fix}")
+            raise ValueError(f"{ck}: the frozen weights of the model (or the teacher) this run starts from changed "
+                             f"since the run began (the directories are the same, their contents are not): {fix}")
 
     def save(self) -> Path | None:
         return checkpointing.save(
@@ -350,6 +359,13 @@ class Trainer:
                 print(f"[train] skipped bad samples: {skipped} (see {self.out / 'skipped.txt'})", flush=True)
                 (self.out / "skipped.txt").write_text("\n".join(self.loader.dataset.skip_log) + "\n")
         return res
+
+
+def _differs(a: Any, b: Any) -> bool:
+    """Setup values differ (in mappings, only the keys both hold count)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return any(_differs(a[k], b[k]) for k in a.keys() & b.keys())
+    return a != b
 
 
 def _truncate_log(path: Path, step: int) -> None:

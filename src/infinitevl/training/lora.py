@@ -96,8 +96,10 @@ def merge_checkpoint(step_dir: str | Path, out: str | Path, *, overwrite: bool =
     if not (step_dir / STATE_FILE).is_file() or not (step_dir / "model.safetensors").is_file():
         raise ValueError(f"{step_dir} is not a training checkpoint (needs {STATE_FILE} and model.safetensors): "
                          "give a step-* directory of a long-sft run")
-    if out.resolve() == step_dir.resolve():
-        raise ValueError("--out must be another directory than the checkpoint")
+    src, dst = step_dir.resolve(), out.resolve()
+    if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
+        raise ValueError(f"--out {out} must be a directory outside the checkpoint and its run (not {step_dir}, a "
+                         "folder holding it, or one inside it)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
     try:
@@ -106,8 +108,9 @@ def merge_checkpoint(step_dir: str | Path, out: str | Path, *, overwrite: bool =
         raise ValueError(f"cannot read {step_dir / STATE_FILE} ({type(e).__name__}: {e})") from e
     lora = (state.get("trainer", {}).get("setup") or {}).get("lora")
     if lora is None:
-        raise ValueError(f"{step_dir} is not from a long-sft (LoRA) run, or was written before its LoRA settings "
-                         "were recorded: it needs no merging if it has no adapters; load it directly")
+        raise ValueError(f"{step_dir} records no LoRA settings: either it is not from a long-sft run (then it holds "
+                         "no adapters: load it directly), or an earlier version wrote it (resume the run with its "
+                         "config: its next checkpoint records them; or use the run's final/, which is merged)")
     config = InfiniteVLConfig.from_file(step_dir)
     model = add_lora(InfiniteVL(config), LoRAConfig(**lora))
     weights = load_file(str(step_dir / "model.safetensors"))
