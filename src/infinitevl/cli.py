@@ -84,9 +84,13 @@ def _load(model_dir: Path, device: str, dtype: torch.dtype):
     return model, processor
 
 
+def is_shipped(model_dir: Path) -> bool:
+    return Path(model_dir).resolve() == DEFAULT_MODEL
+
+
 def note_if_shipped(model_dir: Path) -> None:
     """The shipped tiny model answers only about its synthetic world: say so, once, on stderr."""
-    if Path(model_dir).resolve() == DEFAULT_MODEL:
+    if is_shipped(model_dir):
         print("note: no --model given, so the small model shipped in the package answers. It knows only synthetic "
               "shapes, colours, counts and words (try src/infinitevl/assets/examples/); give --model DIR with a "
               "released checkpoint for real images and videos.", file=sys.stderr)

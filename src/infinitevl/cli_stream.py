@@ -33,11 +33,11 @@ _CLOCK = re.compile(r"\s*(?:(\d+):)?(\d+):([0-5]\d(?:\.\d*)?)\s*:(.*)", re.S)
 def parse_ask(text: str) -> tuple[float, str]:
     """'30s:What is happening?' -> (30.0, 'What is happening?'); '1:30:Why?' and '1:02:03:Why?' are clock times
     (M:SS, H:MM:SS)."""
+    if re.fullmatch(r"\s*(\d+:)*\d+(\.\d*)?\s*:?\s*", text):  # a time and nothing else (1:30, 0:01:05, 90:)
+        raise ValueError(f"--ask {text!r} has no question after the time: write TIME:QUESTION, e.g. --ask "
+                         "1:30:\"What is happening?\"")
     clock = _CLOCK.fullmatch(text)
-    if clock is not None:
-        if not clock.group(4).strip():
-            raise ValueError(f"--ask {text!r} has no question after the time: write TIME:QUESTION, e.g. --ask "
-                             "1:30:\"What is happening?\"")
+    if clock is not None and clock.group(4).strip():
         h, m, sec = clock.group(1), clock.group(2), clock.group(3)
         return (int(h) * 3600 if h else 0) + int(m) * 60 + float(sec), clock.group(4).strip()
     when, sep, question = text.partition(":")
@@ -53,7 +53,7 @@ def _clock(seconds: float) -> str:
 
 
 def stream_main(argv: list[str]) -> int:
-    from .cli import DEFAULT_MODEL, HelpFormatter, _common, _device, _dtype, load_model, note_if_shipped, sampling_args
+    from .cli import HelpFormatter, _common, is_shipped, _device, _dtype, load_model, note_if_shipped, sampling_args
 
     ap = argparse.ArgumentParser(prog="infinitevl stream", description="Stream a video through the model in "
                                  "constant memory and answer questions at given stream times.",
@@ -95,8 +95,7 @@ def stream_main(argv: list[str]) -> int:
     from .inference.video_source import VideoSource
 
     if args.frame_size is None:
-        shipped = Path(args.model).resolve() == DEFAULT_MODEL
-        args.frame_size = SHIPPED_FRAME_SIZE if shipped else FRAME_SIZE
+        args.frame_size = SHIPPED_FRAME_SIZE if is_shipped(args.model) else FRAME_SIZE
     spec = FrameSpec(height=args.frame_size, width=args.frame_size)
     source = VideoSource(args.video, fps=args.fps, size=(spec.height, spec.width))
     device = _device(args.device)

@@ -26,8 +26,9 @@ def test_parse_ask_and_bad_times():
     assert parse_ask("1:30:What now?") == (90.0, "What now?")
     assert parse_ask("1:02:03.5:Why: really?") == (3723.5, "Why: really?")
     assert parse_ask("90:What now?") == (90.0, "What now?")
-    with pytest.raises(ValueError, match="no question after the time"):
-        parse_ask("1:30: ")
+    for bad in ("1:30: ", "1:30", "0:01:05"):
+        with pytest.raises(ValueError, match="no question after the time"):
+            parse_ask(bad)
 
 
 def test_stream_command_answers_at_times(capsys):

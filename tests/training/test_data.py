@@ -130,6 +130,8 @@ def test_truncated_image_found_at_load_time_is_skipped(fmt, tmp_path, synth_dir)
 def test_sources_repeat_and_config_errors(tmp_path, synth_dir):
     data = DataConfig(train=[str(synth_dir / "train.jsonl"), {"path": str(synth_dir / "test.jsonl"), "repeat": 1.5}])
     assert len(load_records(data)) == 36 + 18
+    as_paths = DataConfig(train=[synth_dir / "train.jsonl", {"path": synth_dir / "test.jsonl", "media_dir": synth_dir}])
+    assert len(load_records(as_paths)) == 36 + 12  # pathlib paths work as well as strings
     with pytest.raises(ValueError, match="on_bad_sample"):
         DataConfig(on_bad_sample="ignore")
     with pytest.raises(ValueError, match="does not exist"):

@@ -100,17 +100,19 @@ def save(out_dir: Path, step: int, *, wrapped: torch.nn.Module, prefix: str, mod
 def _prune(out_dir: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    done = sorted(p for p in out_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for p in done[:-keep_last]:
+    for p in _step_dirs(out_dir)[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
 
 
 def existing(out_dir: Path) -> list[str]:
     """Names of the checkpoints (and `latest`) in out_dir: what a new run there would prune or overwrite."""
-    if not out_dir.is_dir():
-        return []
-    found = sorted(p.name for p in out_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    found = [p.name for p in _step_dirs(out_dir)]
     return found + ([LATEST] if (out_dir / LATEST).exists() else [])
+
+
+def _step_dirs(out_dir: Path) -> list[Path]:
+    """The written step-* checkpoint directories (complete or not), oldest first."""
+    return sorted(p for p in out_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
 def _complete(p: Path) -> bool:
@@ -125,8 +127,7 @@ def latest(out_dir: Path) -> Path | None:
         return None
     p = out_dir / f.read_text().strip()
     if not _complete(p):
-        good = sorted(q.name for q in out_dir.glob("step-*")
-                      if q.is_dir() and not q.name.endswith(".tmp") and _complete(q))
+        good = [q.name for q in _step_dirs(out_dir) if _complete(q)]
         fix = (f"point it at the newest complete one (echo {good[-1]} > {f})" if good else
                "no complete checkpoint is left")
         raise ValueError(f"{f} names {p.name}, which is missing or incomplete (needs {STATE_FILE} and "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,13 +391,15 @@ class ChatDataset:
 
 def source(src: Any, k: int) -> dict[str, Any]:
     """data.train[k] as {path, repeat?, media_dir?}, checked."""
-    if not isinstance(src, (str, dict)):
+    if not isinstance(src, (str, os.PathLike, dict)):
         raise ValueError(f"data.train[{k}] must be a path or {{path, repeat, media_dir}}, got {src!r}")
-    src = {"path": src} if isinstance(src, str) else dict(src)
+    src = {"path": src} if isinstance(src, (str, os.PathLike)) else dict(src)
     unknown = set(src) - {"path", "repeat", "media_dir"}
     if unknown or "path" not in src:
         raise ValueError(f"data.train[{k}] must be a path or {{path, repeat, media_dir}}, got keys {sorted(src)}")
     for key in ("path", "media_dir"):
+        if isinstance(src.get(key), os.PathLike):
+            src[key] = os.fspath(src[key])
         if key in src and not (isinstance(src[key], str) and src[key]):
             raise ValueError(f"data.train[{k}].{key} must be a path, got {src[key]!r}")
     repeat = src.get("repeat", 1.0)
