@@ -53,7 +53,7 @@ def _clock(seconds: float) -> str:
 
 
 def stream_main(argv: list[str]) -> int:
-    from .cli import HelpFormatter, _common, is_shipped, _device, _dtype, load_model, note_if_shipped, sampling_args
+    from .cli import HelpFormatter, _common, _device, _dtype, is_shipped, load_model, note_if_shipped, sampling_args
 
     ap = argparse.ArgumentParser(prog="infinitevl stream", description="Stream a video through the model in "
                                  "constant memory and answer questions at given stream times.",

@@ -30,6 +30,7 @@ from ..model.state import InferenceState
 from .frame_step import FrameStep
 from .frames import FrameSpec, frames_to_tensor
 from .engine import Engine
+from .request import whole_number
 from .sampling import SamplingParams
 
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
@@ -115,9 +116,7 @@ class StreamSession:
         if (frame.patch_size, frame.merge_size, frame.temporal_patch_size) != (
                 vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size):
             raise ValueError("the frame spec's patch/merge/temporal sizes must equal the model's vision config")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size (the number of streams) must be a whole number >= 1, got {batch_size!r}")
-        batch_size = int(batch_size)
+        batch_size = whole_number(batch_size, "batch_size (the number of streams)", 1)
         self.backend = model.set_backend(backend, vision=True)
         if self.backend == "fla":
             model.fuse_projections(vision=True)

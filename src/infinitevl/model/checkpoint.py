@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,3 +129,42 @@ def save_weights(model: torch.nn.Module, directory: str | Path, *, tied: bool) -
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def output_dir(path: str | Path, *, overwrite: bool) -> Path:
+    """A directory to write a checkpoint into, as the real folder it names (`.` and symlinks resolved). A
+    non-empty one is an error unless `overwrite` (and even then not the working directory or a folder holding it)."""
+    out = Path(path).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ValueError(f"{out} already exists and is not empty: choose another output directory, or "
+                             f"overwrite it on purpose (--force)")
+        if Path.cwd().resolve().is_relative_to(out):
+            raise ValueError(f"{out} holds the working directory: run this from elsewhere to replace it")
+    return out
+
+
+def write_whole(out: Path, fill: Callable[[Path], None]) -> None:
+    """`fill(folder)` writes a checkpoint into a sibling folder, which then takes `out`'s place whole (an empty
+    `out`, maybe the working folder, stays itself and receives the files), so a failure never leaves half a
+    checkpoint, nor loses the one that was there."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        fill(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left beside the output
+        raise
+    if out.is_dir() and not any(out.iterdir()):
+        for f in partial.iterdir():
+            f.rename(out / f.name)
+        partial.rmdir()
+    elif out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        partial.rename(out)
+        (shutil.rmtree if old.is_dir() else Path.unlink)(old)
+    else:
+        partial.rename(out)

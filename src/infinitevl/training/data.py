@@ -281,8 +281,8 @@ class ChatFormat:
 
     def _check_length(self, rec: Record, n: int) -> None:
         if n > self.max_tokens:
-            raise BadSample(rec.where, f"{n} tokens > data.max_tokens={self.max_tokens}: raise max_tokens, or lower the "
-                            f"image/video pixel budget", "too_long")
+            raise BadSample(rec.where, f"{n} tokens > data.max_tokens={self.max_tokens}: raise max_tokens, or lower "
+                            "the image/video pixel budget", "too_long")
 
     def build(self, rec: Record) -> Sample:
         self._check(rec)

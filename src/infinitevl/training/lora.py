@@ -83,25 +83,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def merge_checkpoint(step_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """A long-sft training checkpoint (step-*: unmerged adapters, the LoRA settings in its trainer state) ->
     a plain released-format checkpoint in `out`, written beside it and moved into place when complete."""
-    import shutil
-
     import torch
     from safetensors.torch import load_file
 
+    from ..model.checkpoint import TIED_HEAD, output_dir, write_whole
     from ..model.config import InfiniteVLConfig
     from .checkpointing import STATE_FILE
     from .student import copy_processor_files
 
-    step_dir, out = Path(step_dir), Path(out)
+    step_dir = Path(step_dir)
     if not (step_dir / STATE_FILE).is_file() or not (step_dir / "model.safetensors").is_file():
         raise ValueError(f"{step_dir} is not a training checkpoint (needs {STATE_FILE} and model.safetensors): "
                          "give a step-* directory of a long-sft run")
-    src, dst = step_dir.resolve(), out.resolve()
+    src, dst = step_dir.resolve(), Path(out).expanduser().resolve()
     if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
         raise ValueError(f"--out {out} must be a directory outside the checkpoint and its run (not {step_dir}, a "
                          "folder holding it, or one inside it)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"{out} exists and is not empty: choose another --out, or pass --force to replace it")
+    out = output_dir(out, overwrite=overwrite)
     try:
         state = torch.load(step_dir / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable state file gets the same answer
@@ -115,22 +113,18 @@ def merge_checkpoint(step_dir: str | Path, out: str | Path, *, overwrite: bool =
     model = add_lora(InfiniteVL(config), LoRAConfig(**lora))
     weights = load_file(str(step_dir / "model.safetensors"))
     if config.text.tie_word_embeddings:
-        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+        weights.setdefault(TIED_HEAD, weights["model.embed_tokens.weight"])
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"{step_dir}: the weights do not fit its LoRA settings ({len(missing)} missing, e.g. "
                          f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
     model = merge_lora(model)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        copy_processor_files(step_dir, tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        copy_processor_files(step_dir, folder)
+
+    write_whole(out, fill)
     return out
 
 

@@ -135,10 +135,11 @@ def _convert(tp, value, where: str):
                     return _convert(a, value, where)
                 except ValueError:
                     pass
-        raise ConfigError(where, f"{where} must be {_describe(tp)}{' or null' if _NONE in typing.get_args(tp) else ''}, "
-                         f"got {value!r}")
+        null = " or null" if _NONE in typing.get_args(tp) else ""
+        raise ConfigError(where, f"{where} must be {_describe(tp)}{null}, got {value!r}")
     if value is None:
-        raise ConfigError(where, f"{where} must be {_describe(tp)}, got null: give a value, or remove the key for the default")
+        raise ConfigError(where, f"{where} must be {_describe(tp)}, got null: give a value, or remove the key for "
+                                 "the default")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(where, f"{where} must be {_describe(tp)}, got {type(value).__name__} {value!r}")

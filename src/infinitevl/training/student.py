@@ -75,7 +75,8 @@ def teacher_config(d: dict[str, Any], *, where: str = "config.json", sliding_win
     if d.get("model_type") not in TEACHER_MODEL_TYPES:
         raise ValueError(
             f"{where} has model_type {d.get('model_type')!r}; the teacher must be a transformers Qwen2.5-VL "
-            f"checkpoint (model_type {', '.join(TEACHER_MODEL_TYPES)}). To continue from an InfiniteVL checkpoint, train it directly."
+            f"checkpoint (model_type {', '.join(TEACHER_MODEL_TYPES)}). To continue from an InfiniteVL checkpoint, "
+            "train it directly."
         )
     text = dict(d)
     text.update(d.get("text_config") or {})
@@ -259,41 +260,21 @@ def convert(teacher_dir: str | Path, out_dir: str | Path, spec: StudentSpec = St
 
     A non-empty `out_dir` is an error unless `overwrite`; the student is written to a sibling folder first
     and moved into place whole, so a failed conversion never leaves a half-written checkpoint."""
-    out_dir = Path(out_dir).expanduser().resolve()  # `.` and symlinks become the real folder they name
-    if out_dir == Path(teacher_dir).resolve():
+    if Path(out_dir).expanduser().resolve() == Path(teacher_dir).resolve():
         raise ValueError(f"the output directory {out_dir} is the teacher's: choose another one")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not overwrite:
-            raise ValueError(f"{out_dir} already exists and is not empty: choose another output directory, or "
-                             f"overwrite it on purpose (--force)")
-        if Path.cwd().resolve().is_relative_to(out_dir):
-            raise ValueError(f"{out_dir} holds the working directory: run the conversion from elsewhere to replace it")
+    out_dir = checkpoint.output_dir(out_dir, overwrite=overwrite)
     teacher = load_teacher(teacher_dir)
     student = build_student(teacher, spec)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        student.save_pretrained(partial)
-        copy_processor_files(teacher_dir, partial)
+
+    def fill(folder: Path) -> None:
+        student.save_pretrained(folder)
+        copy_processor_files(teacher_dir, folder)
         n_new = sum(p.numel() for i in gdn_layer_indices(student.config)
                     for p in student.model.layers[i].self_attn.parameters())
-        (partial / "conversion.json").write_text(json.dumps({
+        (folder / "conversion.json").write_text(json.dumps({
             "teacher": str(teacher_dir), "spec": dataclasses.asdict(spec), "new_gdn_params": n_new,
             "gdn_layers": gdn_layer_indices(student.config),
         }, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left beside the output
-        raise
-    if out_dir.is_dir() and not any(out_dir.iterdir()):  # an empty folder (maybe the working one) stays itself
-        for f in partial.iterdir():
-            f.rename(out_dir / f.name)
-        partial.rmdir()
-    elif out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        partial.rename(out_dir)
-        (shutil.rmtree if old.is_dir() else Path.unlink)(old)
-    else:
-        partial.rename(out_dir)
+
+    checkpoint.write_whole(out_dir, fill)
     return student
