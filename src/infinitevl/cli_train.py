@@ -41,8 +41,14 @@ def train_main(argv: list[str] | None = None) -> int:
     """Runs one training stage; returns the process exit code (0 done, 3 stopped early by run.stop_after)."""
     from .cli import HelpFormatter
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `train <stage> --help` lists that stage's config keys
+    stage = next((a for a in argv if a in STAGES), None) if {"-h", "--help"} & set(argv) else None
+    epilog = (f"config keys of {stage} (YAML sections of --config, or --set KEY=VALUE), with their defaults:\n"
+              f"{options.keys_help(_stage(stage)[1])}" if stage else
+              "infinitevl train STAGE --help lists the stage's config keys with their defaults.")
     ap = argparse.ArgumentParser(prog="infinitevl train", description="Train one stage of the InfiniteVL recipe.",
-                                 formatter_class=HelpFormatter)
+                                 formatter_class=HelpFormatter, epilog=epilog)
     ap.add_argument("stage", choices=sorted(STAGES), help="which stage to run")
     ap.add_argument("--config", help="YAML file mirroring the stage's config dataclass (see configs/; needed in "
                                       "practice: without it every key has its default and model/teacher are empty)")

@@ -44,6 +44,26 @@ def test_config_typos_and_print(capsys):
     assert "teacher is empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_help_lists_every_config_key_with_its_default(stage, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main([stage, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    keys = {k for k, _, _ in options.describe_keys(_stage(stage)[1])}
+    listed = {line.split(" = ")[0].strip() for line in out.splitlines() if line.startswith("  ") and " = " in line}
+    assert keys <= listed and {"run.output_dir", "optim.lr", "data.max_tokens", "data.vision.video_fps"} <= keys
+    defaults = dict(line.strip().split(" = ", 1) for line in out.splitlines() if " = " in line and line[2] != " ")
+    assert defaults["optim.lr"] == "0.0002" and defaults["run.max_steps"] == "null"
+    assert defaults["run.output_dir"] == f'"runs/{stage}"'
+    assert "peak learning rate" in out  # the field's comment
+    # each listed line is a valid override giving the default back
+    required = "teacher" if stage.startswith("distill") else "model"
+    given = [f"{key}={value}" for key, value in defaults.items() if key != required]
+    cfg = options.load(_stage(stage)[1], None, [f"{required}=m", *given])
+    assert json.dumps(cfg.run.max_steps) == "null" and cfg.run.output_dir == f"runs/{stage}"
+
+
 def test_convert_command(hf_teacher_dir, tmp_path, capsys):
     assert convert_main(["--teacher", str(hf_teacher_dir), "--out", str(tmp_path / "s"), "--sliding-window", "64"]) == 0
     assert "3 GDN + 2 sliding-window layers" in capsys.readouterr().out

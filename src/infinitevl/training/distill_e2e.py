@@ -31,11 +31,11 @@ class DistillE2EConfig:
     teacher: str = ""  # transformers Qwen2.5-VL checkpoint directory
     student: str = ""  # stage-1a output (<output_dir>/final); empty: convert the teacher with `spec`
     spec: StudentSpec = field(default_factory=StudentSpec)
-    temperature: float = 2.0
+    temperature: float = 2.0  # KL(teacher || student) at this temperature, times its square
     kl_reduction: str = "token"  # token | sequence (published batchmean, one sample per row)
     positions: str = "all"  # all | targets (only positions that predict an assistant token)
-    trainable: list[str] = field(default_factory=lambda: ["gdn"])
-    chunk: int = 2048
+    trainable: list[str] = field(default_factory=lambda: ["gdn"])  # parameter groups or name patterns (params.py)
+    chunk: int = 2048  # positions per chunk of the heads + KL
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill-e2e"))

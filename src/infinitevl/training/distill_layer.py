@@ -30,8 +30,8 @@ class DistillLayerConfig:
     teacher: str = ""  # transformers Qwen2.5-VL checkpoint directory
     student: str = ""  # InfiniteVL init (from `infinitevl convert`); empty: convert the teacher with `spec`
     spec: StudentSpec = field(default_factory=StudentSpec)
-    mse_factor: float = 1000.0
-    trainable: list[str] = field(default_factory=lambda: ["gdn"])
+    mse_factor: float = 1000.0  # loss = mean over layers of the MSE x mse_factor
+    trainable: list[str] = field(default_factory=lambda: ["gdn"])  # parameter groups or name patterns (params.py)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill-layer"))

@@ -30,7 +30,7 @@ def _long_data() -> DataConfig:
 class LongSFTConfig:
     model: str = ""  # the stage-2 output (an InfiniteVL checkpoint directory)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    loss_chunk: int = 4096
+    loss_chunk: int = 4096  # positions per chunk of the head + cross-entropy
     data: DataConfig = field(default_factory=_long_data)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/long-sft"))

@@ -21,9 +21,9 @@ from .params import expand
 
 @dataclass
 class LoRAConfig:
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.05
+    r: int = 16  # adapter rank
+    alpha: float = 32  # adapters are scaled by alpha / r
+    dropout: float = 0.05  # on the adapters' input
     # Linear layers of the decoder that get adapters (module-name suffixes).
     targets: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "gate_proj", "up_proj", "down_proj"])

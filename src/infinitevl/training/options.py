@@ -23,13 +23,13 @@ T = TypeVar("T")
 class OptimConfig:
     """AdamW + warmup + cosine decay (published: lr 2e-4, cosine, warmup ratio 0.01, no weight decay)."""
 
-    lr: float = 2e-4
+    lr: float = 2e-4  # peak learning rate
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    warmup_ratio: float = 0.01
+    warmup_ratio: float = 0.01  # of the total steps, linear from 0
     scheduler: str = "cosine"  # cosine | linear | constant
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # the schedule ends at lr x min_lr_ratio
     max_grad_norm: float = 1.0  # 0 disables clipping
 
     def __post_init__(self):
@@ -51,10 +51,10 @@ class OptimConfig:
 class RunConfig:
     """How a run executes. Effective batch = grad_accum x processes rows (published: 8 x 8 GPUs x 1 sample)."""
 
-    output_dir: str = "runs/stage"
-    epochs: float = 1.0
+    output_dir: str = "runs/stage"  # checkpoints (step-N/, latest, final/) and metrics.jsonl
+    epochs: float = 1.0  # passes over data.train (fractions allowed)
     max_steps: int | None = None  # cap on the total number of optimizer steps
-    grad_accum: int = 8
+    grad_accum: int = 8  # rows per optimizer step in each process
     # rows of a step run in one forward (concatenated, samples still apart by cu_seqlens): the same gradients
     # with half or fewer kernel launches, for a step whose kernels wait on the host; memory grows with it
     rows_per_forward: int = 1
@@ -62,21 +62,21 @@ class RunConfig:
     # with bf16: frozen weights whose values are bf16 (the released checkpoints) are stored in bfloat16, not as
     # float32 copies that autocast casts again in every forward and recompute; trained weights keep float32
     frozen_bf16: bool = True
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True  # recompute decoder layers in backward to save memory
     # with gradient_checkpointing: decoder layers (the first N) that recompute their forward in backward; None
     # = all. The rest keep their activations: spare GPU memory spent on less recompute work
     # (benchmarks/results/README.md has the measured trade at the 4B shape)
     recompute_layers: int | None = None
-    seed: int = 0
+    seed: int = 0  # data order, dropout, LoRA init
     save_every: int = 500  # steps; the last step is always saved
     keep_last: int = 2  # checkpoints kept (0: all)
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics lines
     resume: bool = True  # continue from output_dir/latest when it exists
     stop_after: int | None = None  # end this invocation after that many steps (as if preempted)
     parallel: str = "auto"  # auto (fsdp on GPUs, ddp on CPU) | ddp | fsdp | none
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda
     backend: str = "auto"  # the student's decoder kernels: auto (fla on CUDA when installed) | torch | fla
-    progress: bool = True
+    progress: bool = True  # progress bar on the first process
 
     def __post_init__(self):
         if self.output_dir:
@@ -218,6 +218,59 @@ def _blamed(e: ConfigError, overrides: list[str]) -> str | None:
         if inside and re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", str(e)):
             return k
     return None
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """Each field's comment in `cls`'s source: on its line, or the comment lines just above it."""
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out, above = {}, []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", text)
+        if m and not text.startswith(("def ", "class ")):
+            out[m.group(1)] = " ".join([*above, m.group(2) or ""]).strip()
+        above = []
+    return out
+
+
+def describe_keys(cls, default=None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default value, comment) for every leaf key of the config dataclass `cls`, sections expanded;
+    `default` is an instance whose values are shown (a section's own default), else the fields' defaults."""
+    comments = _field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if default is not None:
+            value = getattr(default, f.name)
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = None if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(type(value), value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, value, comments.get(f.name, "")))
+    return rows
+
+
+def keys_help(cls) -> str:
+    """The config keys of `cls` with their defaults and comments, for `--help`."""
+    import json
+    import textwrap
+
+    out = []
+    for key, value, comment in describe_keys(cls):
+        out.append(f"  {key} = {json.dumps(value)}")  # YAML spelling: null, true, "text", [..]
+        if comment:
+            out += textwrap.wrap(comment, 100, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)
 
 
 def to_dict(obj) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from . import runner
 @dataclass
 class SFTConfig:
     model: str = ""  # an InfiniteVL checkpoint directory (e.g. distill-e2e's final/) or a Qwen2.5-VL one
+    # parameter groups (gdn, attention, mlp, ...) or name patterns that train (params.py)
     trainable: list[str] = field(default_factory=lambda: ["gdn", "attention"])
     loss_chunk: int = 4096  # positions per chunk of the head + cross-entropy
     data: DataConfig = field(default_factory=DataConfig)

@@ -45,11 +45,11 @@ class StudentSpec:
     sliding_window: int = 8192
     num_linear_heads: int | None = None  # default: the teacher's attention heads
     linear_head_dim: int | None = None  # default: the teacher's head dim
-    expand_v: float = 2
-    conv_size: int = 4
+    expand_v: float = 2  # GDN value dim = expand_v x linear_head_dim
+    conv_size: int = 4  # taps of the GDN short convolution
     norm_eps: float = 1e-5
-    mimic_init: bool = True
-    seed: int = 0
+    mimic_init: bool = True  # the published init (decay ~0.999, beta 0.5, identity convs); false: fresh
+    seed: int = 0  # for the new GDN weights
 
     def __post_init__(self):
         if self.attention_every < 1:

@@ -21,13 +21,13 @@ from PIL import Image
 
 @dataclass
 class VisionInputConfig:
-    image_min_pixels: int = 56 * 56
+    image_min_pixels: int = 56 * 56  # images are resized to keep their pixel count in [min, max]
     image_max_pixels: int = 1806336  # the published stage configs' image_max_pixels
-    video_min_pixels: int = 56 * 56
+    video_min_pixels: int = 56 * 56  # per frame
     video_max_pixels: int = 16384  # the published video_max_pixels
-    video_fps: float = 2.0
-    video_max_frames: int = 128
-    patch_size: int = 14
+    video_fps: float = 2.0  # frames sampled per second of video
+    video_max_frames: int = 128  # at most this many frames per video (sampled evenly)
+    patch_size: int = 14  # the vision tower's patch; with merge_size 2, one token covers 28x28 pixels
     merge_size: int = 2
     temporal_patch_size: int = 2
 
