@@ -138,3 +138,38 @@ def test_engine_equals_reference_loop_on_the_trained_shipped_model():
     want = generate(model, ids, max_new_tokens=6)
     assert len(set(want[0].tolist())) > 1
     assert Engine(model, backend="torch").generate(ids, max_new_tokens=6).tolist() == want.tolist()
+
+
+def test_right_and_middle_padding_give_each_rows_own_tokens(model):
+    """The processor pads on the right by default: a row's answer must still continue its last real token."""
+    from infinitevl.inference.generate import prefill
+
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, 1000, (1, n), generator=g) for n in (9, 20, 14)]
+    want = [generate(model, r, max_new_tokens=8)[0].tolist() for r in rows]
+    ids = torch.zeros(3, 20, dtype=torch.long)
+    mask = torch.zeros(3, 20, dtype=torch.long)
+    ids[0, :9], mask[0, :9] = rows[0], 1  # right padding
+    ids[1], mask[1] = rows[1], 1
+    ids[2, :5], ids[2, 11:] = rows[2][0, :5], rows[2][0, 5:]  # a gap in the middle
+    mask[2, :5], mask[2, 11:] = 1, 1
+    assert generate(model, ids, attention_mask_BT=mask, max_new_tokens=8).tolist() == want
+    engine = Engine(model, max_batch_size=4, backend="torch")
+    assert engine.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8).tolist() == want
+    alone = prefill(model, rows[0])[0]
+    torch.testing.assert_close(prefill(model, ids, attention_mask_BT=mask)[0][0], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(engine.prefill(ids, state=model.new_state(3), attention_mask_BT=mask)[0], alone[0],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_a_later_generation_on_the_same_bucket_ends_the_earlier_stream(model):
+    engine = Engine(model, max_batch_size=2, backend="torch")
+    first = engine.stream(torch.tensor([[5, 6, 7]]), max_new_tokens=5)
+    next(first)
+    engine.generate(torch.tensor([[8, 9]]), max_new_tokens=3)  # same bucket: takes the state over
+    with pytest.raises(ValueError, match="taken over by a later"):
+        list(first)
+    other = engine.stream(torch.tensor([[5, 6, 7]]), max_new_tokens=5)
+    next(other)
+    engine.generate(torch.tensor([[8, 9], [1, 2]]), max_new_tokens=3)  # another bucket: no conflict
+    assert len(list(other)) == 4

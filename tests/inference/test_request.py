@@ -59,7 +59,17 @@ def test_bad_requests_are_named(model, engine):
         (dict(input_ids_BT=ids, stop_token_ids=["x"]), "stop token id"),
         (dict(input_ids_BT=ids, sampling={"temperature": 0.7}), "SamplingParams"),
         (dict(), "no input_ids"),
+        (dict(input_ids_BT=ids, attention_mask_BT=mask * 2), "1 for real tokens and 0 for padding"),
+        (dict(input_ids_BT=ids, pixel_values=[[0.0]]), "pixel_values must be a tensor"),
+        (dict(input_ids_BT=ids, pad_token_id="x"), "pad_token_id must be a whole number"),
+        (dict(input_ids_BT=ids, pad_token_id=None), "pad_token_id must be a whole number"),
+        (dict(input_ids_BT=ids, stop_token_ids=[10**30]), "stop token id must be a whole number.*2\\*\\*63"),
+        (dict(input_ids_BT=ids, state="s"), "state must be an InferenceState"),
+        (dict(input_ids_BT=ids, state=model.new_state(3)), r"state holds 3 rows but the input has 2"),
     ]
+    if not engine:
+        cases += [(dict(input_ids_BT=ids, generator=5), "generator must be a torch.Generator"),
+                  (dict(input_ids_BT=ids, on_token=5), "on_token must be a function")]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             run(**kwargs)
@@ -83,3 +93,19 @@ def test_model_forward_checks_its_ids(model):
         model([[1, 2, 3]])
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(torch.tensor([[1, 2, 3]]), logits_to_keep=-1)
+
+
+def test_engine_options_and_prefill_arguments_are_checked(model):
+    for kwargs in (dict(max_batch_size="2"), dict(max_batch_size=2.0), dict(prefill_chunk_size="8")):
+        with pytest.raises(ValueError, match="must be a whole number"):
+            Engine(model, backend="torch", **kwargs)
+    engine = Engine(model, backend="torch")
+    state = model.new_state(1)
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['bogus'\]"):
+        engine.prefill(torch.tensor([[5, 6, 0]]), state=state, bogus=1)
+    with pytest.raises(ValueError, match="needs the state"):
+        engine.prefill(torch.tensor([[5, 6, 0]]))
+    assert int(state.seen[0]) == 0  # refused calls consumed nothing
+    # the processor's name for the mask is taken: the pad is not consumed
+    engine.prefill(input_ids=torch.tensor([[5, 6, 0]]), state=state, attention_mask=torch.tensor([[1, 1, 0]]))
+    assert int(state.seen[0]) == 2

@@ -23,7 +23,7 @@ from ..model.infinitevl import VISION_KEYS, InfiniteVL
 from ..model.state import InferenceState
 from .cuda_graph import CapturedStep, EagerStep
 from .generate import prefill as prefill_with_vision
-from .request import prompt_inputs, request_options, whole_number
+from .request import check_state, decode_options, prompt_inputs, request_options, whole_number
 from .sampling import SamplingParams
 
 MAX_STOP_TOKENS = 16
@@ -63,6 +63,7 @@ class _Slot:
     top_k: torch.Tensor  # [P] long
     top_p: torch.Tensor  # [P] float32
     steps: dict = field(default_factory=dict)  # "greedy" | "sample" -> captured (or eager) step
+    owner: object = None  # the Decoding that runs in this slot now (a later begin takes the slot over)
 
 
 @dataclass
@@ -98,6 +99,13 @@ class Engine:
     ):
         """cuda_graph / fuse_projections: None = on with the fast GPU backend. Fusing rebinds the decoder's
         projection weights as views of fused tensors (see InfiniteVL.fuse_projections)."""
+        max_batch_size = whole_number(max_batch_size, "max_batch_size", 1)
+        prefill_chunk_size = whole_number(prefill_chunk_size, "prefill_chunk_size", 1)
+        self.device = model.lm_head.weight.device
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
         self.model = model.eval()
         if backend is None:  # keep the kernels the model already runs (a StreamSession chose them, vision included)
             self.backend = next((m.backend for m in model.model.modules() if hasattr(m, "backend")), "torch")
@@ -105,13 +113,6 @@ class Engine:
             self.backend = model.set_backend(backend)
         if fuse_projections or (fuse_projections is None and self.backend == "fla"):
             model.fuse_projections()
-        self.device = model.lm_head.weight.device
-        if cuda_graph is None:
-            cuda_graph = self.device.type == "cuda"
-        if cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
-        if max_batch_size < 1 or prefill_chunk_size < 1:
-            raise ValueError("max_batch_size and prefill_chunk_size must be >= 1")
         self.cuda_graph = cuda_graph
         self.prefill_chunk_size = prefill_chunk_size
         sizes = {1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size}
@@ -123,16 +124,21 @@ class Engine:
     @torch.no_grad()
     def prefill(
         self,
-        input_ids_BT: torch.Tensor,
+        input_ids_BT: torch.Tensor | None = None,
         *,
-        state: InferenceState,
+        state: InferenceState | None = None,
         attention_mask_BT: torch.Tensor | None = None,
         chunk_size: int | None = None,
         **vision,
     ) -> torch.Tensor:
         """Feeds the tokens into `state` (continuing it) chunk by chunk; returns the last logits [B, V].
-        Text-only prompts are embedded per chunk, so memory stays bounded by the chunk at any length."""
-        chunk = chunk_size or self.prefill_chunk_size
+        Text-only prompts are embedded per chunk, so memory stays bounded by the chunk at any length.
+        Arguments as for `generate.prefill`."""
+        input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
+        if state is None:
+            raise ValueError("Engine.prefill needs the state to fill: state=model.new_state(batch_size)")
+        check_state(state, input_ids_BT.shape[0])
+        chunk = self.prefill_chunk_size if chunk_size is None else whole_number(chunk_size, "chunk_size", 1)
         ids = input_ids_BT.to(self.device)
         mask = None if attention_mask_BT is None else attention_mask_BT.to(self.device)
         if any(vision.get(k) is not None for k in VISION_KEYS):
@@ -227,9 +233,9 @@ class Engine:
         stops = request_options(1, sampling, stop_token_ids, prefill_chunk_size)
         if len(stops) > MAX_STOP_TOKENS:
             raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
+        pad_token_id = decode_options(pad_token_id, None, None)
         B = input_ids_BT.shape[0]
-        if state is not None and state.batch_size != B:
-            raise ValueError(f"state holds {state.batch_size} rows but the input has {B}")
+        check_state(state, B)
         kind = "greedy" if sampling.temperature == 0 else "sample"
         slot = self._slot(self.bucket(B), kind)
         slot.state.reset()
@@ -250,11 +256,16 @@ class Engine:
         slot.tok[:B] = first
         slot.done.fill_(True)
         slot.done[:B] = (first[:, None] == slot.stops[None, :]).any(-1)
-        return Decoding(slot=slot, kind=kind, rows=rows, stops=torch.tensor(stops, dtype=torch.long),
-                        first=slot.tok[:B].clone())
+        slot.owner = Decoding(slot=slot, kind=kind, rows=rows, stops=torch.tensor(stops, dtype=torch.long),
+                              first=slot.tok[:B].clone())
+        return slot.owner
 
     def step(self, dec: Decoding) -> torch.Tensor:
         """One more token for every row: [B] on the device (no host sync; read it when you need it)."""
+        if dec.slot.owner is not dec:
+            raise ValueError("this generation was taken over by a later begin/stream/generate call on this Engine "
+                             "with a batch of the same bucket (they share one state): finish a generation before "
+                             "starting the next, or batch the requests together")
         dec.slot.steps[dec.kind]()
         return dec.slot.tok[: dec.rows.batch_size]
 

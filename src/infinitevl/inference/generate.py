@@ -11,7 +11,7 @@ import torch
 
 from ..model.infinitevl import InfiniteVL
 from ..model.state import InferenceState
-from .request import prompt_inputs, request_options
+from .request import check_state, decode_options, prompt_inputs, request_options, whole_number
 from .sampling import SamplingParams, sample
 
 
@@ -29,8 +29,13 @@ def prefill(
 
     With `chunk_size`, the text is fed in chunks that continue the state; positions are computed on the
     whole prompt first, so an image may straddle a chunk boundary. Memory then stays bounded by the chunk.
+    The processor's output can be passed whole; padding may be on either side.
     """
+    input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
     B, T = input_ids_BT.shape
+    check_state(state, B)
+    if chunk_size is not None:
+        chunk_size = whole_number(chunk_size, "chunk_size", 1)
     if state is None:
         state = model.new_state(B)
     positions, _ = model.positions(
@@ -81,6 +86,7 @@ def generate(
     column [B] as it is produced (streaming). The processor's output can be passed whole (`**inputs`)."""
     input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
     stop_token_ids = request_options(max_new_tokens, sampling, stop_token_ids, prefill_chunk_size)
+    pad_token_id = decode_options(pad_token_id, generator, on_token)
     logits, state = prefill(model, input_ids_BT, state=state, attention_mask_BT=attention_mask_BT,
                             chunk_size=prefill_chunk_size, **vision)
     B = input_ids_BT.shape[0]

@@ -31,6 +31,10 @@ def prompt_inputs(input_ids_BT, attention_mask_BT, extra: dict) -> tuple[torch.T
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}: the vision inputs are {list(VISION_KEYS)}, the padding "
                          "mask is attention_mask (check the spelling)")
+    for k, v in extra.items():
+        if v is not None and not torch.is_tensor(v):
+            raise ValueError(f"{k} must be a tensor (as the processor returns it with return_tensors='pt'), "
+                             f"got {type(v).__name__}")
     if input_ids_BT is None:
         raise ValueError("no input_ids: pass the prompt's token ids, a [batch, tokens] integer tensor")
     check_input_ids(input_ids_BT)
@@ -39,7 +43,24 @@ def prompt_inputs(input_ids_BT, attention_mask_BT, extra: dict) -> tuple[torch.T
         shape = tuple(attention_mask_BT.shape) if torch.is_tensor(attention_mask_BT) else type(attention_mask_BT)
         raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids_BT.shape)}, "
                          f"got {shape}")
-    return input_ids_BT.long(), attention_mask_BT, extra
+    input_ids_BT = input_ids_BT.long()
+    if attention_mask_BT is not None:
+        input_ids_BT, attention_mask_BT = left_padded(input_ids_BT, attention_mask_BT)
+    return input_ids_BT, attention_mask_BT, extra
+
+
+def left_padded(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt with every row's padding moved to its front: generation continues from a row's last position,
+    which must be its last real token. Right padding (the processor's default) and padding in the middle are
+    moved; the real tokens keep their order, so the vision inputs still match. Pads change nothing in the state,
+    so the result is what the row alone gives."""
+    if attention_mask_BT.is_complex() or not bool(((attention_mask_BT == 0) | (attention_mask_BT == 1)).all()):
+        raise ValueError("attention_mask must hold 1 for real tokens and 0 for padding, and nothing else")
+    real = attention_mask_BT.bool()
+    if not bool((real[:, :-1] & ~real[:, 1:]).any()):  # no pad after a real token: already left-padded
+        return input_ids_BT, attention_mask_BT
+    order = torch.sort(real.to(torch.int8), dim=1, stable=True).indices  # pads (0) first, each kind in order
+    return input_ids_BT.gather(1, order), attention_mask_BT.gather(1, order)
 
 
 def whole_number(value, name: str, low: int) -> int:
@@ -50,9 +71,32 @@ def whole_number(value, name: str, low: int) -> int:
         number = operator.index(value) if not torch.is_tensor(value) else int(value.item())
     except (TypeError, RuntimeError, ValueError):
         number = None
-    if number is None or number < low:
-        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    if number is None or number < low or number >= 2**63:
+        raise ValueError(f"{name} must be a whole number >= {low}" + (" (and < 2**63)" if number else "")
+                         + f", got {value!r}")
     return number
+
+
+def check_state(state, batch_size: int) -> None:
+    """`state` (when given) must be an InferenceState of `batch_size` rows."""
+    from ..model.state import InferenceState
+
+    if state is None:
+        return
+    if not isinstance(state, InferenceState):
+        raise ValueError(f"state must be an InferenceState (model.new_state(batch_size)), got {type(state).__name__}")
+    if state.batch_size != batch_size:
+        raise ValueError(f"state holds {state.batch_size} rows but the input has {batch_size}: make it with "
+                         f"model.new_state({batch_size})")
+
+
+def decode_options(pad_token_id, generator, on_token) -> int:
+    """Checks generate's other options; returns the pad token id."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
+    if on_token is not None and not callable(on_token):
+        raise ValueError(f"on_token must be a function taking each new token column, got {type(on_token).__name__}")
+    return whole_number(pad_token_id, "pad_token_id", 0)
 
 
 def request_options(max_new_tokens, sampling, stop_token_ids, prefill_chunk_size) -> list[int]:
