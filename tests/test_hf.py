@@ -132,9 +132,11 @@ def test_model_card_snippet(card, qwen_process_vision_info, case):
         assert inputs["second_per_grid_ts"].tolist() == pytest.approx([2 / video_kwargs["video_metadata"][0]["fps"]])
 
 
-def test_left_padded_batch_equals_each_prompt_alone(fp32):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_prompt_alone(fp32, side):
+    """Either padding side (the tokenizer's default is right) gives every row its own answer."""
     model, processor = fp32
-    processor.tokenizer.padding_side = "left"
+    processor.tokenizer.padding_side = side
     small_image = [{"type": "image", "image": str(MEDIA / "1.jpg"), "max_pixels": 28 * 28 * 8},
                    {"type": "text", "text": "Describe this image."}]
     conversations = [[{"role": "user", "content": small_image}],
@@ -144,6 +146,7 @@ def test_left_padded_batch_equals_each_prompt_alone(fp32):
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
     assert (batch["attention_mask"][1] == 0).any(), "the second prompt must be padded"
     together = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    processor.tokenizer.padding_side = "left"
     T = batch["input_ids"].shape[1]
     for row, (text, imgs) in enumerate(((texts[0], images), (texts[1], None))):
         alone = processor(text=[text], images=imgs, return_tensors="pt")
@@ -289,3 +292,78 @@ def test_generate_continues_a_given_state_under_either_name(fp32):
         got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                              **{name: state})
         assert torch.equal(got, want) and state.columns == 13  # the prompt and 3 fed-back tokens went through it
+
+
+def test_generate_restarts_from_a_returned_cache(fp32):
+    """transformers' "reuse the cache" pattern: the whole conversation goes back in with the returned cache, and
+    only the columns the state has not consumed are fed."""
+    model, _ = fp32
+    ids = torch.randint(0, 151000, (1, 12), generator=torch.Generator().manual_seed(5))
+    first = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    follow = torch.randint(0, 151000, (1, 4), generator=torch.Generator().manual_seed(6))
+    full = torch.cat([first.sequences, follow], 1)
+    fresh = model.generate(input_ids=full, max_new_tokens=4, do_sample=False)
+    cache = getattr(first, CACHE_NAME)
+    again = model.generate(input_ids=full, max_new_tokens=4, do_sample=False, **{CACHE_NAME: cache})
+    assert again.tolist() == fresh.tolist() and cache.columns == full.shape[1] + 3
+
+
+def test_a_generated_placeholder_token_is_text(fp32):
+    """A model may emit an image or video placeholder id: generation goes on (in a prompt, a placeholder without
+    pixels is still an error)."""
+    model, processor = fp32
+    inputs = processor(text=["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    image_id = model.config.image_token_id
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, sequence_bias={(image_id,): 100.0})
+    assert out[0, -3:].tolist() == [image_id] * 3
+    with pytest.raises(ValueError, match="no image pixels"):
+        model(input_ids=torch.tensor([[5, image_id, 6]]))
+
+
+def test_gradient_checkpointing_and_unsupported_outputs(fp32):
+    model, _ = fp32
+    ids = torch.randint(0, 151000, (1, 16), generator=torch.Generator().manual_seed(7))
+    model.train()
+    try:
+        plain = model(input_ids=ids, labels=ids).loss
+        plain.backward()
+        want = model.model.layers[1].mlp.down_proj.weight.grad.clone()
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing_enable()
+        assert model.model.gradient_checkpointing and model.model.recomputes(0)
+        again = model(input_ids=ids, labels=ids).loss
+        again.backward()
+        torch.testing.assert_close(again, plain)
+        torch.testing.assert_close(model.model.layers[1].mlp.down_proj.weight.grad, want, atol=1e-6, rtol=1e-5)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert not model.model.gradient_checkpointing
+    for name in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=name):
+            model(input_ids=ids, **{name: True})
+
+
+def test_saving_over_a_sharded_checkpoint_loads_what_was_saved(checkpoint, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    d = tmp_path / "sharded"
+    shutil.copytree(checkpoint, d)
+    weights = load_file(str(d / "model.safetensors"))
+    names = sorted(weights)
+    half = len(names) // 2
+    for i, part in enumerate((names[:half], names[half:])):
+        save_file({k: weights[k] for k in part}, str(d / f"model-0000{i + 1}-of-00002.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        k: f"model-0000{1 if k in names[:half] else 2}-of-00002.safetensors" for k in names}}))
+    (d / "model.safetensors").unlink()
+    model = AutoModelForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(d)
+    assert not (d / "model.safetensors.index.json").exists() and not list(d.glob("model-0000*"))
+    reloaded = AutoModelForCausalLM.from_pretrained(d)
+    torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight)

@@ -39,6 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .model.config import InfiniteVLConfig, TextConfig, VisionConfig, preset
 from .model.infinitevl import VISION_KEYS, InfiniteVL
+from .inference.request import left_padded
 from .model.state import InferenceState
 
 # What generate() calls the cache in its model inputs and outputs: `cache` from transformers 5.24,
@@ -182,6 +183,7 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _no_split_modules: list[str] = []
     _supports_cache_class = True
+    supports_gradient_checkpointing = True  # the decoder's flag (transformers sets every module's `gradient_checkpointing`)
 
     def __init__(self, config: InfiniteVLHFConfig, core: InfiniteVL | None = None):
         super().__init__(config)
@@ -315,6 +317,16 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             attention_mask = attention_mask[:, -T:]
         if labels is not None and logits_to_keep:
             raise ValueError("labels need the logits of every position: leave logits_to_keep=0")
+        for name in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(name):
+                raise ValueError(f"{name}=True is not available for InfiniteVL (linear attention keeps no attention "
+                                 "maps; hidden states are not collected): leave it off")
+        if (cache is not None and logits_to_keep == 1 and input_ids is not None and attention_mask is not None
+                and position_ids is None):
+            # generate()'s prompt step keeps one logit column: with right padding (the processor's default) it must
+            # be each row's last real token. Pads change nothing in the state, so moving them to the front does not
+            # change what the state holds.
+            input_ids, attention_mask = left_padded(input_ids, attention_mask)
         state = None if cache is None else cache.state_for(self.core, B)
         logits = self.core(
             input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -370,8 +382,14 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         cache = past_key_values if isinstance(past_key_values, InferenceStateCache) else None
         fresh = cache is None or cache.columns == 0
         n = input_ids.shape[1] if next_sequence_length is None else next_sequence_length
+        if next_sequence_length is None and not fresh and (attention_mask is None
+                                                            or attention_mask.shape[1] == input_ids.shape[1]):
+            # generate() restarted from a returned cache with the whole conversation as input_ids: the state has
+            # consumed the first `cache.columns` of them already
+            n = input_ids.shape[1] - cache.columns
         if n < 1:
-            raise ValueError("nothing new to generate from: the cache has already consumed every input column")
+            raise ValueError("nothing new to generate from: the cache has already consumed every input column "
+                             "(continue a returned cache with the conversation so far plus at least one new token)")
         inputs: dict[str, Any] = {
             "input_ids": input_ids[:, -n:],
             "attention_mask": None if attention_mask is None else attention_mask[:, -n:],

@@ -129,6 +129,24 @@ def save_weights(model: torch.nn.Module, directory: str | Path, *, tied: bool) -
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    _drop_shards(directory)
+
+
+def _drop_shards(directory: Path) -> None:
+    """Saving over a sharded checkpoint: its index (which readers prefer) and the shards it names go, after the
+    new single file is in place, so that what loads is what was saved."""
+    index = directory / "model.safetensors.index.json"
+    if not index.exists():
+        return
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, AttributeError):
+        shards = set()
+    index.unlink()
+    for name in shards:
+        f = directory / name
+        if f.name != "model.safetensors" and f.parent == directory and f.is_file():
+            f.unlink()
 
 
 def output_dir(path: str | Path, *, overwrite: bool) -> Path:
