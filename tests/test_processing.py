@@ -126,6 +126,23 @@ def test_video_path_through_the_processor(processor):
     assert by_path["second_per_grid_ts"] == pytest.approx(by_frames["second_per_grid_ts"])
 
 
+@pytest.mark.skipif(torchvision_available(), reason="the torchvision-free video processor is not in use")
+def test_chat_template_tokenizes_a_video_message(processor):
+    """apply_chat_template(tokenize=True) passes one list of videos per conversation, and fps as frame sampling."""
+    messages = [{"role": "user", "content": [{"type": "video", "video": str(MEDIA / "3.mp4")},
+                                             {"type": "text", "text": "What happens?"}]}]
+    for fps in (None, 1.0):
+        out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt", **({} if fps is None else {"fps": fps}))
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        frames, rate = load_video(MEDIA / "3.mp4", fps=fps or 2.0)
+        want = processor(text=[text], videos=[frames], fps=rate, return_tensors="pt")
+        assert out["video_grid_thw"].tolist() == want["video_grid_thw"].tolist()
+        assert out["input_ids"].tolist() == want["input_ids"].tolist()
+    nested = _video_processor()([[str(MEDIA / "3.mp4")], [str(MEDIA / "1.mp4")]])
+    assert len(nested["video_grid_thw"]) == 2
+
+
 def test_bad_video_inputs(tmp_path):
     vp = _video_processor()
     data = (MEDIA / "1.mp4").read_bytes()

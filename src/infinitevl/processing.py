@@ -113,12 +113,13 @@ class Qwen2VLVideoProcessor(_Base):  # the name transformers looks up for Qwen2-
         from transformers.feature_extraction_utils import BatchFeature
         from transformers.video_utils import VideoMetadata
 
-        if do_sample_frames:
-            raise ValueError("do_sample_frames=True is not supported by the torchvision-free video processor: "
-                             "sample frames when decoding (infinitevl.media.load_video(path, fps=...)) or pass a path")
         lo = int(min_pixels or (size or {}).get("shortest_edge") or self.size["shortest_edge"])
         hi = int(max_pixels or (size or {}).get("longest_edge") or self.size["longest_edge"])
         batch = _as_video_list(videos)
+        if do_sample_frames and not all(isinstance(v, (str, Path)) for v in batch):
+            # video paths are sampled at `fps` while decoding; given frames are taken as they are
+            raise ValueError("do_sample_frames=True needs video paths with the torchvision-free video processor: "
+                             "sample the frames yourself (infinitevl.media.load_video(path, fps=...)) or pass paths")
         rates = _rates(len(batch), fps if fps is not None else self.fps)
         metas = _metadata_list(video_metadata, len(batch))
 
@@ -213,6 +214,9 @@ def _as_video_list(videos: Any) -> list:
             raise ValueError("videos is an empty list: pass at least one video")
         if all(_is_frame(v) for v in videos):
             return [list(videos)]  # one video given as a list of frames
+        if all(isinstance(v, (list, tuple)) and v and not any(_is_frame(f) for f in v) for v in videos):
+            # one list of videos per sample (how apply_chat_template(tokenize=True) passes them): flatten
+            return [video for sample in videos for video in _as_video_list(list(sample))]
         return list(videos)
     raise ValueError(f"videos must be a video (path, [T, H, W, 3] array/tensor or list of frames) or a list of them; "
                      f"got {type(videos).__name__}")
