@@ -170,6 +170,26 @@ def test_messages_bad_input(tmp_path):
         smart_resize(10, 3000, min_pixels=0, max_pixels=10**9)
 
 
+@pytest.mark.parametrize("kind, options, message", [
+    ("image", {"min_pixels": 1e12}, "min_pixels would make a .* above the 12845056 pixels"),
+    ("image", {"resized_height": 100000, "resized_width": 100000}, "resized_height x resized_width would make"),
+    ("image", {"max_pixels": "big"}, "max_pixels must be a positive number, got 'big'"),
+    ("image", {"resized_height": "a", "resized_width": 28}, "resized_height must be a positive whole number"),
+    ("image", {"min_pixels": float("nan")}, "min_pixels must be a positive number"),
+    ("video", {"fps": "2"}, "fps must be a positive number, got '2'"),
+    ("video", {"fps": 0}, "fps must be a positive number"),
+    ("video", {"max_frames": 1.5}, "max_frames must be a positive whole number"),
+    ("video", {"min_pixels": 1e12}, "min_pixels would make"),
+])
+def test_item_options_are_checked_and_sizes_capped(kind, options, message):
+    """An item's options cannot ask for an image that does not fit in memory, nor be of the wrong type: a
+    ValueError naming the option and the item."""
+    src = str(MEDIA / ("1.jpg" if kind == "image" else "1.mp4"))
+    with pytest.raises(ValueError, match=message) as e:
+        process_vision_info([{"role": "user", "content": [{"type": kind, kind: src, **options}]}])
+    assert f"{kind} item for 1.{'jpg' if kind == 'image' else 'mp4'}" in str(e.value)
+
+
 def test_load_image_from_bytes_io_is_rejected():
     with pytest.raises(ValueError, match="an image must be"):
         load_image(io.BytesIO((MEDIA / "1.jpg").read_bytes()))

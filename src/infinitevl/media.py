@@ -25,6 +25,8 @@ VIDEO_MIN_TOKENS, VIDEO_MAX_TOKENS = 128, 768
 VIDEO_TOTAL_TOKENS = int(128000 * 0.9)  # the whole video's budget: 90% of a 128K context
 DEFAULT_FPS, FRAME_FACTOR, MIN_FRAMES, MAX_FRAMES = 2.0, 2, 4, 768
 MAX_ASPECT_RATIO = 200
+MAX_PIXELS = IMAGE_MAX_TOKENS * PATCH_FACTOR**2  # no image or video frame is resized above this (16384 tokens)
+MAX_VIDEO_PIXELS = 4 * VIDEO_TOTAL_TOKENS * PATCH_FACTOR**2  # all frames of one video together (~1 GB of RGB)
 URL_TIMEOUT_S = 30
 
 
@@ -218,6 +220,45 @@ def item_kind(item: dict) -> str | None:
     return None
 
 
+def _option(item: dict, key: str, default: Any = None, *, whole: bool = False) -> Any:
+    """A number-valued option of a content item (min_pixels, fps, ...): positive and finite, else a ValueError."""
+    value = item.get(key, default)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (whole and value != int(value)):
+        raise ValueError(f"{key} must be a positive {'whole ' if whole else ''}number, got {value!r} "
+                         f"(in the {_named(item)})")
+    return int(value) if whole else value
+
+
+def _named(item: dict) -> str:
+    """'image item for photo.jpg' or the like, for errors."""
+    kind = item_kind(item) or "content"
+    src = item.get(kind, item.get("image_url"))
+    if isinstance(src, dict):
+        src = src.get("url")
+    if isinstance(src, (list, tuple)):
+        return f"{kind} item of {len(src)} frames"
+    name = Path(src).name if isinstance(src, (str, Path)) and not str(src).startswith("data:") else None
+    return f"{kind} item for {name}" if name else f"{kind} item"
+
+
+def _resized(item: dict, height: int, width: int, *, min_pixels: float, max_pixels: float) -> tuple[int, int]:
+    """The size an image or frame is resized to (`resized_height` + `resized_width` win), at most MAX_PIXELS."""
+    if "resized_height" in item and "resized_width" in item:
+        rh, rw = _option(item, "resized_height", whole=True), _option(item, "resized_width", whole=True)
+        h, w = smart_resize(rh, rw, min_pixels=0, max_pixels=2**62)
+        cause = "resized_height x resized_width"
+    else:
+        h, w = smart_resize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+        cause = "min_pixels" if h * w > height * width else "the image's own size (lower max_pixels)"
+    if h * w > MAX_PIXELS:
+        raise ValueError(f"{cause} would make a {w}x{h} image, above the {MAX_PIXELS} pixels ({IMAGE_MAX_TOKENS} "
+                         f"visual tokens) one image or frame may have: ask for fewer pixels (in the {_named(item)})")
+    return h, w
+
+
 def fetch_image(item: dict) -> Image.Image:
     """One `{"type": "image", "image": ...}` item -> a PIL image resized to multiples of 28 (honours
     `min_pixels`, `max_pixels`, `resized_height` + `resized_width`)."""
@@ -226,13 +267,10 @@ def fetch_image(item: dict) -> Image.Image:
         src = src.get("url")
     if src is None:
         raise ValueError(f"image item without an 'image' value: {item!r:.80}")
+    min_pixels = _option(item, "min_pixels", IMAGE_MIN_TOKENS * PATCH_FACTOR**2)
+    max_pixels = _option(item, "max_pixels", IMAGE_MAX_TOKENS * PATCH_FACTOR**2)
     img = load_image(src)
-    if "resized_height" in item and "resized_width" in item:
-        h, w = smart_resize(item["resized_height"], item["resized_width"], min_pixels=0, max_pixels=2**62)
-    else:
-        h, w = smart_resize(img.height, img.width,
-                            min_pixels=item.get("min_pixels", IMAGE_MIN_TOKENS * PATCH_FACTOR**2),
-                            max_pixels=item.get("max_pixels", IMAGE_MAX_TOKENS * PATCH_FACTOR**2))
+    h, w = _resized(item, img.height, img.width, min_pixels=min_pixels, max_pixels=max_pixels)
     return img.resize((w, h), Image.Resampling.BICUBIC) if (w, h) != img.size else img
 
 
@@ -241,6 +279,13 @@ def fetch_video(item: dict) -> tuple[np.ndarray, float]:
     fps of the sampled frames). `video` is a path or a list of frame images; honours `fps`, `min_frames`,
     `max_frames`, `min_pixels`, `max_pixels`, `total_pixels`, `resized_height` + `resized_width`."""
     src = item.get("video")
+    fps = _option(item, "fps", DEFAULT_FPS)
+    min_pixels = _option(item, "min_pixels", VIDEO_MIN_TOKENS * PATCH_FACTOR**2)
+    total_pixels = _option(item, "total_pixels", VIDEO_TOTAL_TOKENS * PATCH_FACTOR**2)
+    max_pixels = _option(item, "max_pixels")
+    for key in ("min_frames", "max_frames"):
+        _option(item, key, whole=True)
+    sample_fps = _option(item, "sample_fps", DEFAULT_FPS)
     if isinstance(src, (list, tuple)):
         if not src:
             raise ValueError("a video given as a list of frames needs at least one frame")
@@ -249,21 +294,19 @@ def fetch_video(item: dict) -> tuple[np.ndarray, float]:
             raise MediaError("the frames of one video must all have the same size")
         if len(frames) % FRAME_FACTOR:
             frames.append(frames[-1])  # frames are used in pairs: repeat the last one
-        frames_THWC, fps_used = np.stack(frames), float(item.get("sample_fps", DEFAULT_FPS))
+        frames_THWC, fps_used = np.stack(frames), float(sample_fps)
     elif isinstance(src, (str, Path)):
-        frames_THWC, fps_used = load_video(src, fps=item.get("fps", DEFAULT_FPS), max_frames=item.get("max_frames"),
-                                           min_frames=item.get("min_frames", MIN_FRAMES))
+        frames_THWC, fps_used = load_video(src, fps=fps, max_frames=_option(item, "max_frames", whole=True),
+                                           min_frames=_option(item, "min_frames", MIN_FRAMES, whole=True))
     else:
         raise MediaError(f"a video must be a path or a list of frames; got {type(src).__name__}")
     T, H, W = frames_THWC.shape[:3]
-    min_pixels = item.get("min_pixels", VIDEO_MIN_TOKENS * PATCH_FACTOR**2)
-    total_pixels = item.get("total_pixels", VIDEO_TOTAL_TOKENS * PATCH_FACTOR**2)
-    max_pixels = max(min(VIDEO_MAX_TOKENS * PATCH_FACTOR**2, total_pixels / T * FRAME_FACTOR), int(min_pixels * 1.05))
-    max_pixels = min(item.get("max_pixels", max_pixels), max_pixels)
-    if "resized_height" in item and "resized_width" in item:
-        h, w = smart_resize(item["resized_height"], item["resized_width"], min_pixels=0, max_pixels=2**62)
-    else:
-        h, w = smart_resize(H, W, min_pixels=min_pixels, max_pixels=max_pixels)
+    budget = max(min(VIDEO_MAX_TOKENS * PATCH_FACTOR**2, total_pixels / T * FRAME_FACTOR), int(min_pixels * 1.05))
+    max_pixels = budget if max_pixels is None else min(max_pixels, budget)
+    h, w = _resized(item, H, W, min_pixels=min_pixels, max_pixels=max_pixels)
+    if T * h * w > MAX_VIDEO_PIXELS:
+        raise ValueError(f"{T} frames of {w}x{h} are above the {MAX_VIDEO_PIXELS} pixels one video may have: lower "
+                         f"fps, max_frames or the frame size (in the {_named(item)})")
     if (h, w) != (H, W):
         frames_THWC = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC))
                                 for f in frames_THWC])
