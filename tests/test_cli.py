@@ -162,3 +162,63 @@ def test_messages_file_paths_resolve_beside_the_file(tmp_path, capsys, monkeypat
                          "--json"], capsys)
     assert rc == 0, err
     assert json.loads(out)["prompt_tokens"] > 40
+
+
+def test_the_shipped_model_reads_videos_at_the_size_it_was_trained_on(tmp_path, capsys):
+    """qwen_vl_utils' video defaults would enlarge the synthetic 112x112 frames to 336x336, which the shipped model
+    never saw: `generate --video` gives it its training sizes and it recalls the first frame."""
+    import random
+
+    from .training.conftest import synthetic_task
+
+    st = synthetic_task()
+    rng = random.Random("cli-video-sizes")
+    right = 0
+    for i in range(3):
+        ex = st.example("video", rng)
+        path = tmp_path / f"{i}.mp4"
+        st.write_video(ex.frames, path)
+        rc, out, err = _run(["generate", "--video", str(path), "--prompt", ex.question, "--json"], capsys)
+        assert rc == 0, err
+        right += json.loads(out)["answer"] == ex.answer
+    assert right >= 2
+
+
+def test_messages_paths_beside_the_file_win_over_the_working_directory(tmp_path, monkeypatch):
+    import shutil
+
+    (tmp_path / "chat").mkdir()
+    shutil.copy2(MEDIA / "1.jpg", tmp_path / "chat" / "a.jpg")
+    shutil.copy2(MEDIA / "2.jpg", tmp_path / "a.jpg")  # another picture of the same name, in the working directory
+    (tmp_path / "chat" / "m.json").write_text(json.dumps([{"role": "user", "content": [
+        {"type": "image", "image": "a.jpg"}, {"type": "image", "image": "2.jpg"}, {"type": "text", "text": "?"}]}]))
+    shutil.copy2(MEDIA / "2.jpg", tmp_path / "2.jpg")
+    monkeypatch.chdir(tmp_path)
+    content = cli.read_messages(tmp_path / "chat" / "m.json")[0]["content"]
+    assert content[0]["image"] == str(tmp_path / "chat" / "a.jpg")
+    assert content[1]["image"] == "2.jpg"  # not beside the file: from the working directory
+
+
+def test_fps_and_device_options_are_checked(capsys):
+    for flags, message in ((["--video", "x.mp4", "--fps", "nan"], "--fps must be a number in (0, 1000]"),
+                           (["--video", "x.mp4", "--fps", "0"], "--fps must be"),
+                           (["--fps", "2"], "--fps applies to --video")):
+        with pytest.raises(SystemExit):
+            cli.main(["generate", "--prompt", "hi", *flags])
+        assert message in capsys.readouterr().err
+    rc, _, err = _run(["generate", "--device", "meta", "--prompt", "hi"], capsys)
+    assert rc == 2 and "cpu, cuda (cuda:N) or mps" in err
+
+
+def test_streamed_text_never_shows_half_a_character():
+    from transformers import AutoTokenizer
+
+    from .conftest import QWEN_TOKENIZER
+
+    tok = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
+    sentence = "Voilà: 🌟 中文 ok"
+    ids = tok(sentence, add_special_tokens=False)["input_ids"]
+    stream = cli.TextStream(tok)
+    parts = [stream.push(i) for i in ids] + [stream.end()]
+    assert "".join(parts) == sentence and not any("\ufffd" in p for p in parts)
+    assert len(ids) > len([p for p in parts if p])  # the emoji's bytes span tokens: one was held back

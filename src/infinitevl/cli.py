@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,21 @@ def is_shipped(model_dir: Path) -> bool:
     return Path(model_dir).resolve() == DEFAULT_MODEL
 
 
+# The shipped model saw video frames of at most 16384 pixels (configs/tiny: video_max_pixels, and the default
+# video_min_pixels 56x56); qwen_vl_utils' video defaults would enlarge its 112x112 frames to 336x336.
+SHIPPED_VIDEO_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 16384}
+
+
+def shipped_video_sizes(messages: list[dict]) -> None:
+    """For the shipped model: video items without their own pixel bounds get the ones it was trained with."""
+    from .media import vision_items, item_kind
+
+    for item in vision_items(messages):
+        if item_kind(item) == "video":
+            for key, value in SHIPPED_VIDEO_PIXELS.items():
+                item.setdefault(key, value)
+
+
 def note_if_shipped(model_dir: Path) -> None:
     """The shipped tiny model answers only about its synthetic world: say so, once, on stderr."""
     if is_shipped(model_dir):
@@ -127,11 +143,15 @@ def cmd_generate(argv: list[str]) -> int:
     _common(ap)
     ap.add_argument("--image", type=str, action="append", default=[], help="image path (repeatable)")
     ap.add_argument("--video", type=str, action="append", default=[], help="video path (repeatable)")
-    ap.add_argument("--fps", type=float, default=2.0, help="video sampling rate")
+    ap.add_argument("--fps", type=float, help="frames read per second of each --video (default 2; in --messages give "
+                                               "\"fps\" in the video item)")
     ap.add_argument("--prompt", help="the question / instruction")
     ap.add_argument("--messages", help="a JSON file with a chat message list (the model card / qwen_vl_utils format)")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of plain text")
     args = ap.parse_args(argv)
+    if args.fps is not None and not (args.video and math.isfinite(args.fps) and 0 < args.fps <= 1000):
+        ap.error(f"--fps must be a number in (0, 1000], got {args.fps}" if args.video else
+                 "--fps applies to --video (in --messages, give \"fps\" in the video item)")
     if args.messages is not None:
         if args.prompt or args.image or args.video:
             ap.error("--messages replaces --prompt/--image/--video: give one or the other")
@@ -140,10 +160,12 @@ def cmd_generate(argv: list[str]) -> int:
         ap.error("give a non-empty --prompt (or --messages FILE)")
     else:
         content = [{"type": "image", "image": p} for p in args.image]
-        content += [{"type": "video", "video": p, "fps": args.fps} for p in args.video]
+        content += [{"type": "video", "video": p, "fps": args.fps or 2.0} for p in args.video]
         messages = [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
 
     _note_placeholders(messages)
+    if is_shipped(args.model):
+        shipped_video_sizes(messages)
     args.sampling = sampling_args(args)
     device = _device(args.device)
     torch.manual_seed(args.seed)
@@ -154,7 +176,7 @@ def cmd_generate(argv: list[str]) -> int:
 
 def read_messages(path: Path) -> list[dict]:
     """A messages JSON file (the model card's `messages`: one conversation), checked item by item. Media paths
-    may be relative to the file's folder (or to the working directory) and may start with ~."""
+    may be relative to the file's folder (else to the working directory) and may start with ~."""
     from .media import item_kind
 
     try:
@@ -195,13 +217,13 @@ def read_messages(path: Path) -> list[dict]:
 
 
 def _beside(src: str, messages_file: Path) -> str:
-    """A media path from a messages file: ~ expanded; a relative path that is not found from the working
-    directory but is beside the file is taken from there. URLs and data URIs are kept as written."""
+    """A media path from a messages file: ~ expanded; a relative path is taken beside the file (as in training
+    data files), else from the working directory. URLs and data URIs are kept as written."""
     if src.startswith(("http://", "https://", "data:")):
         return src
     local = Path(src.removeprefix("file://")).expanduser()
     beside = messages_file.parent / local
-    if not local.is_absolute() and not local.exists() and beside.exists():
+    if not local.is_absolute() and (beside.exists() or not local.exists()):
         local = beside
     return str(local)
 
@@ -235,26 +257,48 @@ def _answer(model, processor, messages: list[dict], args, device: str) -> int:
     # The engine is the fast path: fla kernels + the decode step in a CUDA graph on a GPU, eager on CPU.
     engine = Engine(model, max_batch_size=1)
     t0 = time.perf_counter()
-    tokens: list[int] = []
-    shown = ""
+    text = TextStream(processor.tokenizer)
     for col in engine.stream(inputs["input_ids"], max_new_tokens=args.max_new_tokens,
                              sampling=args.sampling,
                              stop_token_ids=stops, **vision):
         if int(col[0]) in stops:
             break
-        tokens.append(int(col[0]))
+        new = text.push(int(col[0]))
         if not args.json:  # stream the answer as it is produced
-            text_so_far = processor.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
-            print(text_so_far[len(shown):], end="", flush=True)
-            shown = text_so_far
+            print(new, end="", flush=True)
     elapsed = time.perf_counter() - t0
-    answer = processor.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
     if args.json:
-        print(json.dumps({"answer": answer, "prompt_tokens": int(inputs["input_ids"].shape[1]),
-                          "new_tokens": len(tokens), "seconds": round(elapsed, 3)}))
+        print(json.dumps({"answer": text.text(), "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                          "new_tokens": len(text.tokens), "seconds": round(elapsed, 3)}))
     else:
-        print()
+        print(text.end())
     return 0
+
+
+class TextStream:
+    """Token ids in, printable text out: `push` returns what is new. A character whose bytes span several tokens
+    decodes to U+FFFD until its last token arrives, so it is held back until then."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        so_far = self.text().rstrip("\ufffd")
+        if not so_far.startswith(self.shown):  # the decoding of earlier tokens changed: wait for the end
+            return ""
+        new, self.shown = so_far[len(self.shown):], so_far
+        return new
+
+    def end(self) -> str:
+        """The rest of the text (a held-back character, or all of it again if earlier output was revised)."""
+        full = self.text()
+        return full[len(self.shown):] if full.startswith(self.shown) else "\n" + full
 
 
 def cmd_train(argv: list[str]) -> int:

@@ -67,6 +67,8 @@ def check_device(device: str | torch.device) -> torch.device:
                              f"numbered from 0")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r}: MPS is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: the model runs on cpu, cuda (cuda:N) or mps, not on {dev.type}")
     return dev
 
 
