@@ -11,6 +11,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_only import require  # noqa: E402
+
+require(__doc__, "triton")
 from infinitevl.ops.gemv import gemv  # noqa: E402
 
 # (name, N, K): fused GDN in_proj, MLP gate|up, down, GDN o_proj, SWA qkv, SWA o, lm_head

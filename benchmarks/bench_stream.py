@@ -287,10 +287,13 @@ def table(res) -> str:
              f"gate: {res['gate']}",
              f"single stream: {s['fps_median_window']:.1f} FPS median window, {s['fps_overall']:.1f} overall, "
              f"min/max window {s['fps_min_window']:.1f}/{s['fps_max_window']:.1f} (flatness {s['flatness']:.3f}), "
-             f"state {s['state_mib']:.0f} MiB, alloc growth {s['alloc_growth_gib']} GiB; eager {res['single_eager_fps']:.1f} FPS",
-             f"pipelined: {s['pipeline']}; not pipelined: {res.get('single_sequential_fps', float('nan')):.1f} FPS",
-             f"frames per step: {s['clip']} (headline); others: " + ", ".join(
-                 f"{k}: {v:.1f} FPS" for k, v in res.get("single_by_clip", {}).items()),
+             f"state {s['state_mib']:.0f} MiB, alloc growth " + (
+                 "n/a (no GPU)" if s['alloc_growth_gib'] is None else f"{s['alloc_growth_gib']} GiB")
+             + f"; eager {res['single_eager_fps']:.1f} FPS",
+             f"pipelined: {s['pipeline']}" + (f"; not pipelined: {res['single_sequential_fps']:.1f} FPS"
+                                              if res.get("single_sequential_fps") is not None else ""),
+             f"frames per step: {s['clip']} (headline); others: " + (", ".join(
+                 f"{k}: {v:.1f} FPS" for k, v in res.get("single_by_clip", {}).items()) or "none measured"),
              "streams | step ms | aggregate FPS | per-stream FPS"]
     for r in res["many"]:
         lines.append(f"{r['streams']:>7} | {r['step_ms']:>7.2f} | {r['fps_aggregate']:>13.1f} | {r['per_stream_fps']:>6.1f}")
@@ -427,7 +430,7 @@ def main(argv=None):
     eager = single_stream(model, tok, spec, pool, 2 * window // 10 or 2, window // 10 or 1, warmup=3, device=device,
                           cuda_graph=False)
     res["single_eager_fps"] = eager["fps_median_window"]
-    print("single stream, eager:", res["single_eager_fps"], flush=True)
+    print(f"single stream, eager: {res['single_eager_fps']:.1f} FPS", flush=True)
 
     s = res["single"]
     agg = {r["streams"]: r["fps_aggregate"] for r in res["many"]}

@@ -18,6 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_only import require  # noqa: E402
+
+require(__doc__, "triton", "fla")
 
 from bench_train_conv import kernel_ms, rel  # noqa: E402
 from infinitevl.ops import rms_norm_train  # noqa: E402

@@ -7,10 +7,17 @@ including the activation quantization (a one-pass Triton row kernel), at batch 1
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_only import require  # noqa: E402
+
+require(__doc__, "triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 E4M3_MAX = 448.0
 

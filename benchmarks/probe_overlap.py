@@ -18,6 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_only import require  # noqa: E402
+
+require(__doc__)
 
 from bench_inference import time_calls  # noqa: E402
 from bench_stream import build, frame_parts  # noqa: E402

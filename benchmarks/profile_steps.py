@@ -15,6 +15,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_only import require  # noqa: E402
+
+require(__doc__)
 
 from bench_inference import build_ours  # noqa: E402
 from infinitevl.inference.engine import Engine  # noqa: E402
