@@ -261,6 +261,19 @@ def test_from_pretrained_dtype_device_and_bad_arguments(checkpoint):
         AutoModelForCausalLM.from_pretrained(checkpoint, device_map={"visual": "cpu", "model": "meta"})
 
 
+def test_from_pretrained_config_settings(checkpoint):
+    """pad_token_id and use_cache are taken (through the Auto class or the model class); keys that describe the
+    checkpoint are refused by name instead of being dropped."""
+    for load in (AutoModelForCausalLM.from_pretrained, InfiniteVLForConditionalGeneration.from_pretrained):
+        model = load(checkpoint, pad_token_id=3, use_cache=False)
+        assert model.config.pad_token_id == 3 and model.config.use_cache is False
+        assert getattr(model(input_ids=torch.tensor([[5, 6]])), CACHE_NAME) is None  # use_cache=False holds
+    with pytest.raises(ValueError, match=r"sliding_window: 8 -> 16 \(given -> file\)"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, sliding_window=8)
+    with pytest.raises(ValueError, match=r"\['sliding_window'\] describe the checkpoint"):
+        InfiniteVLForConditionalGeneration.from_pretrained(checkpoint, sliding_window=8)
+
+
 @pytest.fixture(scope="module")
 def parity():
     model = AutoModelForCausalLM.from_pretrained(REFERENCE_TINY / "model")

@@ -64,6 +64,25 @@ _IGNORED_LOAD_KWARGS = {"attn_implementation", "trust_remote_code", "low_cpu_mem
                         "tp_plan", "tp_size", "distributed_config", "output_loading_info", "experts_implementation"}
 
 
+# from_pretrained keywords that set the transformers config (not the checkpoint's description)
+_RUN_SETTINGS = {"pad_token_id", "use_cache"}
+# ... and keys that describe the checkpoint: they come from its config.json only
+_CHECKPOINT_KEYS = {f.name for f in dataclasses.fields(TextConfig)} | set(_TOKEN_FIELDS) | {"vision_config",
+                                                                                           "text_config"}
+
+
+def _differences(given: dict, found: dict, prefix: str = "") -> list[str]:
+    """'key: given -> found' for every leaf that differs between two config dicts."""
+    out = []
+    for k in sorted(set(given) | set(found)):
+        a, b = given.get(k), found.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
 # ---- config ----
 class InfiniteVLHFConfig(PretrainedConfig):
     """transformers view of `InfiniteVLConfig`: reads and writes the released config.json (flat text fields
@@ -235,17 +254,29 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         "auto" (cuda when available, else cpu), a device, or {"": device}."""
         if model_args:
             raise ValueError("positional arguments after the path are not supported: pass keywords")
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _RUN_SETTINGS}
+        fixed = sorted(k for k in kwargs if k in _CHECKPOINT_KEYS)
+        if fixed:
+            raise ValueError(f"{fixed} describe the checkpoint (its shape and token ids) and come from its config.json: "
+                             "leave them out (to change them, edit config.json and the weights)")
         unknown = sorted(set(kwargs) - _IGNORED_LOAD_KWARGS)
         if unknown:
-            raise ValueError(f"from_pretrained does not support {unknown} for InfiniteVL: remove them "
-                             f"(quantization and multi-device splitting are not available)")
+            raise ValueError(f"from_pretrained does not support {unknown} for InfiniteVL: remove them (quantization "
+                             f"and multi-device splitting are not available; config settings it takes: "
+                             f"{sorted(_RUN_SETTINGS)})")
         path = _local_dir(pretrained_model_name_or_path, kwargs)
         hf_config = InfiniteVLHFConfig.from_pretrained(path)
         if config is not None and not isinstance(config, InfiniteVLHFConfig):
             raise ValueError(f"config must be an InfiniteVLHFConfig, got {type(config).__name__}")
-        if config is not None and config.to_core() != hf_config.to_core():
-            raise ValueError("the config passed to from_pretrained differs from the checkpoint's config.json: "
-                             "edit config.json (and the weights) instead")
+        if config is not None:
+            differ = _differences(config.to_core().to_dict(), hf_config.to_core().to_dict())
+            if differ:
+                raise ValueError(f"the config differs from the checkpoint's config.json in {', '.join(differ)} "
+                                 "(given -> file): these describe the checkpoint; leave them out (to change them, edit "
+                                 "config.json and the weights)")
+            settings = {**{k: getattr(config, k) for k in _RUN_SETTINGS}, **settings}
+        for k, v in settings.items():
+            setattr(hf_config, k, v)
         torch_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, hf_config)
         device = _resolve_device(device_map)
         core = InfiniteVL.from_pretrained(path, dtype=torch_dtype, device=device)
