@@ -97,6 +97,21 @@ def test_sample_rows():
     assert P == 4
 
 
+def test_reference_sampler_and_engine_sampler_agree_on_edge_cases():
+    """A subnormal temperature is near-greedy (no NaN); top_k keeps exactly k tokens even when logits tie."""
+    from infinitevl.inference.sampling import sample
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    tiny = SamplingParams(temperature=1e-40)
+    assert sample(logits, tiny).tolist() == [1]
+    assert sample_rows(logits, torch.tensor([1e-40]), torch.tensor([0]), torch.tensor([1.0])).tolist() == [1]
+    tied = torch.tensor([[2.0, 2.0, 2.0, -1.0]])
+    seen = {int(sample(tied, SamplingParams(temperature=1.0, top_k=1))) for _ in range(30)}
+    engine_seen = {int(sample_rows(tied, torch.ones(1), torch.ones(1, dtype=torch.long), torch.ones(1)))
+                   for _ in range(30)}
+    assert len(seen) == 1 and len(engine_seen) == 1
+
+
 def test_sampled_generation_runs(model):
     ids, _ = _prompt(B=1, T=12)
     engine = Engine(model, backend="torch")

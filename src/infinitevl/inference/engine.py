@@ -24,7 +24,7 @@ from ..model.state import InferenceState
 from .cuda_graph import CapturedStep, EagerStep
 from .generate import prefill as prefill_with_vision
 from .request import check_state, decode_options, prompt_inputs, request_options, whole_number
-from .sampling import SamplingParams
+from .sampling import MIN_TEMPERATURE, SamplingParams
 
 MAX_STOP_TOKENS = 16
 
@@ -37,7 +37,7 @@ def sample_rows(
     `sampling.sample`: top-k, then top-p on what is left, then a draw (argmax of probs / Exponential(1))."""
     P, V = logits_PV.shape
     greedy = logits_PV.argmax(-1)
-    logits = logits_PV.float() / temperature_P.clamp(min=1e-5)[:, None]
+    logits = logits_PV.float() / temperature_P.clamp(min=MIN_TEMPERATURE)[:, None]
     sorted_l, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(V, device=logits.device)[None, :]
     k = torch.where(top_k_P > 0, top_k_P, V)[:, None]

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -39,10 +42,11 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
     """Next token ids [B] from the last-position logits [B, V]."""
     if params.temperature == 0:
         return logits_BV.argmax(-1)
-    logits = logits_BV.float() / params.temperature
-    if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # a tiny temperature is near-greedy, not an overflow to inf/NaN (the engine's sample_rows clamps alike)
+    logits = logits_BV.float() / max(params.temperature, MIN_TEMPERATURE)
+    if params.top_k:  # exactly k tokens, also when logits tie at the k-th place
+        keep = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).indices
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, keep, logits.gather(-1, keep))
     if params.top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
