@@ -104,6 +104,27 @@ def test_model_directories_that_cannot_answer(tmp_path, capsys):
     assert rc == 2 and "infinitevl convert" in err
 
 
+def test_a_tokenizer_of_another_model_and_bad_media_fail_before_the_weights_load(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from .conftest import FIXTURES
+
+    for f in (FIXTURES / "reference-tiny" / "model").iterdir():  # vision tokens at 1001..1004
+        shutil.copy2(f, tmp_path / f.name)
+    for f in cli.DEFAULT_MODEL.iterdir():  # the shipped tokenizer: vision tokens at 9..13
+        if "token" in f.name or f.name == "preprocessor_config.json":
+            shutil.copy2(f, tmp_path / f.name)
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr("infinitevl.InfiniteVL.from_pretrained", no_weights)
+    rc, _, err = _run(["generate", "--model", str(tmp_path), "--prompt", "hi"], capsys)
+    assert rc == 2 and "does not belong to this model (<|image_pad|> is 12 in the tokenizer, 1001" in err
+    rc, _, err = _run(["generate", "--image", str(tmp_path / "missing.png"), "--prompt", "hi"], capsys)
+    assert rc == 2 and "image file not found" in err and "note:" not in err
+
+
 def test_help_and_unknown_commands(capsys):
     assert cli.main(["--help"]) == 0
     assert "commands:" in capsys.readouterr().out

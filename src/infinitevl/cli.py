@@ -67,8 +67,13 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype):
     from .model.checkpoint import require_tokenizer
     from .model.config import InfiniteVLConfig
 
-    InfiniteVLConfig.from_file(model_dir)
+    config = InfiniteVLConfig.from_file(model_dir)
     require_tokenizer(model_dir)
+    from transformers import AutoTokenizer
+
+    from .model.checkpoint import check_tokenizer
+
+    check_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)), config, model_dir)
     return InfiniteVL.from_pretrained(model_dir, dtype=dtype, device=device)
 
 
@@ -168,10 +173,13 @@ def cmd_generate(argv: list[str]) -> int:
         shipped_video_sizes(messages)
     args.sampling = sampling_args(args)
     device = _device(args.device)
+    from .media import process_vision_info
+
+    media = process_vision_info(messages, return_video_kwargs=True)  # bad media fail before the model loads
     torch.manual_seed(args.seed)
     model, processor = _load(args.model, device, _dtype(args.dtype, device))
     note_if_shipped(args.model)
-    return _answer(model, processor, messages, args, device)
+    return _answer(model, processor, messages, media, args, device)
 
 
 def read_messages(path: Path) -> list[dict]:
@@ -240,14 +248,14 @@ def _note_placeholders(messages: list[dict]) -> None:
               "or in --messages as {\"type\": \"image\", \"image\": PATH} items", file=sys.stderr)
 
 
-def _answer(model, processor, messages: list[dict], args, device: str) -> int:
+def _answer(model, processor, messages: list[dict], media: tuple, args, device: str) -> int:
     """The same chat `messages` format as the library API and qwen_vl_utils: media decoded by
-    infinitevl.media, tokens expanded by the checkpoint's processor, answered by infinitevl.inference."""
+    infinitevl.media (`media` = its process_vision_info(messages, return_video_kwargs=True)), tokens expanded
+    by the checkpoint's processor, answered by infinitevl.inference."""
     from .inference.engine import Engine
-    from .media import process_vision_info
     from .model.infinitevl import VISION_KEYS
 
-    images, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True)
+    images, videos, video_kwargs = media
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt", **video_kwargs)
     vision = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()

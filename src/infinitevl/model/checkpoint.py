@@ -48,6 +48,22 @@ def require_tokenizer(directory: str | Path) -> None:
                          "tokenizer_config.json and preprocessor_config.json, from the released checkpoint")
 
 
+VISION_TOKENS = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
+                 "<|vision_start|>": "vision_start_token_id", "<|vision_end|>": "vision_end_token_id"}
+
+
+def check_tokenizer(tokenizer, config, where: str | Path) -> None:
+    """A ValueError when `tokenizer` gives the vision tokens other ids than the model's config: the tokenizer of
+    another model (the processor would then write placeholders the model does not read as images)."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor: its tokenizer
+    wrong = [f"{token} is {tokenizer.convert_tokens_to_ids(token)} in the tokenizer, {getattr(config, key)} in "
+             f"config.json" for token, key in VISION_TOKENS.items()
+             if tokenizer.convert_tokens_to_ids(token) != getattr(config, key)]
+    if wrong:
+        raise ValueError(f"the tokenizer in {where} does not belong to this model ({'; '.join(wrong)}): use the "
+                         "tokenizer files released with the checkpoint")
+
+
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (single file or sharded with an index), released names."""
     directory = Path(directory)
