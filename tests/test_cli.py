@@ -243,3 +243,15 @@ def test_streamed_text_never_shows_half_a_character():
     parts = [stream.push(i) for i in ids] + [stream.end()]
     assert "".join(parts) == sentence and not any("\ufffd" in p for p in parts)
     assert len(ids) > len([p for p in parts if p])  # the emoji's bytes span tokens: one was held back
+
+
+def test_messages_and_paths_of_the_wrong_kind(tmp_path, capsys):
+    (tmp_path / "empty.json").write_text(json.dumps([{"role": "user", "content": [{"type": "text", "text": " "}]}]))
+    rc, _, err = _run(["generate", "--messages", str(tmp_path / "empty.json")], capsys)
+    assert rc == 2 and "the last message says nothing" in err
+    rc, _, err = _run(["generate", "--messages", str(MEDIA / "mllm_demo.json")], capsys)
+    assert rc == 2 and "looks like a training data file" in err
+    rc, _, err = _run(["generate", "--model", str(MEDIA / "1.jpg"), "--prompt", "hi"], capsys)
+    assert rc == 2 and "is a file: give the checkpoint directory" in err
+    rc, _, err = _run(["generate", "--image", str(tmp_path), "--prompt", "hi"], capsys)
+    assert rc == 2 and "is a directory, not an image file" in err

@@ -67,6 +67,9 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype):
     from .model.checkpoint import require_tokenizer
     from .model.config import InfiniteVLConfig
 
+    if Path(model_dir).is_file():
+        raise ValueError(f"{model_dir} is a file: give the checkpoint directory (the folder holding config.json, the "
+                         "weights and the tokenizer files)")
     config = InfiniteVLConfig.from_file(model_dir)
     require_tokenizer(model_dir)
     from transformers import AutoTokenizer
@@ -113,8 +116,8 @@ def note_if_shipped(model_dir: Path) -> None:
     """The shipped tiny model answers only about its synthetic world: say so, once, on stderr."""
     if is_shipped(model_dir):
         print("note: no --model given, so the small model shipped in the package answers. It knows only synthetic "
-              "shapes, colours, counts and words (try src/infinitevl/assets/examples/); give --model DIR with a "
-              "released checkpoint for real images and videos.", file=sys.stderr)
+              f"shapes, colours, counts and words (try the images in {DEFAULT_MODEL.parent / 'examples'}); give --model "
+              "DIR with a released checkpoint for real images and videos.", file=sys.stderr)
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
@@ -194,6 +197,11 @@ def read_messages(path: Path) -> list[dict]:
     if isinstance(messages, list) and messages and all(isinstance(m, list) for m in messages):
         raise ValueError(f"--messages {path} holds {len(messages)} conversations: give one conversation per file "
                          "(a list of {'role', 'content'} messages)")
+    records = messages if isinstance(messages, list) else [messages]
+    if records and all(isinstance(r, dict) and ("messages" in r or "conversations" in r) for r in records):
+        raise ValueError(f"--messages {path} looks like a training data file (records with 'messages' and media "
+                         "lists): give one conversation, the model card's `messages` list of {'role', 'content'} "
+                         "messages with {'type': 'image', 'image': PATH} items")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m
                                                                  for m in messages):
         raise ValueError(f"--messages {path}: expected a JSON list of {{'role', 'content'}} messages")
@@ -221,6 +229,12 @@ def read_messages(path: Path) -> list[dict]:
             else:
                 raise ValueError(f"{where}: unsupported item {item!r:.80} (the model reads text, image and video "
                                  "items)")
+    last = messages[-1].get("content")
+    said = last.strip() if isinstance(last, str) else [c for c in last if not isinstance(c, dict) or
+                                                         item_kind(c) is not None or str(c.get("text", "")).strip()]
+    if not said:
+        raise ValueError(f"--messages {path}: the last message says nothing (empty content): give it text, an image "
+                         "or a video to answer")
     return messages
 
 

@@ -58,6 +58,8 @@ def load_image(source: Any) -> Image.Image:
     if source.startswith(("http://", "https://")):
         return _decode_image(io.BytesIO(_fetch_url(source)), source)
     path = Path(source[len("file://"):] if source.startswith("file://") else source)
+    if path.is_dir():
+        raise MediaError(f"{path} is a directory, not an image file: give the image's own path")
     if not path.is_file():
         raise MediaError(f"image file not found: {path} (check the path; URLs must start with http:// or https://)")
     return _decode_image(path, str(path))

@@ -109,3 +109,18 @@ def test_engine_options_and_prefill_arguments_are_checked(model):
     # the processor's name for the mask is taken: the pad is not consumed
     engine.prefill(input_ids=torch.tensor([[5, 6, 0]]), state=state, attention_mask=torch.tensor([[1, 1, 0]]))
     assert int(state.seen[0]) == 2
+
+
+def test_all_padding_rows_and_eager_stream_checks(model):
+    ids, mask = _padded()
+    mask[1] = 0
+    engine = Engine(model, max_batch_size=2, backend="torch")
+    for run in (lambda **k: generate(model, ids, attention_mask_BT=mask, **k),
+                lambda **k: engine.generate(ids, attention_mask_BT=mask, **k)):
+        with pytest.raises(ValueError, match=r"row\(s\) \[1\] of attention_mask have no real token"):
+            run(max_new_tokens=2)
+    state = model.new_state(2)
+    generate(model, ids, max_new_tokens=1, state=state)
+    assert generate(model, ids, attention_mask_BT=mask, max_new_tokens=2, state=state).shape == (2, 2)  # continues
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.stream(ids, max_new_tokens=0)  # raised by the call, not on the first next()

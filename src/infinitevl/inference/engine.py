@@ -23,7 +23,7 @@ from ..model.infinitevl import VISION_KEYS, InfiniteVL
 from ..model.state import InferenceState
 from .cuda_graph import CapturedStep, EagerStep
 from .generate import prefill as prefill_with_vision
-from .request import check_state, decode_options, prompt_inputs, request_options, whole_number
+from .request import check_rows, check_state, decode_options, prompt_inputs, request_options, whole_number
 from .sampling import MIN_TEMPERATURE, SamplingParams
 
 MAX_STOP_TOKENS = 16
@@ -138,6 +138,7 @@ class Engine:
         if state is None:
             raise ValueError("Engine.prefill needs the state to fill: state=model.new_state(batch_size)")
         check_state(state, input_ids_BT.shape[0])
+        check_rows(attention_mask_BT, state)
         chunk = self.prefill_chunk_size if chunk_size is None else whole_number(chunk_size, "chunk_size", 1)
         ids = input_ids_BT.to(self.device)
         mask = None if attention_mask_BT is None else attention_mask_BT.to(self.device)
@@ -269,7 +270,6 @@ class Engine:
         dec.slot.steps[dec.kind]()
         return dec.slot.tok[: dec.rows.batch_size]
 
-    @torch.no_grad()
     def stream(
         self,
         input_ids_BT: torch.Tensor | None = None,
@@ -281,9 +281,13 @@ class Engine:
         """Yields each new token column [B] (CPU long) as soon as it exists; stops when every row has
         produced a stop token or after max_new_tokens. With `state`, the prompt continues it and, once the
         stream is exhausted, `state` holds everything consumed (as with `generate.generate`).
-        Keyword arguments as for `begin`."""
+        Keyword arguments as for `begin`. The arguments are checked and the prompt is consumed in this call
+        (so a bad argument raises here), the tokens come as the iterator is read."""
         max_new_tokens = whole_number(max_new_tokens, "max_new_tokens", 1)
-        dec = self.begin(input_ids_BT, state=state, **kw)
+        return self._columns(self.begin(input_ids_BT, state=state, **kw), max_new_tokens, state)
+
+    @torch.no_grad()
+    def _columns(self, dec: Decoding, max_new_tokens: int, state: InferenceState | None) -> Iterator[torch.Tensor]:
         tok = dec.first.cpu()
         done = torch.isin(tok, dec.stops)
         yield tok

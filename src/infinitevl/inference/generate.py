@@ -11,7 +11,7 @@ import torch
 
 from ..model.infinitevl import InfiniteVL
 from ..model.state import InferenceState
-from .request import check_state, decode_options, prompt_inputs, request_options, whole_number
+from .request import check_rows, check_state, decode_options, prompt_inputs, request_options, whole_number
 from .sampling import SamplingParams, sample
 
 
@@ -34,6 +34,7 @@ def prefill(
     input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
     B, T = input_ids_BT.shape
     check_state(state, B)
+    check_rows(attention_mask_BT, state)
     if chunk_size is not None:
         chunk_size = whole_number(chunk_size, "chunk_size", 1)
     if state is None:

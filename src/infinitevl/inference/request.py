@@ -90,6 +90,19 @@ def check_state(state, batch_size: int) -> None:
                          f"model.new_state({batch_size})")
 
 
+def check_rows(attention_mask_BT, state) -> None:
+    """Every row needs a real token to continue from: in its prompt, or in the state it continues."""
+    if attention_mask_BT is None:
+        return
+    empty = ~attention_mask_BT.bool().any(-1)
+    if state is not None:
+        empty &= state.seen.to(empty.device) == 0
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"row(s) {rows} of attention_mask have no real token (all padding) and no state to continue: "
+                         "drop those rows from the batch")
+
+
 def decode_options(pad_token_id, generator, on_token) -> int:
     """Checks generate's other options; returns the pad token id."""
     if generator is not None and not isinstance(generator, torch.Generator):
