@@ -380,3 +380,20 @@ def test_saving_over_a_sharded_checkpoint_loads_what_was_saved(checkpoint, tmp_p
     assert not (d / "model.safetensors.index.json").exists() and not list(d.glob("model-0000*"))
     reloaded = AutoModelForCausalLM.from_pretrained(d)
     torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_bad_generate_and_forward_arguments_are_named(fp32):
+    model, _ = fp32
+    ids = torch.randint(0, 151000, (2, 6), generator=torch.Generator().manual_seed(8))
+    cases = [
+        (lambda: model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="dynamic"),
+         "cache_implementation does not apply"),
+        (lambda: model.generate(input_ids=ids, attention_mask=torch.tensor([[1] * 6, [0] * 6]), max_new_tokens=2),
+         r"row\(s\) \[1\] of attention_mask have no real token"),
+        (lambda: model(input_ids=ids[0]), r"input_ids must be \[batch, tokens\].*input_ids\[None\]"),
+        (lambda: model(input_ids=ids, labels=ids[:, :3]), "labels must be a tensor shaped like input_ids"),
+        (lambda: model.generate(input_ids=ids[:, :0], max_new_tokens=2), "the prompt is empty"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()

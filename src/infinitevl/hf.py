@@ -38,8 +38,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .model.config import InfiniteVLConfig, TextConfig, VisionConfig, preset
-from .model.infinitevl import VISION_KEYS, InfiniteVL
-from .inference.request import left_padded
+from .model.infinitevl import VISION_KEYS, InfiniteVL, check_input_ids
+from .inference.request import check_rows, left_padded
 from .model.state import InferenceState
 
 # What generate() calls the cache in its model inputs and outputs: `cache` from transformers 5.24,
@@ -340,6 +340,12 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("pass input_ids (or inputs_embeds with position_ids)")
+        if input_ids is not None:
+            check_input_ids(input_ids)  # [batch, tokens] integers, with the fix named
+        if labels is not None and (not torch.is_tensor(labels) or labels.shape != ref.shape[:2]):
+            shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+            raise ValueError(f"labels must be a tensor shaped like input_ids {tuple(ref.shape[:2])} (-100 where no "
+                             f"loss is taken), got {shape}")
         B, T = ref.shape[:2]
         if attention_mask is not None and attention_mask.shape[-1] != T:
             if cache is None or attention_mask.shape[-1] < T:
@@ -388,6 +394,15 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
                              "(and its images) in the batch instead")
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("generate(inputs_embeds=...) is not supported: pass input_ids (and pixel values)")
+        if kwargs.get("cache_implementation") is not None or getattr(gen_config, "cache_implementation", None):
+            raise ValueError("cache_implementation does not apply: InfiniteVL keeps its own constant-size state "
+                             "(InferenceStateCache); leave it out")
+        ids = args[0] if args else kwargs.get("input_ids")
+        if torch.is_tensor(ids) and ids.ndim == 2 and ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        fresh = _one_cache(kwargs.get("cache"), kwargs.get("past_key_values")) is None
+        if fresh and torch.is_tensor(kwargs.get("attention_mask")):
+            check_rows(kwargs["attention_mask"], None)
         past = _one_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
         if past is None and use_cache is not False:
             past = InferenceStateCache()
@@ -418,6 +433,8 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             # generate() restarted from a returned cache with the whole conversation as input_ids: the state has
             # consumed the first `cache.columns` of them already
             n = input_ids.shape[1] - cache.columns
+        if input_ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: give at least one token")
         if n < 1:
             raise ValueError("nothing new to generate from: the cache has already consumed every input column "
                              "(continue a returned cache with the conversation so far plus at least one new token)")
