@@ -229,6 +229,8 @@ def test_fps_and_device_options_are_checked(capsys):
         assert message in capsys.readouterr().err
     rc, _, err = _run(["generate", "--device", "meta", "--prompt", "hi"], capsys)
     assert rc == 2 and "cpu, cuda (cuda:N) or mps" in err
+    rc, _, err = _run(["generate", "--top-p", "0.5", "--prompt", "hi", "--max-new-tokens", "1"], capsys)
+    assert rc == 0 and "--top-k/--top-p apply only when sampling" in err
 
 
 def test_streamed_text_never_shows_half_a_character():

@@ -188,6 +188,17 @@ def test_item_options_are_checked_and_sizes_capped(kind, options, message):
     with pytest.raises(ValueError, match=message) as e:
         process_vision_info([{"role": "user", "content": [{"type": kind, kind: src, **options}]}])
     assert f"{kind} item for 1.{'jpg' if kind == 'image' else 'mp4'}" in str(e.value)
+    assert str(e.value).startswith("message 0, item 0: ")  # where it is in the messages
+
+
+def test_media_errors_name_the_message_and_item():
+    batch = [[{"role": "user", "content": "hi"}],
+             [{"role": "system", "content": "s"},
+              {"role": "user", "content": [{"type": "text", "text": "?"}, {"type": "image"}]}]]
+    with pytest.raises(ValueError, match=r"^conversation 1, message 1, item 1: image item without an 'image'"):
+        process_vision_info(batch)
+    with pytest.raises(ValueError, match=r"^message 0, item 0: a video given as a list of frames needs"):
+        process_vision_info([{"role": "user", "content": [{"type": "video", "video": []}]}])
 
 
 def test_load_image_from_bytes_io_is_rejected():

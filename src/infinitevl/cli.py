@@ -140,9 +140,13 @@ def sampling_args(args):
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
-        return SamplingParams(args.temperature, args.top_k, args.top_p)
+        params = SamplingParams(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise ValueError(f"{e} (--temperature, --top-k, --top-p)") from None
+    if params.temperature == 0 and (params.top_k or params.top_p < 1):
+        print("note: --top-k/--top-p apply only when sampling; with --temperature 0 the answer is greedy (give e.g. "
+              "--temperature 0.7 to sample)", file=sys.stderr)
+    return params
 
 
 def cmd_generate(argv: list[str]) -> int:

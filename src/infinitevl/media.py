@@ -199,17 +199,24 @@ def smart_resize(height: int, width: int, *, factor: int = PATCH_FACTOR, min_pix
 
 def vision_items(messages: list[dict] | list[list[dict]]) -> list[dict]:
     """The image/video content items of one conversation (or a batch of them), in order."""
+    return [item for _, item in _located_items(messages)]
+
+
+def _located_items(messages: list[dict] | list[list[dict]]) -> list[tuple[str, dict]]:
+    """(where, item) for the image/video items: where = 'message i, item j' (with 'conversation c, ' in a batch)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    conversations = [messages] if isinstance(messages[0], dict) else messages
+    batch = not isinstance(messages[0], dict)
+    conversations = messages if batch else [messages]
     items = []
-    for conversation in conversations:
-        for message in conversation:
+    for c, conversation in enumerate(conversations):
+        for i, message in enumerate(conversation):
             if not isinstance(message, dict) or "content" not in message:
                 raise ValueError(f"each message must be a dict with 'role' and 'content', got {message!r:.80}")
             content = message["content"]
             if isinstance(content, list):
-                items.extend(c for c in content if isinstance(c, dict) and item_kind(c) is not None)
+                items.extend((f"{f'conversation {c}, ' if batch else ''}message {i}, item {j}", item)
+                             for j, item in enumerate(content) if isinstance(item, dict) and item_kind(item) is not None)
     return items
 
 
@@ -326,13 +333,16 @@ def process_vision_info(
     images: list[Image.Image] = []
     videos: list[np.ndarray] = []
     metadata: list[dict[str, Any]] = []
-    for item in vision_items(messages):
-        if item_kind(item) == "image":
-            images.append(fetch_image(item))
-        else:
-            frames, fps_used = fetch_video(item)
-            videos.append(frames)
-            metadata.append({"fps": fps_used, "total_num_frames": len(frames)})
+    for where, item in _located_items(messages):
+        try:
+            if item_kind(item) == "image":
+                images.append(fetch_image(item))
+            else:
+                frames, fps_used = fetch_video(item)
+                videos.append(frames)
+                metadata.append({"fps": fps_used, "total_num_frames": len(frames)})
+        except ValueError as e:  # MediaError too: the same type, located
+            raise type(e)(f"{where}: {e}") from None
     out = (images or None, videos or None)
     if return_video_kwargs:
         return (*out, {"video_metadata": metadata} if metadata else {})
