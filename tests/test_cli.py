@@ -205,6 +205,14 @@ def test_the_shipped_model_reads_videos_at_the_size_it_was_trained_on(tmp_path, 
     assert right >= 2
 
 
+def test_shipped_video_sizes_only_fill_items_without_a_size_of_their_own():
+    items = [{"type": "video", "video": "a.mp4"}, {"type": "video", "video": "b.mp4", "min_pixels": 50000},
+             {"type": "video", "video": "c.mp4", "resized_height": 56, "resized_width": 56}]
+    cli.shipped_video_sizes([{"role": "user", "content": items}])
+    assert items[0] == {"type": "video", "video": "a.mp4", **cli.SHIPPED_VIDEO_PIXELS}
+    assert "max_pixels" not in items[1] and "min_pixels" not in items[2]
+
+
 def test_messages_paths_beside_the_file_win_over_the_working_directory(tmp_path, monkeypatch):
     import shutil
 

@@ -136,7 +136,7 @@ def test_model_card_snippet(card, qwen_process_vision_info, case):
 def test_padded_batch_equals_each_prompt_alone(fp32, side):
     """Either padding side (the tokenizer's default is right) gives every row its own answer."""
     model, processor = fp32
-    processor.tokenizer.padding_side = side
+    processor.tokenizer.padding_side = side  # the fixture's processor: set back to left below
     small_image = [{"type": "image", "image": str(MEDIA / "1.jpg"), "max_pixels": 28 * 28 * 8},
                    {"type": "text", "text": "Describe this image."}]
     conversations = [[{"role": "user", "content": small_image}],
@@ -145,13 +145,24 @@ def test_padded_batch_equals_each_prompt_alone(fp32, side):
     images, _ = our_process_vision_info(conversations[0])
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
     assert (batch["attention_mask"][1] == 0).any(), "the second prompt must be padded"
-    together = model.generate(**batch, max_new_tokens=6, do_sample=False)
     processor.tokenizer.padding_side = "left"
     T = batch["input_ids"].shape[1]
-    for row, (text, imgs) in enumerate(((texts[0], images), (texts[1], None))):
-        alone = processor(text=[text], images=imgs, return_tensors="pt")
+    for how in ({}, {"use_cache": False}):
+        together = model.generate(**batch, max_new_tokens=6, do_sample=False, **how)
+        for row, (text, imgs) in enumerate(((texts[0], images), (texts[1], None))):
+            alone = processor(text=[text], images=imgs, return_tensors="pt")
+            single = model.generate(**alone, max_new_tokens=6, do_sample=False)
+            assert together[row, T:].tolist() == single[0, alone["input_ids"].shape[1]:].tolist(), how
+    # chunked prefill (text only in transformers): a row's last chunk may be all padding
+    processor.tokenizer.padding_side = side
+    texts = [texts[1], texts[1].replace("Hi", "Count to twenty in French, then in German.")]
+    batch = processor(text=texts, padding=True, return_tensors="pt")
+    processor.tokenizer.padding_side = "left"
+    together = model.generate(**batch, max_new_tokens=6, do_sample=False, prefill_chunk_size=4)
+    for row, text in enumerate(texts):
+        alone = processor(text=[text], return_tensors="pt")
         single = model.generate(**alone, max_new_tokens=6, do_sample=False)
-        assert together[row, T:].tolist() == single[0, alone["input_ids"].shape[1]:].tolist()
+        assert together[row, batch["input_ids"].shape[1]:].tolist() == single[0, alone["input_ids"].shape[1]:].tolist()
 
 
 def test_generate_without_cache_and_beam_search(fp32):
@@ -267,6 +278,7 @@ def test_from_pretrained_config_settings(checkpoint):
     for load in (AutoModelForCausalLM.from_pretrained, InfiniteVLForConditionalGeneration.from_pretrained):
         model = load(checkpoint, pad_token_id=3, use_cache=False)
         assert model.config.pad_token_id == 3 and model.config.use_cache is False
+        assert model.generation_config.pad_token_id == 3  # what generate() pads finished rows with
         assert getattr(model(input_ids=torch.tensor([[5, 6]])), CACHE_NAME) is None  # use_cache=False holds
     with pytest.raises(ValueError, match=r"sliding_window: 8 -> 16 \(given -> file\)"):
         AutoModelForCausalLM.from_pretrained(checkpoint, sliding_window=8)
@@ -308,17 +320,35 @@ def test_generate_continues_a_given_state_under_either_name(fp32):
 
 
 def test_generate_restarts_from_a_returned_cache(fp32):
-    """transformers' "reuse the cache" pattern: the whole conversation goes back in with the returned cache, and
-    only the columns the state has not consumed are fed."""
+    """transformers' "reuse the cache" pattern, in both of its forms: the whole conversation with an attention mask
+    as long, or only the new tokens (the mask may cover the whole conversation). Only the columns the state has
+    not consumed are fed."""
     model, _ = fp32
     ids = torch.randint(0, 151000, (1, 12), generator=torch.Generator().manual_seed(5))
-    first = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     follow = torch.randint(0, 151000, (1, 4), generator=torch.Generator().manual_seed(6))
-    full = torch.cat([first.sequences, follow], 1)
-    fresh = model.generate(input_ids=full, max_new_tokens=4, do_sample=False)
-    cache = getattr(first, CACHE_NAME)
-    again = model.generate(input_ids=full, max_new_tokens=4, do_sample=False, **{CACHE_NAME: cache})
-    assert again.tolist() == fresh.tolist() and cache.columns == full.shape[1] + 3
+
+    def first():
+        out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        return out.sequences, getattr(out, CACHE_NAME)
+
+    seq, _ = first()
+    full = torch.cat([seq, follow], 1)
+    fresh = model.generate(input_ids=full, max_new_tokens=4, do_sample=False)[:, full.shape[1]:]
+    forms = {"whole conversation": lambda c: dict(input_ids=full, attention_mask=torch.ones_like(full)),
+             "new tokens, whole mask": lambda c: dict(input_ids=full[:, c:], attention_mask=torch.ones_like(full)),
+             "new tokens, no mask": lambda c: dict(input_ids=full[:, c:])}
+    for name, inputs in forms.items():
+        seq, cache = first()
+        consumed = cache.columns  # the prompt and 4 of the 5 new tokens
+        again = model.generate(**inputs(consumed), max_new_tokens=4, do_sample=False, **{CACHE_NAME: cache})
+        assert again[:, -4:].tolist() == fresh.tolist(), name
+        assert cache.columns == full.shape[1] + 3, name
+    seq, cache = first()
+    with pytest.raises(ValueError, match="prefill_chunk_size with a returned cache"):
+        model.generate(input_ids=follow, max_new_tokens=2, prefill_chunk_size=2, **{CACHE_NAME: cache})
+    with pytest.raises(ValueError, match="nothing new to generate from"):
+        model.generate(input_ids=seq[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=2,
+                       **{CACHE_NAME: cache})
 
 
 def test_a_generated_placeholder_token_is_text(fp32):
@@ -376,8 +406,12 @@ def test_saving_over_a_sharded_checkpoint_loads_what_was_saved(checkpoint, tmp_p
     model = AutoModelForCausalLM.from_pretrained(d)
     with torch.no_grad():
         model.lm_head.weight.mul_(2)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"]["stray"] = "vocab.json"  # a malformed entry: saving must not delete that file
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
     model.save_pretrained(d)
     assert not (d / "model.safetensors.index.json").exists() and not list(d.glob("model-0000*"))
+    assert (d / "vocab.json").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(d)
     torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight)
 

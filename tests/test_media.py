@@ -191,6 +191,12 @@ def test_item_options_are_checked_and_sizes_capped(kind, options, message):
     assert str(e.value).startswith("message 0, item 0: ")  # where it is in the messages
 
 
+def test_item_options_take_numpy_numbers():
+    item = {"type": "image", "image": str(MEDIA / "1.jpg"), "resized_height": np.int64(56),
+            "resized_width": np.int64(84)}
+    assert process_vision_info([{"role": "user", "content": [item]}])[0][0].size == (84, 56)
+
+
 def test_media_errors_name_the_message_and_item():
     batch = [[{"role": "user", "content": "hi"}],
              [{"role": "system", "content": "s"},

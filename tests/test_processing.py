@@ -141,6 +141,7 @@ def test_chat_template_tokenizes_a_video_message(processor):
         assert out["input_ids"].tolist() == want["input_ids"].tolist()
     nested = _video_processor()([[str(MEDIA / "3.mp4")], [str(MEDIA / "1.mp4")]])
     assert len(nested["video_grid_thw"]) == 2
+    assert len(_video_processor()([[], [str(MEDIA / "3.mp4")]])["video_grid_thw"]) == 1  # a sample without videos
 
 
 def test_bad_video_inputs(tmp_path):

@@ -103,13 +103,14 @@ SHIPPED_VIDEO_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 16384}
 
 
 def shipped_video_sizes(messages: list[dict]) -> None:
-    """For the shipped model: video items without their own pixel bounds get the ones it was trained with."""
-    from .media import vision_items, item_kind
+    """For the shipped model: video items that set no size of their own (min_pixels, max_pixels, total_pixels,
+    resized_*) get the pixel bounds it was trained with."""
+    from .media import item_kind, vision_items
 
+    own = ("min_pixels", "max_pixels", "total_pixels", "resized_height", "resized_width")
     for item in vision_items(messages):
-        if item_kind(item) == "video":
-            for key, value in SHIPPED_VIDEO_PIXELS.items():
-                item.setdefault(key, value)
+        if item_kind(item) == "video" and not any(k in item for k in own):
+            item.update(SHIPPED_VIDEO_PIXELS)
 
 
 def note_if_shipped(model_dir: Path) -> None:

@@ -152,6 +152,7 @@ class InferenceStateCache(Cache):
         super().__init__(layers=[])
         self.state = state
         self.columns = 0
+        self.pending: int | None = None  # new columns of a generate() that restarts from this cache
 
     def state_for(self, core: InfiniteVL, batch_size: int) -> InferenceState:
         if self.state is None:
@@ -176,6 +177,7 @@ class InferenceStateCache(Cache):
         if self.state is not None:
             self.state.reset()
         self.columns = 0
+        self.pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.state is not None:
@@ -287,6 +289,8 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if (path / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(path)
         model.generation_config.use_cache = True
+        if settings.get("pad_token_id") is not None:
+            model.generation_config.pad_token_id = settings["pad_token_id"]
         if kwargs.get("output_loading_info"):
             return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model.eval()
@@ -358,18 +362,13 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if kwargs.get(name):
                 raise ValueError(f"{name}=True is not available for InfiniteVL (linear attention keeps no attention "
                                  "maps; hidden states are not collected): leave it off")
-        if (cache is not None and logits_to_keep == 1 and input_ids is not None and attention_mask is not None
-                and position_ids is None):
-            # generate()'s prompt step keeps one logit column: with right padding (the processor's default) it must
-            # be each row's last real token. Pads change nothing in the state, so moving them to the front does not
-            # change what the state holds.
-            input_ids, attention_mask = left_padded(input_ids, attention_mask)
         state = None if cache is None else cache.state_for(self.core, B)
         logits = self.core(
             input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             state=state, logits_to_keep=logits_to_keep, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
             pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts,
+            placeholders_as_text=cache is not None and cache.columns > 0 and T == 1,  # generate()'s decode step
         )
         if cache is not None:
             cache.columns += T
@@ -397,13 +396,33 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if kwargs.get("cache_implementation") is not None or getattr(gen_config, "cache_implementation", None):
             raise ValueError("cache_implementation does not apply: InfiniteVL keeps its own constant-size state "
                              "(InferenceStateCache); leave it out")
+        args = list(args)
         ids = args[0] if args else kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
         if torch.is_tensor(ids) and ids.ndim == 2 and ids.shape[1] == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        fresh = _one_cache(kwargs.get("cache"), kwargs.get("past_key_values")) is None
-        if fresh and torch.is_tensor(kwargs.get("attention_mask")):
-            check_rows(kwargs["attention_mask"], None)
         past = _one_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
+        restart = isinstance(past, InferenceStateCache) and past.columns > 0
+        if torch.is_tensor(ids) and torch.is_tensor(mask) and mask.shape == ids.shape and not restart:
+            # every row continues from its own last token: right padding (the tokenizer's default) is moved to the
+            # front once, so every prompt step, cached or not, chunked or not, ends on a real token
+            check_rows(mask)
+            ids, kwargs["attention_mask"] = left_padded(ids, mask)
+            if args:
+                args[0] = ids
+            else:
+                kwargs["input_ids"] = ids
+        if restart:
+            if kwargs.get("prefill_chunk_size") or getattr(gen_config, "prefill_chunk_size", None):
+                raise ValueError("prefill_chunk_size with a returned cache is not supported: pass the new tokens "
+                                 "without it (the state already holds the conversation so far)")
+            # transformers' rule: input_ids are the whole conversation when the attention mask is as long as them,
+            # else only the new tokens; the state has consumed `columns` of the conversation
+            full = torch.is_tensor(mask) and mask.shape[-1] == ids.shape[-1]
+            past.pending = ids.shape[-1] - past.columns if full else ids.shape[-1]
+            if past.pending < 1:
+                raise ValueError(f"nothing new to generate from: the cache has consumed {past.columns} columns and "
+                                 f"input_ids (with an attention mask as long) has {ids.shape[-1]}: add new tokens")
         if past is None and use_cache is not False:
             past = InferenceStateCache()
         if past is not None:  # under the name this transformers' generate() passes on
@@ -428,11 +447,8 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         cache = past_key_values if isinstance(past_key_values, InferenceStateCache) else None
         fresh = cache is None or cache.columns == 0
         n = input_ids.shape[1] if next_sequence_length is None else next_sequence_length
-        if next_sequence_length is None and not fresh and (attention_mask is None
-                                                            or attention_mask.shape[1] == input_ids.shape[1]):
-            # generate() restarted from a returned cache with the whole conversation as input_ids: the state has
-            # consumed the first `cache.columns` of them already
-            n = input_ids.shape[1] - cache.columns
+        if next_sequence_length is None and cache is not None and cache.pending is not None:
+            n, cache.pending = cache.pending, None  # generate() restarted from this cache: its new columns
         if input_ids.shape[1] == 0:
             raise ValueError("the prompt is empty: give at least one token")
         if n < 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,7 @@ def _option(item: dict, key: str, default: Any = None, *, whole: bool = False) -
     value = item.get(key, default)
     if value is None:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if not ok or (whole and value != int(value)):
         raise ValueError(f"{key} must be a positive {'whole ' if whole else ''}number, got {value!r} "
                          f"(in the {_named(item)})")

@@ -214,9 +214,10 @@ def _as_video_list(videos: Any) -> list:
             raise ValueError("videos is an empty list: pass at least one video")
         if all(_is_frame(v) for v in videos):
             return [list(videos)]  # one video given as a list of frames
-        if all(isinstance(v, (list, tuple)) and v and not any(_is_frame(f) for f in v) for v in videos):
-            # one list of videos per sample (how apply_chat_template(tokenize=True) passes them): flatten
-            return [video for sample in videos for video in _as_video_list(list(sample))]
+        if all(isinstance(v, (list, tuple)) and not any(_is_frame(f) for f in v) for v in videos) and any(videos):
+            # one list of videos per sample (how apply_chat_template(tokenize=True) passes them; a sample without
+            # videos gives an empty list): flatten
+            return [video for sample in videos if sample for video in _as_video_list(list(sample))]
         return list(videos)
     raise ValueError(f"videos must be a video (path, [T, H, W, 3] array/tensor or list of frames) or a list of them; "
                      f"got {type(videos).__name__}")

@@ -188,3 +188,45 @@ def test_a_later_generation_on_the_same_bucket_ends_the_earlier_stream(model):
     next(other)
     engine.generate(torch.tensor([[8, 9], [1, 2]]), max_new_tokens=3)  # another bucket: no conflict
     assert len(list(other)) == 4
+    # a call that is refused after taking the slot over still ends the earlier stream
+    third = engine.stream(torch.tensor([[5, 6, 7]]), max_new_tokens=5)
+    next(third)
+    with pytest.raises(ValueError, match="placeholder"):
+        engine.generate(torch.tensor([[model.config.image_token_id, 5]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="taken over"):
+        next(third)
+    # a stream taken over before it ends does not write the other generation's state into the caller's
+    state = model.new_state(1)
+    kept = engine.stream(torch.tensor([[5, 6, 7]]), max_new_tokens=1, state=state)
+    next(kept)
+    engine.generate(torch.tensor([[8, 9, 10, 11]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="taken over"):
+        list(kept)
+    assert int(state.seen[0]) == 0
+
+
+def test_streams_made_in_advance_are_read_one_after_another(model):
+    engine = Engine(model, max_batch_size=1, backend="torch")
+    prompts = [torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])]
+    want = [generate(model, p, max_new_tokens=4).tolist() for p in prompts]
+    streams = [engine.stream(p, max_new_tokens=4) for p in prompts]  # nothing runs until read
+    assert [torch.stack(list(s), 1).tolist() for s in streams] == want
+
+
+def test_a_generated_placeholder_id_is_text_but_a_prompt_placeholder_needs_pixels():
+    """A model may emit an image placeholder id: decoding goes on. In a prompt, a placeholder without pixels is an
+    error wherever the prefill's chunk boundaries fall."""
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    m = InfiniteVL(cfg).eval()
+    with torch.no_grad():  # the head then scores only the image placeholder (hidden[0] > 0 for this seed)
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[cfg.image_token_id, 0] = 1.0
+        m.model.norm.weight.zero_()
+        m.model.norm.weight[0] = 1.0
+    ids = torch.tensor([[5, 6, 7]])
+    assert generate(m, ids, max_new_tokens=3).tolist() == [[cfg.image_token_id] * 3]
+    assert Engine(m, backend="torch").generate(ids, max_new_tokens=3).tolist() == [[cfg.image_token_id] * 3]
+    for prompt in ([5, 6, 7, 8, cfg.image_token_id], [cfg.image_token_id, 5, 6, 7, 8]):
+        with pytest.raises(ValueError, match="no image pixels"):
+            Engine(m, backend="torch").prefill(torch.tensor([prompt]), state=m.new_state(1), chunk_size=4)

@@ -121,6 +121,11 @@ def test_all_padding_rows_and_eager_stream_checks(model):
             run(max_new_tokens=2)
     state = model.new_state(2)
     generate(model, ids, max_new_tokens=1, state=state)
-    assert generate(model, ids, attention_mask_BT=mask, max_new_tokens=2, state=state).shape == (2, 2)  # continues
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        engine.stream(ids, max_new_tokens=0)  # raised by the call, not on the first next()
+    seen = state.seen.clone()
+    with pytest.raises(ValueError, match="no real token"):  # its first token would come from a pad's logits
+        generate(model, ids, attention_mask_BT=mask, max_new_tokens=2, state=state)
+    assert torch.equal(state.seen, seen)  # refused before anything was consumed
+    for bad in (dict(max_new_tokens=0), dict(attention_mask_BT=mask), dict(sampling={"temperature": 1}),
+                dict(stop_token_ids=["x"]), dict(pad_token_id=-1), dict(bogus=1)):
+        with pytest.raises(ValueError):
+            engine.stream(ids, **{"max_new_tokens": 2, **bad})  # raised by the call, not on the first next()

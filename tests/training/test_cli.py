@@ -57,6 +57,7 @@ def test_stage_help_lists_every_config_key_with_its_default(stage, capsys):
     assert defaults["optim.lr"] == "0.0002" and defaults["run.max_steps"] == "null"
     assert defaults["run.output_dir"] == f'"runs/{stage}"'
     assert "peak learning rate" in out  # the field's comment
+    assert all(comment for _, _, comment in options.describe_keys(_stage(stage)[1]))  # every key says what it is
     # each listed line is a valid override giving the default back
     required = "teacher" if stage.startswith("distill") else "model"
     given = [f"{key}={value}" for key, value in defaults.items() if key != required]

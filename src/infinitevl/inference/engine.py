@@ -27,6 +27,7 @@ from .request import check_rows, check_state, decode_options, prompt_inputs, req
 from .sampling import MIN_TEMPERATURE, SamplingParams
 
 MAX_STOP_TOKENS = 16
+BEGIN_OPTIONS = ("sampling", "stop_token_ids", "pad_token_id", "prefill_chunk_size")  # begin's keywords besides the prompt
 
 
 def sample_rows(
@@ -138,7 +139,7 @@ class Engine:
         if state is None:
             raise ValueError("Engine.prefill needs the state to fill: state=model.new_state(batch_size)")
         check_state(state, input_ids_BT.shape[0])
-        check_rows(attention_mask_BT, state)
+        check_rows(attention_mask_BT)
         chunk = self.prefill_chunk_size if chunk_size is None else whole_number(chunk_size, "chunk_size", 1)
         ids = input_ids_BT.to(self.device)
         mask = None if attention_mask_BT is None else attention_mask_BT.to(self.device)
@@ -237,8 +238,10 @@ class Engine:
         pad_token_id = decode_options(pad_token_id, None, None)
         B = input_ids_BT.shape[0]
         check_state(state, B)
+        check_rows(attention_mask_BT)
         kind = "greedy" if sampling.temperature == 0 else "sample"
         slot = self._slot(self.bucket(B), kind)
+        slot.owner = None  # from here the slot's state is this call's: an earlier generation in it has ended
         slot.state.reset()
         rows = _rows(slot.state, B)
         if state is not None:
@@ -284,10 +287,22 @@ class Engine:
         Keyword arguments as for `begin`. The arguments are checked and the prompt is consumed in this call
         (so a bad argument raises here), the tokens come as the iterator is read."""
         max_new_tokens = whole_number(max_new_tokens, "max_new_tokens", 1)
-        return self._columns(self.begin(input_ids_BT, state=state, **kw), max_new_tokens, state)
+        options = {k: kw.pop(k) for k in BEGIN_OPTIONS if k in kw}
+        ids, mask, vision = prompt_inputs(input_ids_BT, kw.pop("attention_mask_BT", None), kw)
+        request_options(1, options.get("sampling", SamplingParams()), options.get("stop_token_ids"),
+                        options.get("prefill_chunk_size"))
+        decode_options(options.get("pad_token_id", 0), None, None)
+        check_state(state, ids.shape[0])
+        check_rows(mask)
+        return self._columns(dict(input_ids_BT=ids, attention_mask_BT=mask, state=state, **options, **vision),
+                             max_new_tokens)
 
     @torch.no_grad()
-    def _columns(self, dec: Decoding, max_new_tokens: int, state: InferenceState | None) -> Iterator[torch.Tensor]:
+    def _columns(self, begin_args: dict, max_new_tokens: int) -> Iterator[torch.Tensor]:
+        """The tokens of `stream`: the prompt is consumed on the first next(), so streams made in advance can be read
+        one after another."""
+        state = begin_args["state"]
+        dec = self.begin(**begin_args)
         tok = dec.first.cpu()
         done = torch.isin(tok, dec.stops)
         yield tok
@@ -298,6 +313,9 @@ class Engine:
             done |= torch.isin(tok, dec.stops)
             yield tok
         if state is not None:
+            if dec.slot.owner is not dec:
+                raise ValueError("this generation was taken over by a later call on this Engine before it ended: "
+                                 "its state was not written back; finish a generation before starting the next")
             state.copy_(dec.rows)
 
     def generate(self, input_ids_BT: torch.Tensor | None = None, **kw) -> torch.Tensor:

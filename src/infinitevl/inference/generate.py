@@ -34,7 +34,7 @@ def prefill(
     input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
     B, T = input_ids_BT.shape
     check_state(state, B)
-    check_rows(attention_mask_BT, state)
+    check_rows(attention_mask_BT)
     if chunk_size is not None:
         chunk_size = whole_number(chunk_size, "chunk_size", 1)
     if state is None:
@@ -104,5 +104,6 @@ def generate(
         done = done | torch.isin(tok, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model(tok[:, None], attention_mask=(~done)[:, None].long(), state=state)[:, -1]
+        logits = model(tok[:, None], attention_mask=(~done)[:, None].long(), state=state,
+                       placeholders_as_text=True)[:, -1]
     return torch.stack(out, dim=1)

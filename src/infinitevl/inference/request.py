@@ -90,17 +90,16 @@ def check_state(state, batch_size: int) -> None:
                          f"model.new_state({batch_size})")
 
 
-def check_rows(attention_mask_BT, state) -> None:
-    """Every row needs a real token to continue from: in its prompt, or in the state it continues."""
+def check_rows(attention_mask_BT) -> None:
+    """Every row needs a real token: generation continues from a row's last one (a row of padding only would take
+    its first token from a pad's logits, even when it continues a state)."""
     if attention_mask_BT is None:
         return
     empty = ~attention_mask_BT.bool().any(-1)
-    if state is not None:
-        empty &= state.seen.to(empty.device) == 0
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()
-        raise ValueError(f"row(s) {rows} of attention_mask have no real token (all padding) and no state to continue: "
-                         "drop those rows from the batch")
+        raise ValueError(f"row(s) {rows} of attention_mask have no real token (all padding): drop those rows from the "
+                         "batch")
 
 
 def decode_options(pad_token_id, generator, on_token) -> int:

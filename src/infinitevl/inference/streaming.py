@@ -297,7 +297,7 @@ class StreamSession:
             last = new[-1:].view(1, 1).to(self.device)
             close = [] if new[-1].item() in stops else [self._encode("<|im_end|>")]
             tail = torch.cat([last, *close, self._encode(REOPEN)], dim=1)
-            self.model(tail, state=branch, logits_to_keep=1)
+            self.model(tail, state=branch, logits_to_keep=1, placeholders_as_text=True)  # a generated token
             self._write_row(stream, branch)
             self.clock.block_start[stream] = int(branch.next_position[0])
             self.clock.block_t0[stream] = None

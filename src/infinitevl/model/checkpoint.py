@@ -161,7 +161,7 @@ def _drop_shards(directory: Path) -> None:
     index.unlink()
     for name in shards:
         f = directory / name
-        if f.name != "model.safetensors" and f.parent == directory and f.is_file():
+        if f.name != "model.safetensors" and f.suffix == ".safetensors" and f.parent == directory and f.is_file():
             f.unlink()
 
 

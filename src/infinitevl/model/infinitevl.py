@@ -147,10 +147,10 @@ class InfiniteVL(nn.Module):
         image_grid_thw: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
-        bare_placeholders_as_text: bool = False,
+        placeholders_as_text: bool = False,
     ) -> torch.Tensor:
         """Token embeddings with the vision features written over the image/video placeholders.
-        Placeholders without pixels are an error, unless `bare_placeholders_as_text` (a generated token)."""
+        Placeholders without pixels are an error, unless `placeholders_as_text` (a generated token)."""
         x = self.model.embed_tokens(input_ids_BT)
         for name, pixels, grid, token in (
             ("image", pixel_values, image_grid_thw, self.config.image_token_id),
@@ -159,7 +159,7 @@ class InfiniteVL(nn.Module):
             slots = input_ids_BT == token
             n_slots = int(slots.sum())
             if pixels is None:
-                if n_slots and not bare_placeholders_as_text:
+                if n_slots and not placeholders_as_text:
                     raise ValueError(
                         f"the input has {n_slots} {name} placeholder tokens but no {name} pixels were given: "
                         f"pass the processor's outputs for the {name}(s)"
@@ -187,13 +187,13 @@ class InfiniteVL(nn.Module):
         second_per_grid_ts=None,
         attention_mask_BT=None,
         start_B: torch.Tensor | None = None,
-        bare_placeholders_as_text: bool = False,
+        placeholders_as_text: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """M-RoPE position ids [3, B, T] and the next free position [B]."""
         return get_rope_index(
             input_ids_BT, self.vision_tokens, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts, attention_mask_BT=attention_mask_BT, start_BT=start_B,
-            bare_placeholders_as_text=bare_placeholders_as_text,
+            placeholders_as_text=placeholders_as_text,
         )
 
     def forward(
@@ -212,12 +212,15 @@ class InfiniteVL(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        placeholders_as_text: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T', vocab] for the last `logits_to_keep` tokens (0 = all).
 
         attention_mask [B, T]: 1 real, 0 padding (any layout). Pad tokens change nothing in `state`.
         position_ids [3, B, T] (or [B, T] for text) override the computed M-RoPE positions.
         cu_seqlens: packed sequences in one row (training); needs state=None.
+        placeholders_as_text: the tokens were generated (a decode step): an image or video placeholder id among
+        them is text. In a prompt (the default) a placeholder without pixels is an error (a forgotten image).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -243,16 +246,13 @@ class InfiniteVL(nn.Module):
                 raise ValueError("cu_seqlens (packed rows) needs batch 1, no attention_mask and no state")
             if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
                 raise ValueError(f"cu_seqlens must start at 0 and end at the token count {T}")
-        # A decode step (one token per row, continuing a state) feeds a generated token: an image or video
-        # placeholder there is text. In a prompt, a placeholder without pixels is a forgotten image.
-        decoding = state is not None and T == 1
         if input_ids is not None:
             vocab = self.config.text.vocab_size
             if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
                 raise ValueError(f"token ids must lie in [0, {vocab}); got {int(input_ids.min())}..{int(input_ids.max())}")
             x = self.embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                           bare_placeholders_as_text=decoding)
+                           placeholders_as_text=placeholders_as_text)
         else:
             x = inputs_embeds
 
@@ -265,7 +265,8 @@ class InfiniteVL(nn.Module):
                 position_ids, nxt = self.positions(
                     input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
                     second_per_grid_ts=second_per_grid_ts, attention_mask_BT=attention_mask,
-                    start_B=None if state is None else state.next_position, bare_placeholders_as_text=decoding,
+                    start_B=None if state is None else state.next_position,
+                    placeholders_as_text=placeholders_as_text,
                 )
         else:
             if position_ids.ndim == 2:

@@ -59,19 +59,19 @@ def get_rope_index(
     second_per_grid_ts: torch.Tensor | list[float] | None = None,
     attention_mask_BT: torch.Tensor | None = None,
     start_BT: torch.Tensor | None = None,
-    bare_placeholders_as_text: bool = False,
+    placeholders_as_text: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (position_ids [3, B, T], next_position [B]).
 
     Images and videos are consumed in order, row after row. Each run of image (video) pad tokens is
     one image (video) whose grid must give exactly that many tokens. Pad positions (mask 0) get 1.
     `start_BT` ([B]) continues positions from an earlier chunk (default 0).
-    `bare_placeholders_as_text`: placeholders of a kind with no grids are text (a generated token), not an error.
+    `placeholders_as_text`: placeholders of a kind with no grids are text (a generated token), not an error.
     """
     B, T = input_ids_BT.shape
     merge2 = spec.spatial_merge_size**2
     kinds = {spec.image_token_id: ("image", image_grid_thw), spec.video_token_id: ("video", video_grid_thw)}
-    if bare_placeholders_as_text:
+    if placeholders_as_text:
         kinds = {tok: kg for tok, kg in kinds.items() if kg[1] is not None}
     if second_per_grid_ts is not None:
         second_per_grid_ts = torch.as_tensor(second_per_grid_ts).tolist()

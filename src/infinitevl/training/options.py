@@ -24,9 +24,9 @@ class OptimConfig:
     """AdamW + warmup + cosine decay (published: lr 2e-4, cosine, warmup ratio 0.01, no weight decay)."""
 
     lr: float = 2e-4  # peak learning rate
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's moment decay rates
+    eps: float = 1e-8  # AdamW's denominator term
     warmup_ratio: float = 0.01  # of the total steps, linear from 0
     scheduler: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.0  # the schedule ends at lr x min_lr_ratio

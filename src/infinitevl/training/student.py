@@ -42,12 +42,12 @@ class StudentSpec:
     """How the teacher's decoder turns into the hybrid one (defaults: the published 3B -> InfiniteVL)."""
 
     attention_every: int = 4  # layer i keeps attention when i % attention_every == 0
-    sliding_window: int = 8192
+    sliding_window: int = 8192  # tokens the kept attention layers see
     num_linear_heads: int | None = None  # default: the teacher's attention heads
     linear_head_dim: int | None = None  # default: the teacher's head dim
     expand_v: float = 2  # GDN value dim = expand_v x linear_head_dim
     conv_size: int = 4  # taps of the GDN short convolution
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # the GDN output norm's epsilon
     mimic_init: bool = True  # the published init (decay ~0.999, beta 0.5, identity convs); false: fresh
     seed: int = 0  # for the new GDN weights
 

@@ -28,8 +28,8 @@ class VisionInputConfig:
     video_fps: float = 2.0  # frames sampled per second of video
     video_max_frames: int = 128  # at most this many frames per video (sampled evenly)
     patch_size: int = 14  # the vision tower's patch; with merge_size 2, one token covers 28x28 pixels
-    merge_size: int = 2
-    temporal_patch_size: int = 2
+    merge_size: int = 2  # patches merged per side into one token (the model's spatial_merge_size)
+    temporal_patch_size: int = 2  # video frames per patch in time
 
 
 class MediaError(ValueError):
