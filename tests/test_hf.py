@@ -431,3 +431,58 @@ def test_bad_generate_and_forward_arguments_are_named(fp32):
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def _right_padded(rows):
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+def test_right_padding_keeps_the_callers_prompt_and_holds_over_turns(fp32):
+    """The returned sequences start with the prompt as given; a second turn (without a cache, or restarting the
+    returned cache) with right-padded new tokens still gives each row what it gives alone."""
+    model, _ = fp32
+    g = torch.Generator().manual_seed(9)
+    first = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (9, 5)]
+    then = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (2, 6)]
+    ids, mask = _right_padded(first)
+    out = model.generate(inputs=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences[:, :ids.shape[1]], ids)  # the prompt as given, padding where it was
+    new = out.sequences[:, ids.shape[1]:]
+    follow, follow_mask = _right_padded(then)
+    conversation = torch.cat([out.sequences, follow], 1)
+    conversation_mask = torch.cat([mask, torch.ones_like(new), follow_mask], 1)
+    want = []
+    for row in range(2):
+        alone = torch.tensor([first[row] + new[row].tolist() + then[row]])
+        want.append(model.generate(input_ids=alone, max_new_tokens=3, do_sample=False)[0, -3:].tolist())
+    again = model.generate(input_ids=conversation, attention_mask=conversation_mask, max_new_tokens=3,
+                           do_sample=False)
+    assert again[:, -3:].tolist() == want  # no cache: the whole conversation again
+    cache = getattr(out, CACHE_NAME)
+    restarted = model.generate(input_ids=conversation, attention_mask=conversation_mask, max_new_tokens=3,
+                               do_sample=False, **{CACHE_NAME: cache})
+    assert restarted[:, -3:].tolist() == want  # the returned cache, right-padded new tokens
+
+
+def test_restart_limits_and_prompt_placeholders_in_chunks(fp32):
+    model, _ = fp32
+    ids = torch.randint(0, 151000, (1, 8), generator=torch.Generator().manual_seed(10))
+    out = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, CACHE_NAME)
+    with pytest.raises(ValueError, match="images or videos in a continued conversation"):
+        model.generate(input_ids=ids[:, :2], pixel_values=torch.zeros(4, 1176), image_grid_thw=torch.tensor([[1, 2, 2]]),
+                       max_new_tokens=2, **{CACHE_NAME: cache})
+    with pytest.raises(ValueError, match="nothing new"):
+        model.generate(input_ids=ids[:, :3], attention_mask=torch.ones(1, 3, dtype=torch.long), max_new_tokens=2,
+                       **{CACHE_NAME: cache})
+    assert cache.pending is None  # a refused restart leaves nothing behind
+    forgot = torch.cat([ids, torch.tensor([[model.config.image_token_id]])], 1)  # a placeholder but no pixels
+    for chunk in (None, 1, 4):
+        with pytest.raises(ValueError, match="no image pixels"):
+            model.generate(input_ids=forgot, max_new_tokens=2, prefill_chunk_size=chunk)

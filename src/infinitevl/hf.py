@@ -153,6 +153,15 @@ class InferenceStateCache(Cache):
         self.state = state
         self.columns = 0
         self.pending: int | None = None  # new columns of a generate() that restarts from this cache
+        self.last_logits: torch.Tensor | None = None  # [B, 1, V]: each row's logits at its last real token
+
+    def keep_last_logits(self, logits_B1V: torch.Tensor, mask_BT: torch.Tensor) -> None:
+        """Rows of this call that had no real token (a prompt chunk of padding only) get the logits of their last
+        real token from an earlier call; the others' are kept for the next."""
+        real = mask_BT.bool().any(-1)
+        if self.last_logits is not None and not bool(real.all()):
+            logits_B1V.copy_(torch.where(real[:, None, None], logits_B1V, self.last_logits.to(logits_B1V.dtype)))
+        self.last_logits = logits_B1V.detach().clone()
 
     def state_for(self, core: InfiniteVL, batch_size: int) -> InferenceState:
         if self.state is None:
@@ -178,10 +187,13 @@ class InferenceStateCache(Cache):
             self.state.reset()
         self.columns = 0
         self.pending = None
+        self.last_logits = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.state is not None:
             self.state = self.state.select(beam_idx)
+        if self.last_logits is not None:
+            self.last_logits = self.last_logits[beam_idx.to(self.last_logits.device)]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
@@ -190,6 +202,8 @@ class InferenceStateCache(Cache):
         if self.state is not None:
             rows = torch.arange(self.state.batch_size, device=self.state.seen.device).repeat_interleave(repeats)
             self.state = self.state.select(rows)
+            if self.last_logits is not None:
+                self.last_logits = self.last_logits.repeat_interleave(repeats, 0)
 
     def crop(self, max_length: int) -> None:
         raise ValueError("InfiniteVL's state is recurrent and cannot be cropped: regenerate from the prompt instead "
@@ -326,6 +340,7 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         cache_position: torch.LongTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        placeholders_as_text: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for the new tokens, continuing `cache` (an `InferenceStateCache`; `past_key_values` before
@@ -335,6 +350,9 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         position_ids: M-RoPE positions [3, B, T] (or [B, T]); computed from the state when omitted.
         labels [B, T]: loss = mean cross-entropy of token t+1 given tokens <= t, ignoring -100.
         cache_position and mm_token_type_ids are accepted and not needed.
+        logits_to_keep=1 with an attention mask (how generate() calls it) gives each row the logits of its last real
+        token, whatever the padding side: when a chunk of a row is all padding, those of an earlier chunk.
+        placeholders_as_text: the tokens were generated (generate()'s decode steps): a placeholder id is text.
         """
         past_key_values = _one_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -362,16 +380,22 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if kwargs.get(name):
                 raise ValueError(f"{name}=True is not available for InfiniteVL (linear attention keeps no attention "
                                  "maps; hidden states are not collected): leave it off")
+        last_only = logits_to_keep == 1 and input_ids is not None and attention_mask is not None and position_ids is None
+        if last_only:
+            # the kept column must be each row's last real token: pads (right padding is the tokenizer's default)
+            # move to the front; they change nothing in the state, and the real tokens keep their order
+            input_ids, attention_mask = left_padded(input_ids, attention_mask)
         state = None if cache is None else cache.state_for(self.core, B)
         logits = self.core(
             input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             state=state, logits_to_keep=logits_to_keep, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
             pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-            second_per_grid_ts=second_per_grid_ts,
-            placeholders_as_text=cache is not None and cache.columns > 0 and T == 1,  # generate()'s decode step
+            second_per_grid_ts=second_per_grid_ts, placeholders_as_text=placeholders_as_text,
         )
         if cache is not None:
             cache.columns += T
+            if last_only:
+                cache.keep_last_logits(logits, attention_mask)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch=kwargs.get("num_items_in_batch"))
@@ -396,38 +420,40 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if kwargs.get("cache_implementation") is not None or getattr(gen_config, "cache_implementation", None):
             raise ValueError("cache_implementation does not apply: InfiniteVL keeps its own constant-size state "
                              "(InferenceStateCache); leave it out")
-        args = list(args)
-        ids = args[0] if args else kwargs.get("input_ids")
+        ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
         mask = kwargs.get("attention_mask")
-        if torch.is_tensor(ids) and ids.ndim == 2 and ids.shape[1] == 0:
-            raise ValueError("the prompt is empty: give at least one token")
+        if torch.is_tensor(ids):
+            check_input_ids(ids)
+            if ids.shape[1] == 0:
+                raise ValueError("the prompt is empty: give at least one token")
         past = _one_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
         restart = isinstance(past, InferenceStateCache) and past.columns > 0
-        if torch.is_tensor(ids) and torch.is_tensor(mask) and mask.shape == ids.shape and not restart:
-            # every row continues from its own last token: right padding (the tokenizer's default) is moved to the
-            # front once, so every prompt step, cached or not, chunked or not, ends on a real token
+        if torch.is_tensor(mask) and torch.is_tensor(ids) and mask.shape == ids.shape and not restart:
             check_rows(mask)
-            ids, kwargs["attention_mask"] = left_padded(ids, mask)
-            if args:
-                args[0] = ids
-            else:
-                kwargs["input_ids"] = ids
         if restart:
             if kwargs.get("prefill_chunk_size") or getattr(gen_config, "prefill_chunk_size", None):
                 raise ValueError("prefill_chunk_size with a returned cache is not supported: pass the new tokens "
                                  "without it (the state already holds the conversation so far)")
+            if any(kwargs.get(k) is not None for k in VISION_KEYS):
+                raise ValueError("images or videos in a continued conversation are not supported: generate from a "
+                                 "fresh cache with the whole conversation and all of its media")
             # transformers' rule: input_ids are the whole conversation when the attention mask is as long as them,
             # else only the new tokens; the state has consumed `columns` of the conversation
             full = torch.is_tensor(mask) and mask.shape[-1] == ids.shape[-1]
             past.pending = ids.shape[-1] - past.columns if full else ids.shape[-1]
             if past.pending < 1:
+                past.pending = None
                 raise ValueError(f"nothing new to generate from: the cache has consumed {past.columns} columns and "
                                  f"input_ids (with an attention mask as long) has {ids.shape[-1]}: add new tokens")
         if past is None and use_cache is not False:
             past = InferenceStateCache()
         if past is not None:  # under the name this transformers' generate() passes on
             kwargs[CACHE_NAME] = past
-        return super().generate(*args, **kwargs)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            if isinstance(past, InferenceStateCache):
+                past.pending = None  # also when transformers refused the call before the prompt step
 
     def prepare_inputs_for_generation(
         self,
@@ -436,7 +462,7 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         next_sequence_length: int | None = None,
-        is_first_iteration: bool | None = False,
+        is_first_iteration: bool | None = None,
         cache: Cache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
@@ -462,6 +488,9 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         }
         if kwargs.get("logits_to_keep") is not None:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        # a decode step feeds the token just generated (the prompt step is the first iteration; transformers passes
+        # no flag on decode steps, and the state then holds the prompt already)
+        inputs["placeholders_as_text"] = not is_first_iteration and cache is not None and cache.columns > 0
         if fresh:
             inputs.update({k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None})
         device = self.device

@@ -126,6 +126,7 @@ def test_all_padding_rows_and_eager_stream_checks(model):
         generate(model, ids, attention_mask_BT=mask, max_new_tokens=2, state=state)
     assert torch.equal(state.seen, seen)  # refused before anything was consumed
     for bad in (dict(max_new_tokens=0), dict(attention_mask_BT=mask), dict(sampling={"temperature": 1}),
-                dict(stop_token_ids=["x"]), dict(pad_token_id=-1), dict(bogus=1)):
+                dict(stop_token_ids=["x"]), dict(pad_token_id=-1), dict(bogus=1), dict(stop_token_ids=list(range(17))),
+                dict(input_ids_BT=torch.zeros(3, 4, dtype=torch.long))):
         with pytest.raises(ValueError):
-            engine.stream(ids, **{"max_new_tokens": 2, **bad})  # raised by the call, not on the first next()
+            engine.stream(**{"input_ids_BT": ids, "max_new_tokens": 2, **bad})  # raised by the call, not on next()

@@ -232,13 +232,9 @@ class Engine:
         """Prefills the prompt into a bucket's state (continuing `state` when given: it is copied in) and
         samples the first new token. Then call `step` for each further token."""
         input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
-        stops = request_options(1, sampling, stop_token_ids, prefill_chunk_size)
-        if len(stops) > MAX_STOP_TOKENS:
-            raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
-        pad_token_id = decode_options(pad_token_id, None, None)
+        stops, pad_token_id = self._check_request(input_ids_BT, attention_mask_BT, state, sampling, stop_token_ids,
+                                                  pad_token_id, prefill_chunk_size)
         B = input_ids_BT.shape[0]
-        check_state(state, B)
-        check_rows(attention_mask_BT)
         kind = "greedy" if sampling.temperature == 0 else "sample"
         slot = self._slot(self.bucket(B), kind)
         slot.owner = None  # from here the slot's state is this call's: an earlier generation in it has ended
@@ -264,6 +260,18 @@ class Engine:
                               first=slot.tok[:B].clone())
         return slot.owner
 
+    def _check_request(self, input_ids_BT, attention_mask_BT, state, sampling, stop_token_ids, pad_token_id,
+                       prefill_chunk_size) -> tuple[list[int], int]:
+        """Everything about a request that can be refused before the model runs; returns (stop ids, pad id)."""
+        stops = request_options(1, sampling, stop_token_ids, prefill_chunk_size)
+        if len(stops) > MAX_STOP_TOKENS:
+            raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
+        pad_token_id = decode_options(pad_token_id, None, None)
+        check_state(state, input_ids_BT.shape[0])
+        check_rows(attention_mask_BT)
+        self.bucket(input_ids_BT.shape[0])
+        return stops, pad_token_id
+
     def step(self, dec: Decoding) -> torch.Tensor:
         """One more token for every row: [B] on the device (no host sync; read it when you need it)."""
         if dec.slot.owner is not dec:
@@ -284,23 +292,19 @@ class Engine:
         """Yields each new token column [B] (CPU long) as soon as it exists; stops when every row has
         produced a stop token or after max_new_tokens. With `state`, the prompt continues it and, once the
         stream is exhausted, `state` holds everything consumed (as with `generate.generate`).
-        Keyword arguments as for `begin`. The arguments are checked and the prompt is consumed in this call
-        (so a bad argument raises here), the tokens come as the iterator is read."""
+        Keyword arguments as for `begin`. The arguments are checked in this call (a bad one raises here); the
+        prompt is consumed on the first next(), so streams made in advance can be read one after another."""
         max_new_tokens = whole_number(max_new_tokens, "max_new_tokens", 1)
         options = {k: kw.pop(k) for k in BEGIN_OPTIONS if k in kw}
         ids, mask, vision = prompt_inputs(input_ids_BT, kw.pop("attention_mask_BT", None), kw)
-        request_options(1, options.get("sampling", SamplingParams()), options.get("stop_token_ids"),
-                        options.get("prefill_chunk_size"))
-        decode_options(options.get("pad_token_id", 0), None, None)
-        check_state(state, ids.shape[0])
-        check_rows(mask)
+        self._check_request(ids, mask, state, options.get("sampling", SamplingParams()), options.get("stop_token_ids"),
+                            options.get("pad_token_id", 0), options.get("prefill_chunk_size"))
         return self._columns(dict(input_ids_BT=ids, attention_mask_BT=mask, state=state, **options, **vision),
                              max_new_tokens)
 
     @torch.no_grad()
     def _columns(self, begin_args: dict, max_new_tokens: int) -> Iterator[torch.Tensor]:
-        """The tokens of `stream`: the prompt is consumed on the first next(), so streams made in advance can be read
-        one after another."""
+        """The tokens of `stream`, begun on the first next()."""
         state = begin_args["state"]
         dec = self.begin(**begin_args)
         tok = dec.first.cpu()
