@@ -153,6 +153,7 @@ class InferenceStateCache(Cache):
         self.state = state
         self.columns = 0
         self.pending: int | None = None  # new columns of a generate() that restarts from this cache
+        self.prompt_left: int | None = None  # inside generate(): prompt columns not fed yet (then 0: generated ones)
         self.last_logits: torch.Tensor | None = None  # [B, 1, V]: each row's logits at its last real token
 
     def keep_last_logits(self, logits_B1V: torch.Tensor, mask_BT: torch.Tensor) -> None:
@@ -186,7 +187,7 @@ class InferenceStateCache(Cache):
         if self.state is not None:
             self.state.reset()
         self.columns = 0
-        self.pending = None
+        self.pending = self.prompt_left = None
         self.last_logits = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -340,7 +341,6 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         cache_position: torch.LongTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         return_dict: bool | None = None,
-        placeholders_as_text: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for the new tokens, continuing `cache` (an `InferenceStateCache`; `past_key_values` before
@@ -352,7 +352,7 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         cache_position and mm_token_type_ids are accepted and not needed.
         logits_to_keep=1 with an attention mask (how generate() calls it) gives each row the logits of its last real
         token, whatever the padding side: when a chunk of a row is all padding, those of an earlier chunk.
-        placeholders_as_text: the tokens were generated (generate()'s decode steps): a placeholder id is text.
+        Inside generate(), the columns after the prompt were generated: a placeholder id among them is text.
         """
         past_key_values = _one_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -386,11 +386,14 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             # move to the front; they change nothing in the state, and the real tokens keep their order
             input_ids, attention_mask = left_padded(input_ids, attention_mask)
         state = None if cache is None else cache.state_for(self.core, B)
+        generated = cache is not None and cache.prompt_left == 0
+        if cache is not None and cache.prompt_left:
+            cache.prompt_left = max(0, cache.prompt_left - T)
         logits = self.core(
             input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             state=state, logits_to_keep=logits_to_keep, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
             pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-            second_per_grid_ts=second_per_grid_ts, placeholders_as_text=placeholders_as_text,
+            second_per_grid_ts=second_per_grid_ts, placeholders_as_text=generated,
         )
         if cache is not None:
             cache.columns += T
@@ -437,9 +440,9 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if any(kwargs.get(k) is not None for k in VISION_KEYS):
                 raise ValueError("images or videos in a continued conversation are not supported: generate from a "
                                  "fresh cache with the whole conversation and all of its media")
-            # transformers' rule: input_ids are the whole conversation when the attention mask is as long as them,
-            # else only the new tokens; the state has consumed `columns` of the conversation
-            full = torch.is_tensor(mask) and mask.shape[-1] == ids.shape[-1]
+            # transformers' rule: input_ids are the whole conversation when the attention mask is as long as them
+            # (no mask: one of ones), else only the new tokens; the state has consumed `columns` of the conversation
+            full = not torch.is_tensor(mask) or mask.shape[-1] == ids.shape[-1]
             past.pending = ids.shape[-1] - past.columns if full else ids.shape[-1]
             if past.pending < 1:
                 past.pending = None
@@ -449,11 +452,14 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             past = InferenceStateCache()
         if past is not None:  # under the name this transformers' generate() passes on
             kwargs[CACHE_NAME] = past
+            if isinstance(past, InferenceStateCache) and torch.is_tensor(ids):
+                # the columns of the prompt step(s); what follows is generated (a placeholder id there is text)
+                past.prompt_left = past.pending if restart else ids.shape[-1]
         try:
             return super().generate(*args, **kwargs)
         finally:
             if isinstance(past, InferenceStateCache):
-                past.pending = None  # also when transformers refused the call before the prompt step
+                past.pending = past.prompt_left = None  # also when transformers refused the call early
 
     def prepare_inputs_for_generation(
         self,
@@ -462,7 +468,7 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         next_sequence_length: int | None = None,
-        is_first_iteration: bool | None = None,
+        is_first_iteration: bool | None = False,
         cache: Cache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
@@ -473,7 +479,7 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         cache = past_key_values if isinstance(past_key_values, InferenceStateCache) else None
         fresh = cache is None or cache.columns == 0
         n = input_ids.shape[1] if next_sequence_length is None else next_sequence_length
-        if next_sequence_length is None and cache is not None and cache.pending is not None:
+        if cache is not None and cache.pending is not None:
             n, cache.pending = cache.pending, None  # generate() restarted from this cache: its new columns
         if input_ids.shape[1] == 0:
             raise ValueError("the prompt is empty: give at least one token")
@@ -488,9 +494,6 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         }
         if kwargs.get("logits_to_keep") is not None:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        # a decode step feeds the token just generated (the prompt step is the first iteration; transformers passes
-        # no flag on decode steps, and the state then holds the prompt already)
-        inputs["placeholders_as_text"] = not is_first_iteration and cache is not None and cache.columns > 0
         if fresh:
             inputs.update({k: kwargs[k] for k in VISION_KEYS if kwargs.get(k) is not None})
         device = self.device
