@@ -486,3 +486,35 @@ def test_restart_limits_and_prompt_placeholders_in_chunks(fp32):
     for chunk in (None, 1, 4):
         with pytest.raises(ValueError, match="no image pixels"):
             model.generate(input_ids=forgot, max_new_tokens=2, prefill_chunk_size=chunk)
+
+
+def test_a_row_with_no_new_tokens_continues_from_its_last_real_token(fp32):
+    """A cache filled by hand (all logits kept), then generate() with new tokens for one row only: the other row
+    answers from the last real token it had."""
+    model, _ = fp32
+    g = torch.Generator().manual_seed(11)
+    rows = [torch.randint(0, 151000, (n,), generator=g).tolist() for n in (6, 2)]
+    extra = torch.randint(0, 151000, (2,), generator=g).tolist()
+    ids, mask = _right_padded(rows)
+    want = [model.generate(input_ids=torch.tensor([r]), max_new_tokens=3, do_sample=False)[0, -3:].tolist()
+            for r in (rows[0] + extra, rows[1])]
+    for keep in (0, 1):
+        cache = InferenceStateCache()
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, cache=cache)
+        new, new_mask = _right_padded([extra, [0]])
+        new_mask[1] = 0  # nothing new for row 1
+        out = model.generate(input_ids=new, attention_mask=torch.cat([mask, new_mask], 1), max_new_tokens=3,
+                             do_sample=False, **{CACHE_NAME: cache})
+        assert out[:, -3:].tolist() == want, keep
+
+
+def test_a_restart_mask_that_contradicts_the_state_is_refused(fp32):
+    model, _ = fp32
+    ids = torch.randint(0, 151000, (1, 6), generator=torch.Generator().manual_seed(12))
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(out, CACHE_NAME)
+    conversation = torch.cat([out.sequences, torch.tensor([[5, 6]])], 1)
+    mask = torch.ones_like(conversation)
+    mask[0, 6] = 0  # a consumed (generated) column now marked as padding: the state cannot take it back
+    with pytest.raises(ValueError, match="marks other earlier columns as real than the state consumed"):
+        model.generate(input_ids=conversation, attention_mask=mask, max_new_tokens=2, **{CACHE_NAME: cache})

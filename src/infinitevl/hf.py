@@ -156,13 +156,30 @@ class InferenceStateCache(Cache):
         self.prompt_left: int | None = None  # inside generate(): prompt columns not fed yet (then 0: generated ones)
         self.last_logits: torch.Tensor | None = None  # [B, 1, V]: each row's logits at its last real token
 
-    def keep_last_logits(self, logits_B1V: torch.Tensor, mask_BT: torch.Tensor) -> None:
-        """Rows of this call that had no real token (a prompt chunk of padding only) get the logits of their last
-        real token from an earlier call; the others' are kept for the next."""
-        real = mask_BT.bool().any(-1)
-        if self.last_logits is not None and not bool(real.all()):
-            logits_B1V.copy_(torch.where(real[:, None, None], logits_B1V, self.last_logits.to(logits_B1V.dtype)))
-        self.last_logits = logits_B1V.detach().clone()
+    def keep_last_logits(self, logits_BKV: torch.Tensor, mask_BT: torch.Tensor | None, *, last_only: bool) -> None:
+        """Keeps each row's logits at its last real token, from every call that continues this cache. With
+        `last_only` (one kept column, pads moved to the front), a row of this call with no real token (a prompt
+        chunk of padding only) gets the kept logits of its last real token from an earlier call."""
+        K, T = logits_BKV.shape[1], (logits_BKV.shape[1] if mask_BT is None else mask_BT.shape[1])
+        if mask_BT is None:
+            real = torch.ones(logits_BKV.shape[0], dtype=torch.bool, device=logits_BKV.device)
+            last = logits_BKV[:, -1:]
+        elif last_only:
+            real = mask_BT.bool().any(-1).to(logits_BKV.device)
+            last = logits_BKV[:, -1:]
+        elif K == T:  # every position's logits: pick each row's last real one
+            real = mask_BT.bool().any(-1).to(logits_BKV.device)
+            at = (torch.arange(T, device=mask_BT.device) * mask_BT.bool()).argmax(-1).to(logits_BKV.device)
+            last = logits_BKV.gather(1, at[:, None, None].expand(-1, 1, logits_BKV.shape[2]))
+        else:  # a window of logits that may not hold the last real token: nothing reliable to keep
+            self.last_logits = None
+            return
+        kept = self.last_logits
+        if kept is not None and kept.shape == last.shape and not bool(real.all()):
+            last = torch.where(real[:, None, None], last, kept.to(last.dtype))
+            if last_only:
+                logits_BKV[:, -1:] = last
+        self.last_logits = last.detach().clone()
 
     def state_for(self, core: InfiniteVL, batch_size: int) -> InferenceState:
         if self.state is None:
@@ -397,8 +414,8 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         )
         if cache is not None:
             cache.columns += T
-            if last_only:
-                cache.keep_last_logits(logits, attention_mask)
+            if inputs_embeds is None:
+                cache.keep_last_logits(logits, attention_mask, last_only=last_only)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch=kwargs.get("num_items_in_batch"))
@@ -444,6 +461,13 @@ class InfiniteVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
             # (no mask: one of ones), else only the new tokens; the state has consumed `columns` of the conversation
             full = not torch.is_tensor(mask) or mask.shape[-1] == ids.shape[-1]
             past.pending = ids.shape[-1] - past.columns if full else ids.shape[-1]
+            consumed = mask[:, :mask.shape[-1] - past.pending] if torch.is_tensor(mask) and past.pending > 0 else None
+            if (consumed is not None and consumed.shape[-1] == past.columns and past.state is not None
+                    and not torch.equal(consumed.bool().sum(-1).to(past.state.seen.device), past.state.seen)):
+                past.pending = None
+                raise ValueError("the attention mask marks other earlier columns as real than the state consumed "
+                                 "(e.g. pads after an early stop, masked only now): keep the earlier mask as it was, "
+                                 "or generate without the cache")
             if past.pending < 1:
                 past.pending = None
                 raise ValueError(f"nothing new to generate from: the cache has consumed {past.columns} columns and "
