@@ -61,10 +61,11 @@ def _dtype(name: str, device: str) -> torch.dtype:
     return check_dtype(name)
 
 
-def load_model(model_dir: Path, device: str, dtype: torch.dtype):
-    """The model of a checkpoint directory, checked cheaply first: its kind, then its tokenizer, then the weights."""
+def load_model(model_dir: Path, device: str, dtype: torch.dtype, *, processor: bool = False):
+    """(model, tokenizer) of a checkpoint directory, or (model, processor) with `processor`, checked cheaply first:
+    its kind, then its tokenizer (whose vision-token ids must be the config's), then the weights."""
     from . import InfiniteVL
-    from .model.checkpoint import require_tokenizer
+    from .model.checkpoint import check_tokenizer, require_tokenizer
     from .model.config import InfiniteVLConfig
 
     if Path(model_dir).is_file():
@@ -72,25 +73,25 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype):
                          "weights and the tokenizer files)")
     config = InfiniteVLConfig.from_file(model_dir)
     require_tokenizer(model_dir)
-    from transformers import AutoTokenizer
+    if processor:
+        text = _processor(model_dir)
+    else:
+        from transformers import AutoTokenizer
 
-    from .model.checkpoint import check_tokenizer
+        text = AutoTokenizer.from_pretrained(str(model_dir))
+    check_tokenizer(text, config, model_dir)
+    return InfiniteVL.from_pretrained(model_dir, dtype=dtype, device=device), text
 
-    check_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)), config, model_dir)
-    return InfiniteVL.from_pretrained(model_dir, dtype=dtype, device=device)
 
-
-def _load(model_dir: Path, device: str, dtype: torch.dtype):
+def _processor(model_dir: Path):
     from transformers import AutoProcessor
 
-    model = load_model(model_dir, device, dtype)
     try:
-        processor = AutoProcessor.from_pretrained(str(model_dir))
+        return AutoProcessor.from_pretrained(str(model_dir))
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"cannot load the processor from {model_dir} ({e}): a released checkpoint directory has "
                          "tokenizer.json, tokenizer_config.json and preprocessor_config.json beside its weights"
                          ) from None
-    return model, processor
 
 
 def is_shipped(model_dir: Path) -> bool:
@@ -185,7 +186,7 @@ def cmd_generate(argv: list[str]) -> int:
 
     media = process_vision_info(messages, return_video_kwargs=True)  # bad media fail before the model loads
     torch.manual_seed(args.seed)
-    model, processor = _load(args.model, device, _dtype(args.dtype, device))
+    model, processor = load_model(args.model, device, _dtype(args.dtype, device), processor=True)
     note_if_shipped(args.model)
     return _answer(model, processor, messages, media, args, device)
 

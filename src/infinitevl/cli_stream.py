@@ -88,8 +88,6 @@ def stream_main(argv: list[str]) -> int:
         print("note: no --ask given: the video is streamed into the model's memory and nothing is asked "
               '(add e.g. --ask 30s:"What is happening?")', file=sys.stderr)
 
-    from transformers import AutoTokenizer
-
     from .inference.frames import FrameSpec
     from .inference.streaming import StreamSession
     from .inference.video_source import VideoSource
@@ -100,9 +98,9 @@ def stream_main(argv: list[str]) -> int:
     source = VideoSource(args.video, fps=args.fps, size=(spec.height, spec.width))
     device = _device(args.device)
     torch.manual_seed(args.seed)
-    model = load_model(args.model, device, _dtype(args.dtype, device))
+    model, tokenizer = load_model(args.model, device, _dtype(args.dtype, device))
     note_if_shipped(args.model)
-    session = StreamSession(model, AutoTokenizer.from_pretrained(str(args.model)), frame=spec,
+    session = StreamSession(model, tokenizer, frame=spec,
                             pipeline=False if args.no_pipeline else None)
     live = not args.quiet
 

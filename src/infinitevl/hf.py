@@ -175,7 +175,7 @@ class InferenceStateCache(Cache):
             self.last_logits = None
             return
         kept = self.last_logits
-        if kept is not None and kept.shape == last.shape and not bool(real.all()):
+        if kept is not None and kept.shape == last.shape:  # rows with a real token keep their own (no host sync)
             last = torch.where(real[:, None, None], last, kept.to(last.dtype))
             if last_only:
                 logits_BKV[:, -1:] = last

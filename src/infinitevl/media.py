@@ -293,8 +293,8 @@ def fetch_video(item: dict) -> tuple[np.ndarray, float]:
     min_pixels = _option(item, "min_pixels", VIDEO_MIN_TOKENS * PATCH_FACTOR**2)
     total_pixels = _option(item, "total_pixels", VIDEO_TOTAL_TOKENS * PATCH_FACTOR**2)
     max_pixels = _option(item, "max_pixels")
-    for key in ("min_frames", "max_frames"):
-        _option(item, key, whole=True)
+    min_frames = _option(item, "min_frames", MIN_FRAMES, whole=True)
+    max_frames = _option(item, "max_frames", whole=True)
     sample_fps = _option(item, "sample_fps", DEFAULT_FPS)
     if isinstance(src, (list, tuple)):
         if not src:
@@ -306,8 +306,7 @@ def fetch_video(item: dict) -> tuple[np.ndarray, float]:
             frames.append(frames[-1])  # frames are used in pairs: repeat the last one
         frames_THWC, fps_used = np.stack(frames), float(sample_fps)
     elif isinstance(src, (str, Path)):
-        frames_THWC, fps_used = load_video(src, fps=fps, max_frames=_option(item, "max_frames", whole=True),
-                                           min_frames=_option(item, "min_frames", MIN_FRAMES, whole=True))
+        frames_THWC, fps_used = load_video(src, fps=fps, max_frames=max_frames, min_frames=min_frames)
     else:
         raise MediaError(f"a video must be a path or a list of frames; got {type(src).__name__}")
     T, H, W = frames_THWC.shape[:3]

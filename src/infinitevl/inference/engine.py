@@ -22,7 +22,7 @@ from ..layers.fuse import linear
 from ..model.infinitevl import VISION_KEYS, InfiniteVL
 from ..model.state import InferenceState
 from .cuda_graph import CapturedStep, EagerStep
-from .generate import prefill as prefill_with_vision
+from .generate import feed_prompt
 from .request import check_rows, check_state, decode_options, prompt_inputs, request_options, whole_number
 from .sampling import MIN_TEMPERATURE, SamplingParams
 
@@ -140,12 +140,20 @@ class Engine:
             raise ValueError("Engine.prefill needs the state to fill: state=model.new_state(batch_size)")
         check_state(state, input_ids_BT.shape[0])
         check_rows(attention_mask_BT)
-        chunk = self.prefill_chunk_size if chunk_size is None else whole_number(chunk_size, "chunk_size", 1)
+        if chunk_size is not None:
+            chunk_size = whole_number(chunk_size, "chunk_size", 1)
+        return self._prefill(input_ids_BT, state=state, attention_mask_BT=attention_mask_BT, chunk_size=chunk_size,
+                             **vision)
+
+    def _prefill(self, input_ids_BT: torch.Tensor, *, state: InferenceState, attention_mask_BT: torch.Tensor | None,
+                 chunk_size: int | None, **vision) -> torch.Tensor:
+        """`prefill` on arguments already checked."""
+        chunk = chunk_size or self.prefill_chunk_size
         ids = input_ids_BT.to(self.device)
         mask = None if attention_mask_BT is None else attention_mask_BT.to(self.device)
         if any(vision.get(k) is not None for k in VISION_KEYS):
             # images may straddle chunk boundaries: positions and features are computed on the whole prompt
-            logits, _ = prefill_with_vision(self.model, ids, state=state, attention_mask_BT=mask, chunk_size=chunk,
+            logits, _ = feed_prompt(self.model, ids, state=state, attention_mask_BT=mask, chunk_size=chunk,
                                             **vision)
             return logits
         # Chunk boundaries sit at multiples of `chunk` in the stream (not in this call), so a prompt fed over
@@ -234,6 +242,13 @@ class Engine:
         input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
         stops, pad_token_id = self._check_request(input_ids_BT, attention_mask_BT, state, sampling, stop_token_ids,
                                                   pad_token_id, prefill_chunk_size)
+        return self._start(input_ids_BT, attention_mask_BT, state, sampling, stops, pad_token_id, prefill_chunk_size,
+                           vision)
+
+    @torch.no_grad()
+    def _start(self, input_ids_BT, attention_mask_BT, state, sampling, stops, pad_token_id, prefill_chunk_size,
+               vision) -> Decoding:
+        """`begin` on a request already checked (`prompt_inputs`, `_check_request`)."""
         B = input_ids_BT.shape[0]
         kind = "greedy" if sampling.temperature == 0 else "sample"
         slot = self._slot(self.bucket(B), kind)
@@ -242,8 +257,8 @@ class Engine:
         rows = _rows(slot.state, B)
         if state is not None:
             rows.copy_(state)
-        logits = self.prefill(input_ids_BT, state=rows, attention_mask_BT=attention_mask_BT,
-                              chunk_size=prefill_chunk_size, **vision)
+        logits = self._prefill(input_ids_BT, state=rows, attention_mask_BT=attention_mask_BT,
+                               chunk_size=prefill_chunk_size, **vision)
         slot.stops.fill_(-1)
         if stops:
             slot.stops[: len(stops)] = torch.tensor(stops, device=self.device)
@@ -272,12 +287,16 @@ class Engine:
         self.bucket(input_ids_BT.shape[0])
         return stops, pad_token_id
 
-    def step(self, dec: Decoding) -> torch.Tensor:
-        """One more token for every row: [B] on the device (no host sync; read it when you need it)."""
+    @staticmethod
+    def _check_owner(dec: Decoding) -> None:
         if dec.slot.owner is not dec:
             raise ValueError("this generation was taken over by a later begin/stream/generate call on this Engine "
-                             "with a batch of the same bucket (they share one state): finish a generation before "
-                             "starting the next, or batch the requests together")
+                             "with a batch of the same bucket (they share one state, and its state is not written "
+                             "back): finish a generation before starting the next, or batch the requests together")
+
+    def step(self, dec: Decoding) -> torch.Tensor:
+        """One more token for every row: [B] on the device (no host sync; read it when you need it)."""
+        self._check_owner(dec)
         dec.slot.steps[dec.kind]()
         return dec.slot.tok[: dec.rows.batch_size]
 
@@ -297,16 +316,16 @@ class Engine:
         max_new_tokens = whole_number(max_new_tokens, "max_new_tokens", 1)
         options = {k: kw.pop(k) for k in BEGIN_OPTIONS if k in kw}
         ids, mask, vision = prompt_inputs(input_ids_BT, kw.pop("attention_mask_BT", None), kw)
-        self._check_request(ids, mask, state, options.get("sampling", SamplingParams()), options.get("stop_token_ids"),
-                            options.get("pad_token_id", 0), options.get("prefill_chunk_size"))
-        return self._columns(dict(input_ids_BT=ids, attention_mask_BT=mask, state=state, **options, **vision),
-                             max_new_tokens)
+        sampling, chunk = options.get("sampling", SamplingParams()), options.get("prefill_chunk_size")
+        stops, pad = self._check_request(ids, mask, state, sampling, options.get("stop_token_ids"),
+                                         options.get("pad_token_id", 0), chunk)
+        return self._columns((ids, mask, state, sampling, stops, pad, chunk, vision), max_new_tokens)
 
     @torch.no_grad()
-    def _columns(self, begin_args: dict, max_new_tokens: int) -> Iterator[torch.Tensor]:
-        """The tokens of `stream`, begun on the first next()."""
-        state = begin_args["state"]
-        dec = self.begin(**begin_args)
+    def _columns(self, request: tuple, max_new_tokens: int) -> Iterator[torch.Tensor]:
+        """The tokens of `stream`, begun (`_start(*request)`) on the first next()."""
+        state = request[2]
+        dec = self._start(*request)
         tok = dec.first.cpu()
         done = torch.isin(tok, dec.stops)
         yield tok
@@ -317,9 +336,7 @@ class Engine:
             done |= torch.isin(tok, dec.stops)
             yield tok
         if state is not None:
-            if dec.slot.owner is not dec:
-                raise ValueError("this generation was taken over by a later call on this Engine before it ended: "
-                                 "its state was not written back; finish a generation before starting the next")
+            self._check_owner(dec)
             state.copy_(dec.rows)
 
     def generate(self, input_ids_BT: torch.Tensor | None = None, **kw) -> torch.Tensor:

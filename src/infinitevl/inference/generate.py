@@ -32,11 +32,19 @@ def prefill(
     The processor's output can be passed whole; padding may be on either side.
     """
     input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
-    B, T = input_ids_BT.shape
-    check_state(state, B)
+    check_state(state, input_ids_BT.shape[0])
     check_rows(attention_mask_BT)
     if chunk_size is not None:
         chunk_size = whole_number(chunk_size, "chunk_size", 1)
+    return feed_prompt(model, input_ids_BT, state=state, attention_mask_BT=attention_mask_BT, chunk_size=chunk_size,
+                    **vision)
+
+
+def feed_prompt(model: InfiniteVL, input_ids_BT: torch.Tensor, *, state: InferenceState | None,
+                attention_mask_BT: torch.Tensor | None, chunk_size: int | None, **vision
+                ) -> tuple[torch.Tensor, InferenceState]:
+    """`prefill` on arguments already checked (by `prompt_inputs`, `check_state`, `check_rows`)."""
+    B, T = input_ids_BT.shape
     if state is None:
         state = model.new_state(B)
     positions, _ = model.positions(
@@ -88,8 +96,10 @@ def generate(
     input_ids_BT, attention_mask_BT, vision = prompt_inputs(input_ids_BT, attention_mask_BT, vision)
     stop_token_ids = request_options(max_new_tokens, sampling, stop_token_ids, prefill_chunk_size)
     pad_token_id = decode_options(pad_token_id, generator, on_token)
-    logits, state = prefill(model, input_ids_BT, state=state, attention_mask_BT=attention_mask_BT,
-                            chunk_size=prefill_chunk_size, **vision)
+    check_state(state, input_ids_BT.shape[0])
+    check_rows(attention_mask_BT)
+    logits, state = feed_prompt(model, input_ids_BT, state=state, attention_mask_BT=attention_mask_BT,
+                                chunk_size=prefill_chunk_size, **vision)
     B = input_ids_BT.shape[0]
     device = input_ids_BT.device
     stops = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)

@@ -72,7 +72,8 @@ def whole_number(value, name: str, low: int) -> int:
     except (TypeError, RuntimeError, ValueError):
         number = None
     if number is None or number < low or number >= 2**63:
-        raise ValueError(f"{name} must be a whole number >= {low}" + (" (and < 2**63)" if number else "")
+        too_big = number is not None and number >= 2**63
+        raise ValueError(f"{name} must be a whole number >= {low}" + (" (and < 2**63)" if too_big else "")
                          + f", got {value!r}")
     return number
 

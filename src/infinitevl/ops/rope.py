@@ -73,6 +73,7 @@ def get_rope_index(
     kinds = {spec.image_token_id: ("image", image_grid_thw), spec.video_token_id: ("video", video_grid_thw)}
     if placeholders_as_text:
         kinds = {tok: kg for tok, kg in kinds.items() if kg[1] is not None}
+    vision_ids = torch.tensor(list(kinds), dtype=input_ids_BT.dtype)
     if second_per_grid_ts is not None:
         second_per_grid_ts = torch.as_tensor(second_per_grid_ts).tolist()
     position_ids = torch.ones(3, B, T, dtype=torch.long)
@@ -87,7 +88,7 @@ def get_rope_index(
         pos = torch.empty(3, n, dtype=torch.long)
         nxt = 0 if start_BT is None else int(start_BT[b])
         # runs of identical vision placeholder tokens: one image or video each
-        is_vis = torch.isin(ids, torch.tensor(list(kinds), dtype=ids.dtype))
+        is_vis = torch.isin(ids, vision_ids)
         starts = (is_vis & torch.cat([torch.tensor([True]), ids[1:] != ids[:-1]])).nonzero().flatten().tolist()
         i = 0
         for r in starts + [n]:
