@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .chat import TextStream
+
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-infinitevl"
 
 USAGE = """usage: infinitevl COMMAND [options]   (infinitevl COMMAND --help for its options)
@@ -272,22 +274,16 @@ def _answer(model, processor, messages: list[dict], media: tuple, args, device: 
     """The same chat `messages` format as the library API and qwen_vl_utils: media decoded by
     infinitevl.media (`media` = its process_vision_info(messages, return_video_kwargs=True)), tokens expanded
     by the checkpoint's processor, answered by infinitevl.inference."""
+    from .chat import chat_inputs, stop_token_ids
     from .inference.engine import Engine
-    from .model.infinitevl import VISION_KEYS
 
-    images, videos, video_kwargs = media
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt", **video_kwargs)
-    vision = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()
-              if k in VISION_KEYS}
-    eos = model.config.eos_token_id
-    stops = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    input_ids, vision = chat_inputs(processor, messages, media, device)
+    stops = stop_token_ids(model)
     # The engine is the fast path: fla kernels + the decode step in a CUDA graph on a GPU, eager on CPU.
     engine = Engine(model, max_batch_size=1)
     t0 = time.perf_counter()
     text = TextStream(processor.tokenizer)
-    for col in engine.stream(inputs["input_ids"], max_new_tokens=args.max_new_tokens,
-                             sampling=args.sampling,
+    for col in engine.stream(input_ids, max_new_tokens=args.max_new_tokens, sampling=args.sampling,
                              stop_token_ids=stops, **vision):
         if int(col[0]) in stops:
             break
@@ -296,37 +292,11 @@ def _answer(model, processor, messages: list[dict], media: tuple, args, device: 
             print(new, end="", flush=True)
     elapsed = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"answer": text.text(), "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        print(json.dumps({"answer": text.text(), "prompt_tokens": int(input_ids.shape[1]),
                           "new_tokens": len(text.tokens), "seconds": round(elapsed, 3)}))
     else:
         print(text.end())
     return 0
-
-
-class TextStream:
-    """Token ids in, printable text out: `push` returns what is new. A character whose bytes span several tokens
-    decodes to U+FFFD until its last token arrives, so it is held back until then."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.shown = ""
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        so_far = self.text().rstrip("\ufffd")
-        if not so_far.startswith(self.shown):  # the decoding of earlier tokens changed: wait for the end
-            return ""
-        new, self.shown = so_far[len(self.shown):], so_far
-        return new
-
-    def end(self) -> str:
-        """The rest of the text (a held-back character, or all of it again if earlier output was revised)."""
-        full = self.text()
-        return full[len(self.shown):] if full.startswith(self.shown) else "\n" + full
 
 
 def cmd_train(argv: list[str]) -> int:
