@@ -105,6 +105,19 @@ def test_load_video_limits_and_pil():
         load_video(MEDIA / "3.mp4", max_frames=1)
 
 
+def test_load_video_from_a_data_uri():
+    data = (MEDIA / "3.mp4").read_bytes()
+    uri = "data:video/mp4;base64," + base64.b64encode(data).decode()
+    frames, fps_used = load_video(uri, fps=1.0)
+    same, same_fps = load_video(MEDIA / "3.mp4", fps=1.0)
+    assert np.array_equal(frames, same) and fps_used == same_fps
+    with pytest.raises(ValueError, match="must look like 'data:video/<format>;base64,<data>'"):
+        load_video("data:image/png;base64,AAAA")
+    bad = "data:video/mp4;base64," + base64.b64encode(data[: len(data) // 3]).decode()
+    with pytest.raises(ValueError, match="the data URI video .*corrupt, truncated"):
+        load_video(bad)
+
+
 def test_load_video_bad_files(tmp_path):
     data = (MEDIA / "1.mp4").read_bytes()
     (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])

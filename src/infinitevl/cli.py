@@ -22,6 +22,8 @@ commands:
                infinitevl generate --messages chat.json     (the model card's `messages` list, as JSON)
   stream     stream a video in constant memory, answering questions at given times
                infinitevl stream VIDEO --ask 30s:"What is happening?" [--ask 2m:"..."] [--fps 2]
+  serve      answer over HTTP with OpenAI's chat completions API (JSON or server-sent events)
+               infinitevl serve [--model DIR] [--port 8000] [--media-dir DIR]
   train      run one training stage
                infinitevl train {distill-layer,distill-e2e,sft,long-sft} --config configs/<stage>.yaml
   convert    turn a Qwen2.5-VL checkpoint into an InfiniteVL initialisation
@@ -317,6 +319,12 @@ def cmd_merge_lora(argv: list[str]) -> int:
     return merge_main(argv)
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from .server import serve_main
+
+    return serve_main(argv)
+
+
 def cmd_stream(argv: list[str]) -> int:
     from .cli_stream import stream_main
 
@@ -326,6 +334,7 @@ def cmd_stream(argv: list[str]) -> int:
 COMMANDS = {
     "generate": cmd_generate,
     "stream": cmd_stream,
+    "serve": cmd_serve,
     "train": cmd_train,
     "convert": cmd_convert,
     "merge-lora": cmd_merge_lora,

@@ -3,7 +3,7 @@
 Legend: T frames, H height, W width.
 
 - `load_image`: a PIL image, a local path, `file://...`, `data:image/...;base64,...` or an http(s) URL -> RGB PIL image.
-- `load_video`: a video file (PyAV) -> frames sampled at `fps` (uint8 [T, H, W, 3]) and the rate they represent.
+- `load_video`: a video file or data URI (PyAV) -> frames sampled at `fps` (uint8 [T, H, W, 3]) and the rate they represent.
 - `process_vision_info`: chat `messages` -> (images, videos), like `qwen_vl_utils.process_vision_info` (same
   message format and the same resize / frame-count rules), without torchvision.
 """
@@ -48,14 +48,7 @@ def load_image(source: Any) -> Image.Image:
             f"an image must be a PIL.Image, a path, a file:// or data: URI or an http(s) URL; got {type(source).__name__}"
         )
     if source.startswith("data:"):
-        head, sep, payload = source.partition("base64,")
-        if not sep or not head.startswith("data:image"):
-            raise MediaError("a data URI image must look like 'data:image/<format>;base64,<data>'")
-        try:
-            data = base64.b64decode(payload, validate=False)
-        except ValueError as e:
-            raise MediaError(f"the data URI image is not valid base64: {e}") from e
-        return _decode_image(io.BytesIO(data), "the data URI image")
+        return _decode_image(io.BytesIO(_data_uri(source, "image")), "the data URI image")
     if source.startswith(("http://", "https://")):
         return _decode_image(io.BytesIO(_fetch_url(source)), source)
     path = Path(source[len("file://"):] if source.startswith("file://") else source)
@@ -83,6 +76,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _data_uri(source: str, kind: str) -> bytes:
+    """The bytes of a `data:<kind>/<format>;base64,<data>` URI."""
+    head, sep, payload = source.partition("base64,")
+    if not sep or not head.startswith(f"data:{kind}"):
+        raise MediaError(f"a data URI {kind} must look like 'data:{kind}/<format>;base64,<data>'")
+    try:
+        return base64.b64decode(payload, validate=False)
+    except ValueError as e:
+        raise MediaError(f"the data URI {kind} is not valid base64: {e}") from e
+
+
 def _fetch_url(url: str) -> bytes:
     import urllib.request
 
@@ -102,7 +106,7 @@ def load_video(
     min_frames: int = MIN_FRAMES,
     as_pil: bool = False,
 ) -> tuple[np.ndarray | list[Image.Image], float]:
-    """Frames sampled uniformly at about `fps` and the rate they represent: (uint8 [T, H, W, 3] or T PIL
+    """Frames of a video file (or a `data:video/...;base64,` URI) sampled uniformly at about `fps` and the rate they represent: (uint8 [T, H, W, 3] or T PIL
     images, fps_used). T is even (the vision tower pairs frames), at least `min_frames` when the video has that
     many, at most `max_frames`; the frame choice is qwen_vl_utils' (`linspace(0, total - 1, T).round()`)."""
     import av
@@ -117,12 +121,16 @@ def load_video(
         raise MediaError(f"a video must be a path to a video file; got {type(source).__name__}")
     if source.startswith(("http://", "https://")):
         raise MediaError(f"video URLs are not fetched: download {source} and pass the local path")
-    path = Path(source[len("file://"):] if source.startswith("file://") else source)
-    if not path.is_file():
-        raise MediaError(f"video file not found: {path}")
+    if source.startswith("data:"):
+        target, path = io.BytesIO(_data_uri(source, "video")), "the data URI video"
+    else:
+        path = Path(source[len("file://"):] if source.startswith("file://") else source)
+        if not path.is_file():
+            raise MediaError(f"video file not found: {path}")
+        target = str(path)
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(target) as container:
             if not container.streams.video:
                 raise MediaError(f"{path} has no video stream")
             stream = container.streams.video[0]

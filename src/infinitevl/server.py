@@ -1,0 +1,485 @@
+"""OpenAI-compatible HTTP server (`infinitevl serve`).
+
+- `POST /v1/chat/completions`: one JSON answer, or server-sent events with `"stream": true`.
+- `GET /v1/models`, `GET /health`.
+
+Messages are OpenAI's (string content, or `text` / `image_url` / `video_url` parts) or the model card's
+(`{"type": "image", "image": ...}` / `{"type": "video", "video": ...}` items with their qwen_vl_utils options),
+answered as `infinitevl generate` answers them. Media come as data: URIs or http(s) URLs (images); local paths
+are read only under `--media-dir`. One generation runs at a time (the engine holds one state); other requests
+wait their turn. A bad request is answered with an HTTP 4xx and an OpenAI-style error body naming the problem,
+before any generation starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+from .chat import TextStream, chat_inputs, stop_token_ids
+from .inference.sampling import SamplingParams
+
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+READ_FIELDS = ("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+               "stop", "stream", "stream_options")
+# Fields OpenAI clients send that change nothing here when they hold these values (other values are refused).
+DEFAULT_ONLY = {"n": (1,), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
+                "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
+                "response_format": ({"type": "text"},)}
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+
+
+class RequestError(ValueError):
+    """A request that cannot be served: the HTTP status and a message naming the problem and the fix."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = int(status), param
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # the model card's format
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+# ---- reading a request ----
+def _number(body: dict, key: str, default, *, whole: bool = False, lo: float | None = None):
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not whole or value == int(value))
+    if not ok or value != value or value in (float("inf"), float("-inf")) or (lo is not None and value < lo):
+        kind = "a whole number" if whole else "a number"
+        raise RequestError(f"'{key}' must be {kind}{f' >= {lo:g}' if lo is not None else ''}, got {value!r}",
+                           param=key)
+    return int(value) if whole else float(value)
+
+
+def parse_request(body, *, served: str, defaults: SamplingParams, default_max_tokens: int, max_tokens_limit: int,
+                  media_dir: Path | None) -> ChatRequest:
+    """A chat completion request body (parsed JSON) -> ChatRequest, or a RequestError naming what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    for key, value in body.items():
+        if key in READ_FIELDS or key in IGNORED or value is None:
+            continue
+        if key in DEFAULT_ONLY:
+            if value not in DEFAULT_ONLY[key]:
+                raise RequestError(f"'{key}': {value!r} is not supported by this server (it serves "
+                                   f"{DEFAULT_ONLY[key][0]!r} only): leave the field out", param=key)
+            continue
+        raise RequestError(f"unknown field '{key}': this server reads {', '.join(READ_FIELDS)}", param=key)
+    model = body.get("model")
+    if model is not None and model != served:
+        raise RequestError(f"model {model!r} is not served here: this server serves {served!r} (GET /v1/models)",
+                           HTTPStatus.NOT_FOUND, "model")
+    max_tokens = _number(body, "max_tokens", None, whole=True, lo=1)
+    max_completion = _number(body, "max_completion_tokens", None, whole=True, lo=1)
+    if None not in (max_tokens, max_completion) and max_tokens != max_completion:
+        raise RequestError(f"'max_tokens' ({max_tokens}) and 'max_completion_tokens' ({max_completion}) differ: give "
+                           "one", param="max_tokens")
+    max_tokens = max_completion or max_tokens or default_max_tokens
+    if max_tokens > max_tokens_limit:
+        raise RequestError(f"max_tokens {max_tokens} is above this server's limit of {max_tokens_limit} (its "
+                           "--max-tokens-limit)", param="max_tokens")
+    try:
+        sampling = SamplingParams(_number(body, "temperature", defaults.temperature, lo=0),
+                                  _number(body, "top_k", defaults.top_k, whole=True, lo=0),
+                                  _number(body, "top_p", defaults.top_p))
+    except ValueError as e:
+        raise RequestError(f"{e} (temperature, top_k, top_p)") from None
+    seed = _number(body, "seed", None, whole=True)
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= MAX_STOP_STRINGS):
+        raise RequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, got "
+                           f"{body.get('stop')!r}", param="stop")
+    stream = body.get("stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise RequestError("'stream' must be true or false and 'stream_options' at most {\"include_usage\": bool}",
+                           param="stream")
+    return ChatRequest(messages=chat_messages(body.get("messages"), media_dir), max_tokens=max_tokens,
+                       sampling=sampling, stop=stop, seed=seed, stream=stream,
+                       include_usage=bool(options.get("include_usage")))
+
+
+def chat_messages(messages, media_dir: Path | None) -> list[dict]:
+    """OpenAI or model-card messages -> the model card's format (image_url / video_url parts become image / video
+    items), with every media source checked against the server's rules."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{where} must be an object with 'role' and 'content'", param="messages")
+        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        if role not in ("system", "user", "assistant"):
+            raise RequestError(f"{where}: role {m.get('role')!r} is not supported (system, developer, user, assistant)",
+                               param="messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [_part(p, f"{where}.content[{j}]", media_dir) for j, p in enumerate(content)]
+        elif not isinstance(content, str):
+            raise RequestError(f"{where}: 'content' must be a string or a list of parts, got {content!r:.60}",
+                               param="messages")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "user":
+        raise RequestError(f"the last message must be the user's (it is the {out[-1]['role']}'s): the server answers "
+                           "it", param="messages")
+    last = out[-1]["content"]
+    if not (last.strip() if isinstance(last, str) else any(p.get("type") != "text" or p["text"].strip() for p in last)):
+        raise RequestError("the last message says nothing: give it text, an image or a video", param="messages")
+    return out
+
+
+def _part(part, where: str, media_dir: Path | None) -> dict:
+    if not isinstance(part, dict):
+        raise RequestError(f"{where} must be an object such as {{\"type\": \"text\", \"text\": ...}}", param="messages")
+    kind = part.get("type") or next((k for k in ("text", "image", "video", "image_url", "video_url") if k in part), None)
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}: a text part needs a string 'text'", param="messages")
+        return {"type": "text", "text": part["text"]}
+    if kind in ("image_url", "video_url"):
+        ref = part.get(kind)
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        item = {"type": kind[:5], kind[:5]: url}
+    elif kind in ("image", "video"):
+        item = {k: v for k, v in part.items() if k != "image_url"}
+        item["type"] = kind
+        if kind not in item:
+            raise RequestError(f"{where}: an {kind} item needs its source in '{kind}'", param="messages")
+    else:
+        raise RequestError(f"{where}: unsupported part type {kind!r} (text, image_url, video_url, image, video)",
+                           param="messages")
+    key = item["type"]
+    src = item[key]
+    item[key] = ([_source(s, f"{where} frame {k}", media_dir) for k, s in enumerate(src)]
+                 if key == "video" and isinstance(src, list) else _source(src, where, media_dir))
+    return item
+
+
+def _source(src, where: str, media_dir: Path | None) -> str:
+    """A media source as the server may read it: a data: URI, an http(s) URL, or a file under --media-dir."""
+    if not isinstance(src, str) or not src:
+        raise RequestError(f"{where}: a media source must be a URL, a data: URI or a file name, got {src!r:.60}",
+                           param="messages")
+    if src.startswith(("data:", "http://", "https://")):
+        return src
+    if media_dir is None:
+        raise RequestError(f"{where}: {src!r:.80} is a local file, and this server reads none (start it with "
+                           "--media-dir DIR to allow files under DIR); send the media as a data: URI instead",
+                           HTTPStatus.FORBIDDEN, "messages")
+    path = (media_dir / src.removeprefix("file://")).resolve()
+    if not path.is_relative_to(media_dir):
+        raise RequestError(f"{where}: {src!r:.80} is outside the server's --media-dir", HTTPStatus.FORBIDDEN,
+                           "messages")
+    return str(path)
+
+
+# ---- answering ----
+class ChatService:
+    """The model behind the server: turns a ChatRequest into an Answer; answers run one at a time."""
+
+    def __init__(self, model, processor, *, name: str, device: str, shipped: bool = False):
+        from .inference.engine import Engine
+
+        self.model, self.processor, self.name, self.device, self.shipped = model, processor, name, device, shipped
+        self.engine = Engine(model, max_batch_size=1)
+        self.stops = stop_token_ids(model)
+        self.lock = threading.Lock()
+
+    def prepare(self, req: ChatRequest) -> "Answer":
+        """Decodes the media, expands the tokens and checks the generation request (a ValueError names what is
+        wrong); nothing is generated until the Answer's text is read."""
+        from .media import process_vision_info
+
+        if self.shipped:
+            from .cli import shipped_video_sizes
+
+            shipped_video_sizes(req.messages)
+        media = process_vision_info(req.messages, return_video_kwargs=True)
+        input_ids, vision = chat_inputs(self.processor, req.messages, media, self.device)
+        columns = self.engine.stream(input_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
+                                     stop_token_ids=self.stops, **vision)
+        return Answer(self, req, int(input_ids.shape[1]), columns)
+
+
+class Answer:
+    """One request's answer: iterate `text()` for its pieces; then `finish_reason` and the token counts hold."""
+
+    def __init__(self, service: ChatService, req: ChatRequest, prompt_tokens: int, columns: Iterator[torch.Tensor]):
+        self.service, self.req, self.columns = service, req, columns
+        self.prompt_tokens, self.completion_tokens, self.finish_reason = prompt_tokens, 0, "length"
+
+    def text(self) -> Iterator[str]:
+        """The answer as it grows. Holds the model until exhausted or closed (a client that leaves closes it).
+        With stop strings, the last (longest stop - 1) characters wait until they cannot begin one."""
+        stops, req = self.service.stops, self.req
+        with self.service.lock:
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            text = TextStream(self.service.processor.tokenizer)
+            held = max((len(s) for s in req.stop), default=1) - 1
+            out, sent, cut = "", 0, None
+            try:
+                for col in self.columns:
+                    self.completion_tokens += 1
+                    token = int(col[0])
+                    if token in stops:
+                        self.finish_reason = "stop"
+                        break
+                    out += text.push(token)
+                    cut = _first_stop(out, req.stop)
+                    if cut is not None:
+                        self.finish_reason = "stop"
+                        break
+                    if len(out) - held > sent:
+                        yield out[sent:len(out) - held]
+                        sent = len(out) - held
+            finally:
+                self.columns.close()  # ends the engine's generation (also when the reader stops early)
+            if cut is None:
+                out += text.end()  # what TextStream held back
+                cut = _first_stop(out, req.stop)
+                if cut is not None:
+                    self.finish_reason = "stop"
+            out = out if cut is None else out[:cut]
+            if len(out) > sent:
+                yield out[sent:]
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+# ---- HTTP ----
+def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: int):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "infinitevl"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # one line per request on stderr, as http.server does, minus the noise
+            sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+        def _json(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str, param: str | None = None) -> None:
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/health":
+                return self._json(200, {"status": "ok"})
+            if self.path.rstrip("/") == "/v1/models":
+                return self._json(200, {"object": "list", "data": [
+                    {"id": service.name, "object": "model", "created": 0, "owned_by": "infinitevl"}]})
+            self._error(404, f"no such endpoint: GET {self.path} (GET /health, GET /v1/models, "
+                             "POST /v1/chat/completions)")
+
+        def do_POST(self):
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self._drain()
+                return self._error(404, f"no such endpoint: POST {self.path} (POST /v1/chat/completions)")
+            try:
+                req = parse_request(self._body(), served=service.name, **parse_options)
+                answer = service.prepare(req)
+            except RequestError as e:
+                return self._error(e.status, str(e), e.param)
+            except ValueError as e:  # bad media, too long, ... named by the library
+                return self._error(400, str(e), "messages")
+            except Exception as e:  # a bug: say so, keep serving
+                traceback.print_exc()
+                return self._error(500, f"internal error: {type(e).__name__}: {e}")
+            (self._stream if req.stream else self._complete)(answer)
+
+        def _drain(self) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            if 0 < n <= max_body_bytes:
+                self.rfile.read(n)
+            else:
+                self.close_connection = True
+
+        def _body(self):
+            try:
+                n = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                raise RequestError("a request body with a Content-Length header is needed",
+                                   HTTPStatus.LENGTH_REQUIRED) from None
+            if n > max_body_bytes:
+                self.close_connection = True
+                raise RequestError(f"the request body has {n} bytes, above this server's {max_body_bytes} "
+                                   "(--max-body-mb): send smaller media", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            raw = self.rfile.read(n)
+            try:
+                return json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise RequestError(f"the request body is not valid JSON ({e})") from None
+
+        def _head(self, created: int, rid: str) -> dict:
+            return {"id": rid, "created": created, "model": service.name}
+
+        def _complete(self, answer: Answer) -> None:
+            rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            try:
+                content = "".join(answer.text())
+            except Exception as e:
+                traceback.print_exc()
+                return self._error(500, f"internal error: {type(e).__name__}: {e}")
+            self._json(200, {**self._head(created, rid), "object": "chat.completion", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": content},
+                 "finish_reason": answer.finish_reason, "logprobs": None}], "usage": _usage(answer)})
+
+        def _stream(self, answer: Answer) -> None:
+            rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            head = {**self._head(created, rid), "object": "chat.completion.chunk"}
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+
+            def send(payload) -> None:
+                data = payload if isinstance(payload, str) else json.dumps(payload)
+                self.wfile.write(f"data: {data}\n\n".encode())
+                self.wfile.flush()
+
+            def chunk(delta: dict, finish=None) -> dict:
+                return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+            pieces = answer.text()
+            try:
+                send(chunk({"role": "assistant", "content": ""}))
+                for piece in pieces:
+                    send(chunk({"content": piece}))
+                send(chunk({}, answer.finish_reason))
+                if answer.req.include_usage:
+                    send({**head, "choices": [], "usage": _usage(answer)})
+                send("[DONE]")
+            except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating
+                pieces.close()
+            except Exception as e:  # the headers are out: report in the stream, as OpenAI does
+                pieces.close()
+                traceback.print_exc()
+                try:
+                    send({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
+                                    "param": None, "code": 500}})
+                except OSError:
+                    pass
+
+    return Handler
+
+
+def _usage(answer: Answer) -> dict:
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+
+
+def generation_defaults(model_dir: Path) -> SamplingParams:
+    """Sampling for requests that set none: the checkpoint's generation_config.json when it samples, else greedy."""
+    try:
+        cfg = json.loads((Path(model_dir) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return SamplingParams()
+    if not cfg.get("do_sample"):
+        return SamplingParams()
+    return SamplingParams(float(cfg.get("temperature", 1.0)), int(cfg.get("top_k", 0) or 0),
+                          float(cfg.get("top_p", 1.0)))
+
+
+def serve_main(argv: list[str]) -> int:
+    from .cli import DEFAULT_MODEL, HelpFormatter, _device, _dtype, is_shipped, load_model, note_if_shipped
+
+    ap = argparse.ArgumentParser(prog="infinitevl serve", formatter_class=HelpFormatter,
+                                 description="Serve the model over HTTP with OpenAI's chat completions API:\n"
+                                             "POST /v1/chat/completions (\"stream\": true for server-sent events), "
+                                             "GET /v1/models, GET /health.")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                    help="checkpoint directory (default: the small model shipped in the package)")
+    ap.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: bfloat16 on a GPU, float32 on CPU")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    ap.add_argument("--served-model-name", help="the model name clients give (default: the model folder's name)")
+    ap.add_argument("--media-dir", type=Path, help="read local media files named in requests from this folder "
+                                                   "only (default: no local files; data: URIs and URLs only)")
+    ap.add_argument("--max-tokens", type=int, default=512, help="max_tokens of a request that gives none")
+    ap.add_argument("--max-tokens-limit", type=int, default=8192, help="the most max_tokens a request may ask")
+    ap.add_argument("--max-body-mb", type=float, default=100, help="the largest request body, in MB")
+    args = ap.parse_args(argv)
+    if not 1 <= args.max_tokens <= args.max_tokens_limit:
+        ap.error(f"--max-tokens must be in [1, --max-tokens-limit={args.max_tokens_limit}], got {args.max_tokens}")
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port must be in [0, 65535], got {args.port}")
+    if not args.max_body_mb > 0:
+        ap.error(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    media_dir = None
+    if args.media_dir is not None:
+        media_dir = args.media_dir.expanduser().resolve()
+        if not media_dir.is_dir():
+            raise ValueError(f"--media-dir {args.media_dir} is not a folder")
+    device = _device(args.device)
+    model, processor = load_model(args.model, device, _dtype(args.dtype, device), processor=True)
+    note_if_shipped(args.model)
+    name = args.served_model_name or Path(args.model).resolve().name
+    service = ChatService(model, processor, name=name, device=device, shipped=is_shipped(args.model))
+    server = make_server(service, args.host, args.port, media_dir=media_dir, default_max_tokens=args.max_tokens,
+                         max_tokens_limit=args.max_tokens_limit, max_body_bytes=int(args.max_body_mb * 1e6),
+                         defaults=generation_defaults(args.model))
+    host, port = server.server_address[:2]
+    print(f"serving {name!r} on http://{host}:{port}/v1 (POST /v1/chat/completions; Ctrl-C stops)", file=sys.stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def make_server(service: ChatService, host: str, port: int, *, media_dir: Path | None = None,
+                default_max_tokens: int = 512, max_tokens_limit: int = 8192, max_body_bytes: int = 100_000_000,
+                defaults: SamplingParams = SamplingParams()) -> ThreadingHTTPServer:
+    """A threaded HTTP server around `service` (call serve_forever; port 0 picks a free port)."""
+    if not 1 <= default_max_tokens <= max_tokens_limit:
+        raise ValueError(f"the default max_tokens ({default_max_tokens}) must be in [1, max_tokens_limit="
+                         f"{max_tokens_limit}]")
+    options = dict(defaults=defaults, default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit,
+                   media_dir=media_dir)
+    try:
+        server = ThreadingHTTPServer((host, port), make_handler(service, parse_options=options,
+                                                                 max_body_bytes=max_body_bytes))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e}): pick another --port or --host") from None
+    server.daemon_threads = True
+    return server
