@@ -36,7 +36,7 @@ def _ask(image=STAR, text="Describe the image."):
 @pytest.fixture(scope="module")
 def service():
     model, processor = cli.load_model(cli.DEFAULT_MODEL, "cpu", torch.float32, processor=True)
-    return ChatService(model, processor, name="tiny", device="cpu", shipped=True)
+    return ChatService(model, processor, name="tiny", device="cpu", shipped=True, max_batch_size=4)
 
 
 class Server:
@@ -201,8 +201,10 @@ def test_bad_bodies_endpoints_and_sizes(server):
     assert status == 404 and "POST /v1/chat/completions" in text
     status, _, text = server.request("GET", "/nope")
     assert status == 404 and "GET /v1/models" in text
-    status, _, text = server.request("POST", "/v1/chat/completions", raw=b"x" * 2_000_001)
-    assert status == 413 and "--max-body-mb" in text
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # refused before it is read
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2000001\r\n\r\n")
+        reply = b"".join(iter(lambda: sock.recv(4096), b""))  # the server closes the connection after it
+    assert b" 413 " in reply.split(b"\r\n")[0] and b"--max-body-mb" in reply
     status, _, text = server.request("GET", "/v1/models")
     assert status == 200 and json.loads(text)["data"][0]["id"] == "tiny"
     assert server.request("GET", "/health")[0] == 200
@@ -235,45 +237,51 @@ def test_local_media_only_under_the_media_dir(service, tmp_path):
         s.close()
 
 
-def test_concurrent_requests_each_get_their_own_answer(server):
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(service):
+    """Six requests at once on a server of 4 rows (two wait), streamed and not: each answer is the one it gets
+    alone."""
+    s = Server(service)
     results = {}
+    cases = [(STAR, "Describe the image.", "There is a blue star."),
+             (CIRCLES, "How many shapes are there?", "There are three shapes.")] * 3
 
-    def ask(name, image):
-        results[name] = server.chat({"messages": _ask(image, "Describe the image." if name == "star" else
-                                                       "How many shapes are there?")})
+    def ask(k, image, text):
+        status, out = s.chat({"messages": _ask(image, text), "stream": k % 2 == 1})
+        results[k] = _content(out) if k % 2 else out["choices"][0]["message"]["content"]
 
-    threads = [threading.Thread(target=ask, args=a) for a in (("star", STAR), ("circles", CIRCLES))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert results["star"][1]["choices"][0]["message"]["content"] == "There is a blue star."
-    assert results["circles"][1]["choices"][0]["message"]["content"] == "There are three shapes."
+    threads = [threading.Thread(target=ask, args=(k, image, text)) for k, (image, text, _) in enumerate(cases)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        s.close()
+    assert [results.get(k) for k in range(len(cases))] == [want for _, _, want in cases]
 
 
-def test_a_client_that_leaves_mid_stream_stops_the_generation(server, service, monkeypatch):
-    """A generation that would never end (the engine patched to yield a text token forever) ends when its client
-    disconnects, and the model serves the next request."""
+def test_a_client_that_leaves_mid_stream_cancels_its_generation(server, service, monkeypatch):
+    """A generation that would never end (a ticket yielding a text token forever) is cancelled when its client
+    disconnects, and the server serves the next request."""
     token = service.processor.tokenizer.convert_tokens_to_ids("a")
-    ended = threading.Event()
+    cancelled = threading.Event()
 
-    def forever(*args, **kwargs):
-        def columns():
-            try:
-                while True:
-                    time.sleep(0.005)
-                    yield torch.tensor([token])
-            finally:
-                ended.set()
-        return columns()
+    class Forever:
+        def __iter__(self):
+            while not cancelled.is_set():
+                time.sleep(0.005)
+                yield token
 
-    monkeypatch.setattr(service.engine, "stream", forever)
+        def cancel(self):
+            cancelled.set()
+
+    monkeypatch.setattr(service.scheduler, "submit", lambda *a, **k: Forever())
     body = json.dumps({"messages": _ask(), "stream": True, "max_tokens": 64}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         assert b" 200 " in sock.recv(200)
-    assert ended.wait(30), "the generation went on after its client left"
+    assert cancelled.wait(30), "the generation went on after its client left"
     monkeypatch.undo()
     status, out = server.chat({"messages": _ask()}, timeout=60)
     assert status == 200 and out["choices"][0]["message"]["content"] == "There is a blue star."

@@ -6,16 +6,16 @@
 Messages are OpenAI's (string content, or `text` / `image_url` / `video_url` parts) or the model card's
 (`{"type": "image", "image": ...}` / `{"type": "video", "video": ...}` items with their qwen_vl_utils options),
 answered as `infinitevl generate` answers them. Media come as data: URIs or http(s) URLs (images); local paths
-are read only under `--media-dir`. One generation runs at a time (the engine holds one state); other requests
-wait their turn. A bad request is answered with an HTTP 4xx and an OpenAI-style error body naming the problem,
-before any generation starts.
+are read only under `--media-dir`. Requests are generated together, up to `--max-batch-size` at a time
+(continuous batching: they join and leave the decode batch between steps); more wait their turn. A bad
+request is answered with an HTTP 4xx and an OpenAI-style error body naming the problem, before anything is
+generated.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import threading
 import time
 import traceback
 import uuid
@@ -198,19 +198,25 @@ def _source(src, where: str, media_dir: Path | None) -> str:
 
 # ---- answering ----
 class ChatService:
-    """The model behind the server: turns a ChatRequest into an Answer; answers run one at a time."""
+    """The model behind the server: turns a ChatRequest into an Answer. Answers are generated together, up to
+    `max_batch_size` at a time (continuous batching: `inference.scheduler`)."""
 
-    def __init__(self, model, processor, *, name: str, device: str, shipped: bool = False):
+    def __init__(self, model, processor, *, name: str, device: str, shipped: bool = False, max_batch_size: int = 8):
         from .inference.engine import Engine
+        from .inference.scheduler import Scheduler
 
         self.model, self.processor, self.name, self.device, self.shipped = model, processor, name, device, shipped
-        self.engine = Engine(model, max_batch_size=1)
         self.stops = stop_token_ids(model)
-        self.lock = threading.Lock()
+        self.scheduler = Scheduler(Engine(model, max_batch_size=max_batch_size), stop_token_ids=self.stops,
+                                   max_batch_size=max_batch_size)
+
+    def close(self) -> None:
+        """Ends the generations in flight (their clients get an error) and the scheduler's thread."""
+        self.scheduler.close()
 
     def prepare(self, req: ChatRequest) -> "Answer":
-        """Decodes the media, expands the tokens and checks the generation request (a ValueError names what is
-        wrong); nothing is generated until the Answer's text is read."""
+        """Decodes the media, expands the tokens, checks and queues the generation (a ValueError names what is
+        wrong; then nothing is queued)."""
         from .media import process_vision_info
 
         if self.shipped:
@@ -219,53 +225,49 @@ class ChatService:
             shipped_video_sizes(req.messages)
         media = process_vision_info(req.messages, return_video_kwargs=True)
         input_ids, vision = chat_inputs(self.processor, req.messages, media, self.device)
-        columns = self.engine.stream(input_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
-                                     stop_token_ids=self.stops, **vision)
-        return Answer(self, req, int(input_ids.shape[1]), columns)
+        ticket = self.scheduler.submit(input_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
+                                       seed=req.seed, **vision)
+        return Answer(self, req, int(input_ids.shape[1]), ticket)
 
 
 class Answer:
     """One request's answer: iterate `text()` for its pieces; then `finish_reason` and the token counts hold."""
 
-    def __init__(self, service: ChatService, req: ChatRequest, prompt_tokens: int, columns: Iterator[torch.Tensor]):
-        self.service, self.req, self.columns = service, req, columns
+    def __init__(self, service: ChatService, req: ChatRequest, prompt_tokens: int, ticket):
+        self.service, self.req, self.ticket = service, req, ticket
         self.prompt_tokens, self.completion_tokens, self.finish_reason = prompt_tokens, 0, "length"
 
     def text(self) -> Iterator[str]:
-        """The answer as it grows. Holds the model until exhausted or closed (a client that leaves closes it).
-        With stop strings, the last (longest stop - 1) characters wait until they cannot begin one."""
+        """The answer as it grows. Closing it early (a client that leaves) cancels the generation. With stop
+        strings, the last (longest stop - 1) characters wait until they cannot begin one."""
         stops, req = self.service.stops, self.req
-        with self.service.lock:
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            text = TextStream(self.service.processor.tokenizer)
-            held = max((len(s) for s in req.stop), default=1) - 1
-            out, sent, cut = "", 0, None
-            try:
-                for col in self.columns:
-                    self.completion_tokens += 1
-                    token = int(col[0])
-                    if token in stops:
-                        self.finish_reason = "stop"
-                        break
-                    out += text.push(token)
-                    cut = _first_stop(out, req.stop)
-                    if cut is not None:
-                        self.finish_reason = "stop"
-                        break
-                    if len(out) - held > sent:
-                        yield out[sent:len(out) - held]
-                        sent = len(out) - held
-            finally:
-                self.columns.close()  # ends the engine's generation (also when the reader stops early)
-            if cut is None:
-                out += text.end()  # what TextStream held back
+        text = TextStream(self.service.processor.tokenizer)
+        held = max((len(s) for s in req.stop), default=1) - 1
+        out, sent, cut = "", 0, None
+        try:
+            for token in self.ticket:
+                self.completion_tokens += 1
+                if token in stops:
+                    self.finish_reason = "stop"
+                    break
+                out += text.push(token)
                 cut = _first_stop(out, req.stop)
                 if cut is not None:
                     self.finish_reason = "stop"
-            out = out if cut is None else out[:cut]
-            if len(out) > sent:
-                yield out[sent:]
+                    break
+                if len(out) - held > sent:
+                    yield out[sent:len(out) - held]
+                    sent = len(out) - held
+        finally:
+            self.ticket.cancel()  # a no-op once it has ended
+        if cut is None:
+            out += text.end()  # what TextStream held back
+            cut = _first_stop(out, req.stop)
+            if cut is not None:
+                self.finish_reason = "stop"
+        out = out if cut is None else out[:cut]
+        if len(out) > sent:
+            yield out[sent:]
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
@@ -350,6 +352,8 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             try:
                 content = "".join(answer.text())
+            except ValueError as e:  # the request's own problem, found when its prompt ran
+                return self._error(400, str(e), "messages")
             except Exception as e:
                 traceback.print_exc()
                 return self._error(500, f"internal error: {type(e).__name__}: {e}")
@@ -432,6 +436,7 @@ def serve_main(argv: list[str]) -> int:
     ap.add_argument("--served-model-name", help="the model name clients give (default: the model folder's name)")
     ap.add_argument("--media-dir", type=Path, help="read local media files named in requests from this folder "
                                                    "only (default: no local files; data: URIs and URLs only)")
+    ap.add_argument("--max-batch-size", type=int, default=8, help="requests generated together (more wait)")
     ap.add_argument("--max-tokens", type=int, default=512, help="max_tokens of a request that gives none")
     ap.add_argument("--max-tokens-limit", type=int, default=8192, help="the most max_tokens a request may ask")
     ap.add_argument("--max-body-mb", type=float, default=100, help="the largest request body, in MB")
@@ -440,6 +445,8 @@ def serve_main(argv: list[str]) -> int:
         ap.error(f"--max-tokens must be in [1, --max-tokens-limit={args.max_tokens_limit}], got {args.max_tokens}")
     if not 0 <= args.port <= 65535:
         ap.error(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_batch_size < 1:
+        ap.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if not args.max_body_mb > 0:
         ap.error(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     media_dir = None
@@ -451,7 +458,8 @@ def serve_main(argv: list[str]) -> int:
     model, processor = load_model(args.model, device, _dtype(args.dtype, device), processor=True)
     note_if_shipped(args.model)
     name = args.served_model_name or Path(args.model).resolve().name
-    service = ChatService(model, processor, name=name, device=device, shipped=is_shipped(args.model))
+    service = ChatService(model, processor, name=name, device=device, shipped=is_shipped(args.model),
+                          max_batch_size=args.max_batch_size)
     server = make_server(service, args.host, args.port, media_dir=media_dir, default_max_tokens=args.max_tokens,
                          max_tokens_limit=args.max_tokens_limit, max_body_bytes=int(args.max_body_mb * 1e6),
                          defaults=generation_defaults(args.model))
@@ -464,6 +472,7 @@ def serve_main(argv: list[str]) -> int:
         pass
     finally:
         server.server_close()
+        service.close()
     return 0
 
 

@@ -1,0 +1,207 @@
+"""Continuous batching: requests join and leave one decode batch between steps.
+
+Legend: P rows of the batch (the engine bucket it runs in), T prompt tokens, V vocab.
+
+One background thread owns an `Engine` bucket of P rows. Between decode steps it admits waiting requests
+into free rows (each prompt is prefilled alone into a scratch state, its first token sampled with its own
+parameters, and the state copied into the row), then runs one step for every row (the engine's captured step
+on a GPU: rows hold their own temperature / top-k / top-p), hands each row's new token to its request and
+frees the rows that ended (a stop token, their token limit, or a cancel). A row's tokens are the ones it gets
+alone: rows never see each other (GDN and SWA states are per row; idle rows are masked).
+
+A seeded sampling request runs alone (the batch drains first, and nothing joins it), so that its draws, and
+so its answer, depend on its seed only (for a given `max_batch_size`: the draws are made for every row).
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.state import InferenceState
+from .engine import Engine, sample_rows
+from .request import prompt_inputs, whole_number
+from .sampling import SamplingParams
+
+_END = object()
+
+
+@dataclass
+class Ticket:
+    """A submitted request: iterate it for its new token ids (the stop token included, when one ends it);
+    `cancel()` frees its row at the next step. An error of the generation is raised by the iteration."""
+
+    input_ids: torch.Tensor
+    vision: dict
+    sampling: SamplingParams
+    max_new_tokens: int
+    seed: int | None
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def exclusive(self) -> bool:
+        return self.seed is not None and self.sampling.temperature > 0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self.out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def _row(state: InferenceState, i: int) -> InferenceState:
+    """A state whose tensors are views of row i of `state` (writes go through)."""
+    layers = [type(layer)(*[getattr(layer, f.name)[i:i + 1] for f in dataclasses.fields(layer)])
+              for layer in state.layers]
+    return InferenceState(layers=layers, seen=state.seen[i:i + 1], next_position=state.next_position[i:i + 1])
+
+
+class Scheduler:
+    """Serves submitted requests in one decode batch of `max_batch_size` rows on `engine`, which it then owns
+    (do not generate with it elsewhere)."""
+
+    def __init__(self, engine: Engine, *, stop_token_ids: list[int], max_batch_size: int = 8):
+        self.engine = engine
+        self.P = whole_number(max_batch_size, "max_batch_size", 1)
+        self.stops = list(stop_token_ids)
+        engine.bucket(self.P)  # max_batch_size within the engine's
+        # both step kinds captured now: capturing later would reset the rows in flight
+        self.slot = engine._slot(self.P, "greedy")
+        engine._slot(self.P, "sample")
+        self.slot.owner = self  # any other generation on this engine's bucket is refused
+        self.slot.state.reset()
+        self.slot.done.fill_(True)
+        self.slot.stops.fill_(-1)
+        if self.stops:
+            self.slot.stops[: len(self.stops)] = torch.tensor(self.stops, device=engine.device)
+        self.scratch = engine.model.new_state(1)
+        self.rows: list[Ticket | None] = [None] * self.P
+        self.counts = [0] * self.P
+        self.waiting: deque[Ticket] = deque()
+        self.wake = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="infinitevl-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, input_ids_BT: torch.Tensor, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+               seed: int | None = None, **vision) -> Ticket:
+        """Queues one prompt ([1, T] ids and its vision inputs); checked here (a ValueError names the problem)."""
+        ids, mask, vision = prompt_inputs(input_ids_BT, None, vision)
+        if ids.shape[0] != 1:
+            raise ValueError(f"submit takes one prompt ([1, T] ids), got {ids.shape[0]} rows: submit each")
+        self.engine._check_request(ids, mask, None, sampling, self.stops, 0, None)
+        ticket = Ticket(ids, vision, sampling, whole_number(max_new_tokens, "max_new_tokens", 1), seed)
+        with self.wake:
+            if self.closed:
+                raise ValueError("this scheduler was closed: make a new one")
+            self.waiting.append(ticket)
+            self.wake.notify()
+        return ticket
+
+    def close(self) -> None:
+        """Ends the generations in flight and the waiting ones (their iteration raises), then the thread."""
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        self.thread.join()
+
+    def __enter__(self) -> "Scheduler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the scheduler thread ----
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.waiting and not any(self.rows) and not self.closed:
+                    self.wake.wait()
+                if self.closed:
+                    gone = ValueError("the scheduler was closed before this request ended")
+                    for t in [t for t in self.rows if t is not None] + list(self.waiting):
+                        t.out.put(gone)
+                    self.waiting.clear()
+                    self.rows = [None] * self.P
+                    return
+            self._admit()
+            if any(self.rows):
+                self._step()
+
+    def _admit(self) -> None:
+        while True:
+            with self.wake:
+                if not self.waiting:
+                    return
+                head = self.waiting[0]
+                busy = [t for t in self.rows if t is not None]
+                if (head.exclusive and busy) or any(t.exclusive for t in busy) or len(busy) == self.P:
+                    return
+                self.waiting.popleft()
+            if head.cancelled.is_set():
+                head.out.put(_END)
+                continue
+            try:
+                self._start(head, self.rows.index(None))
+            except Exception as e:  # the request's own failure (e.g. its prompt): reported to it, others go on
+                head.out.put(e)
+
+    @torch.no_grad()
+    def _start(self, t: Ticket, i: int) -> None:
+        slot, engine = self.slot, self.engine
+        self.scratch.reset()
+        logits = engine._prefill(t.input_ids, state=self.scratch, attention_mask_BT=None, chunk_size=None,
+                                 **{k: v for k, v in t.vision.items() if v is not None})
+        slot.temperature[i] = t.sampling.temperature
+        slot.top_k[i] = t.sampling.top_k
+        slot.top_p[i] = t.sampling.top_p
+        if t.seed is not None:
+            torch.manual_seed(t.seed)
+        first = sample_rows(logits, slot.temperature[i:i + 1], slot.top_k[i:i + 1], slot.top_p[i:i + 1])
+        token = int(first[0])
+        t.out.put(token)
+        if token in self.stops or t.max_new_tokens == 1:
+            t.out.put(_END)
+            return
+        _row(slot.state, i).copy_(self.scratch)
+        slot.tok[i] = token
+        slot.done[i] = False
+        self.rows[i], self.counts[i] = t, 1
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        live = [t for t in self.rows if t is not None]
+        kind = "greedy" if all(t.sampling.temperature == 0 for t in live) else "sample"
+        try:
+            self.slot.steps[kind]()
+            tokens = self.slot.tok.tolist()
+        except Exception as e:  # the batch cannot go on: every request in it gets the error
+            for i, t in enumerate(self.rows):
+                if t is not None:
+                    t.out.put(e)
+                    self._free(i)
+            return
+        for i, t in enumerate(self.rows):
+            if t is None:
+                continue
+            self.counts[i] += 1
+            t.out.put(tokens[i])
+            if tokens[i] in self.stops or self.counts[i] >= t.max_new_tokens or t.cancelled.is_set():
+                t.out.put(_END)
+                self._free(i)
+
+    def _free(self, i: int) -> None:
+        self.rows[i] = None
+        self.slot.done[i] = True

@@ -1,0 +1,145 @@
+"""Continuous batching on CPU: requests joining and leaving one batch get the tokens they get alone."""
+import threading
+
+import pytest
+import torch
+
+from infinitevl.chat import chat_inputs
+from infinitevl.cli import DEFAULT_MODEL, load_model
+from infinitevl.inference import SamplingParams
+from infinitevl.inference.engine import Engine
+from infinitevl.inference.scheduler import Scheduler
+from infinitevl.media import process_vision_info
+
+EOS = 2
+
+
+EXAMPLES = DEFAULT_MODEL.parent / "examples"
+QUESTIONS = [("blue_star.png", "Describe the image."), ("three_circles.png", "How many shapes are there?"),
+             ("blue_star.png", "What colour is the shape?"), ("three_circles.png", "Describe the image."),
+             (None, "Write a word.")]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """(model, [(input_ids, vision inputs)] of QUESTIONS): the shipped model answers these in words."""
+    model, processor = load_model(DEFAULT_MODEL, "cpu", torch.float32, processor=True)
+    prompts = []
+    for image, question in QUESTIONS:
+        content = ([{"type": "image", "image": str(EXAMPLES / image)}] if image else []) + [
+            {"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        prompts.append(chat_inputs(processor, messages, process_vision_info(messages, return_video_kwargs=True),
+                                   "cpu"))
+    return model, prompts
+
+
+def _alone(model, prompt, n, stops=(EOS,), sampling=SamplingParams(), seed=None):
+    """The tokens the engine generates for the prompt alone, up to and with the first stop token."""
+    ids, vision = prompt
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = Engine(model, backend="torch").generate(ids, max_new_tokens=n, stop_token_ids=list(stops),
+                                                   sampling=sampling, **vision)[0].tolist()
+    stop_at = next((k for k, t in enumerate(out) if t in stops), None)
+    return out if stop_at is None else out[: stop_at + 1]
+
+
+@pytest.fixture
+def schedulers():
+    """make(model, rows, stops) -> a Scheduler, closed after the test."""
+    made = []
+
+    def make(model, rows, stops):
+        made.append(Scheduler(Engine(model, max_batch_size=rows, backend="torch"), stop_token_ids=stops,
+                              max_batch_size=rows))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def _submit(sched, prompt, n, **kw):
+    ids, vision = prompt
+    return sched.submit(ids, max_new_tokens=n, **vision, **kw)
+
+
+def test_requests_joining_midway_get_the_tokens_they_get_alone(shipped, schedulers):
+    model, prompts = shipped
+    blue = 370  # "blue": a second stop token, which ends the answers about the star early
+    lengths = [12, 3, 9, 5, 20]
+    want = [_alone(model, p, n, stops=[EOS, blue]) for p, n in zip(prompts, lengths)]
+    assert want[0][-1] == blue and want[1] == [278, 283, 393] and want[4][-1] == EOS  # what the cases exercise
+    sched = schedulers(model, 4, [EOS, blue])
+    it = iter(_submit(sched, prompts[4], lengths[4]))
+    got4 = [next(it), next(it)]  # request 4 is two tokens in when the others arrive (5 requests, 4 rows)
+    tickets = [_submit(sched, p, n) for p, n in zip(prompts[:4], lengths[:4])]
+    got = [list(t) for t in tickets] + [got4 + list(it)]
+    assert got == want
+
+
+def test_sampled_and_greedy_rows_share_a_batch(shipped, schedulers):
+    model, prompts = shipped
+    want = [_alone(model, p, 10) for p in prompts[:2]]
+    sched = schedulers(model, 4, [EOS])
+    hot = SamplingParams(temperature=1.5, top_k=40, top_p=0.95)
+    sampled = [_submit(sched, p, 10, sampling=hot) for p in prompts[2:4]]
+    tickets = [_submit(sched, p, 10) for p in prompts[:2]]
+    assert [list(t) for t in tickets] == want
+    assert all(1 <= len(list(t)) <= 10 for t in sampled)
+
+
+def test_a_seeded_request_runs_alone_and_repeats(shipped, schedulers):
+    model, prompts = shipped
+    hot = SamplingParams(temperature=3.0)
+    quiet = schedulers(model, 4, [EOS])
+    want = list(_submit(quiet, prompts[0], 12, sampling=hot, seed=123))  # the draws are made for all 4 rows
+    sched = schedulers(model, 4, [EOS])
+    others = [_submit(sched, p, 12, sampling=hot) for p in prompts[1:3]]
+    seeded = [_submit(sched, prompts[0], 12, sampling=hot, seed=123) for _ in range(2)]
+    late = _submit(sched, prompts[3], 12, sampling=hot)
+    assert [list(t) for t in seeded] == [want, want]
+    assert all(1 <= len(list(t)) <= 12 for t in others + [late])
+
+
+def test_cancel_frees_the_row(shipped, schedulers):
+    model, prompts = shipped
+    sched = schedulers(model, 1, [])
+    ticket = _submit(sched, prompts[0], 10**6)
+    it = iter(ticket)
+    for _ in range(3):
+        next(it)
+    ticket.cancel()
+    done = threading.Event()
+    threading.Thread(target=lambda: (list(it), done.set()), daemon=True).start()
+    assert done.wait(30), "a cancelled request went on"
+    assert list(_submit(sched, prompts[1], 6)) == _alone(model, prompts[1], 6, stops=())
+    endless, waiting = _submit(sched, prompts[0], 10**6), _submit(sched, prompts[1], 10**6)
+    next(iter(endless))
+    sched.close()  # ends both: the one in flight and the one waiting for the row
+    for t in (endless, waiting):
+        with pytest.raises(ValueError, match="closed before this request ended"):
+            list(t)
+    with pytest.raises(ValueError, match="closed"):
+        _submit(sched, prompts[1], 3)
+
+
+def test_bad_requests_are_refused_at_submit_and_a_failing_one_fails_alone(shipped, schedulers):
+    model, prompts = shipped
+    sched = schedulers(model, 2, [EOS])
+    ids = prompts[4][0]
+    with pytest.raises(ValueError, match="one prompt"):
+        sched.submit(ids.repeat(2, 1), max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sched.submit(ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="pixel_values must be a tensor"):
+        sched.submit(ids, max_new_tokens=3, pixel_values=[1, 2])
+    with pytest.raises(ValueError, match="exceeds max_batch_size"):
+        Scheduler(Engine(model, max_batch_size=2, backend="torch"), stop_token_ids=[], max_batch_size=3)
+    # An image placeholder with no image: the prefill fails for this request only.
+    image_pad = torch.tensor([[1, 2, model.config.image_token_id, 3]])
+    bad_ticket, ok_ticket = sched.submit(image_pad, max_new_tokens=3), _submit(sched, prompts[1], 8)
+    with pytest.raises(ValueError, match="image"):
+        list(bad_ticket)
+    assert list(ok_ticket) == _alone(model, prompts[1], 8)
