@@ -1,0 +1,54 @@
+"""Continuous batching on the GPU: the scheduler's captured step (rows joining and leaving between replays)
+gives each request the tokens the engine gives it alone."""
+import pytest
+import torch
+
+from infinitevl.chat import chat_inputs
+from infinitevl.cli import DEFAULT_MODEL, load_model
+from infinitevl.inference import SamplingParams
+from infinitevl.inference.engine import Engine
+from infinitevl.inference.scheduler import Scheduler
+from infinitevl.media import process_vision_info
+
+EOS, BLUE = 2, 370
+EXAMPLES = DEFAULT_MODEL.parent / "examples"
+QUESTIONS = [("blue_star.png", "Describe the image."), ("three_circles.png", "How many shapes are there?"),
+             ("blue_star.png", "What colour is the shape?"), ("three_circles.png", "Describe the image."),
+             (None, "Write a word.")]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, processor = load_model(DEFAULT_MODEL, "cuda", torch.float32, processor=True)
+    prompts = []
+    for image, question in QUESTIONS:
+        content = ([{"type": "image", "image": str(EXAMPLES / image)}] if image else []) + [
+            {"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        prompts.append(chat_inputs(processor, messages, process_vision_info(messages, return_video_kwargs=True),
+                                   "cuda"))
+    return model, prompts
+
+
+def test_graph_batch_equals_each_request_alone(shipped):
+    model, prompts = shipped
+    lengths = [12, 3, 9, 5, 20]
+    engine = Engine(model, max_batch_size=1)
+    assert engine.cuda_graph
+    want = [engine.generate(ids, max_new_tokens=n, stop_token_ids=[EOS, BLUE], **vision)[0].tolist()
+            for (ids, vision), n in zip(prompts, lengths)]
+    want = [w[: next((k + 1 for k, t in enumerate(w) if t in (EOS, BLUE)), len(w))] for w in want]
+    with Scheduler(Engine(model, max_batch_size=4), stop_token_ids=[EOS, BLUE], max_batch_size=4) as sched:
+        assert sched.engine.cuda_graph
+        ids, vision = prompts[4]
+        it = iter(sched.submit(ids, max_new_tokens=lengths[4], **vision))
+        first = [next(it), next(it)]
+        tickets = [sched.submit(ids, max_new_tokens=n, **vision) for (ids, vision), n in zip(prompts[:4], lengths[:4])]
+        got = [list(t) for t in tickets] + [first + list(it)]
+        # sampled rows beside greedy ones, then greedy again on the freed rows
+        hot = [sched.submit(ids, max_new_tokens=8, sampling=SamplingParams(1.5, 40, 0.9), **vision)
+               for ids, vision in prompts[:2]]
+        again = [sched.submit(ids, max_new_tokens=n, **vision) for (ids, vision), n in zip(prompts[2:4], lengths[2:4])]
+        assert all(1 <= len(list(t)) <= 8 for t in hot)
+        assert [list(t) for t in again] == want[2:4]
+    assert got == want
