@@ -1,0 +1,150 @@
+"""Serving benchmark: N requests at once through continuous batching (`inference/scheduler.py`) against the same
+N requests one after another on the engine (what a server without batching does).
+
+    python benchmarks/bench_serve.py --out out/serve            # GPU: 4B shape, random bf16 weights
+    python benchmarks/bench_serve.py --tiny --out out/serve     # CPU: tiny shapes, seconds
+
+Order: a correctness gate first (the shipped model's questions through the scheduler, requests joining
+midway, must give each request the tokens the engine gives it alone), then a warm-up round (graph capture,
+kernel compilation), then for each N the median of --repeats rounds. Every request has a --prompt-token random
+text prompt and generates --new-tokens tokens (no stop tokens, so each runs its full length). Host clock around
+each round (the scheduler runs in its own thread), synchronised at the end. Prints a table and one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from infinitevl import InfiniteVL, preset  # noqa: E402
+from infinitevl.chat import chat_inputs  # noqa: E402
+from infinitevl.cli import DEFAULT_MODEL, load_model  # noqa: E402
+from infinitevl.inference.engine import Engine  # noqa: E402
+from infinitevl.inference.scheduler import Scheduler  # noqa: E402
+from infinitevl.media import process_vision_info  # noqa: E402
+
+QUESTIONS = [("blue_star.png", "Describe the image."), ("three_circles.png", "How many shapes are there?"),
+             ("blue_star.png", "What colour is the shape?"), (None, "Write a word.")]
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gate(device) -> dict:
+    """The shipped model (float32): scheduler tokens == engine-alone tokens for each question."""
+    model, processor = load_model(DEFAULT_MODEL, str(device), torch.float32, processor=True)
+    prompts = []
+    for image, question in QUESTIONS:
+        content = ([{"type": "image", "image": str(DEFAULT_MODEL.parent / "examples" / image)}] if image else [])
+        messages = [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
+        prompts.append(chat_inputs(processor, messages, process_vision_info(messages, return_video_kwargs=True),
+                                   device))
+    eos = model.config.eos_token_id
+    alone = Engine(model)
+    want = []
+    for ids, vision in prompts:
+        out = alone.generate(ids, max_new_tokens=16, stop_token_ids=[eos], **vision)[0].tolist()
+        want.append(out[: out.index(eos) + 1] if eos in out else out)
+    with Scheduler(Engine(model, max_batch_size=2), stop_token_ids=[eos], max_batch_size=2) as sched:
+        tickets = [sched.submit(ids, max_new_tokens=16, **vision) for ids, vision in prompts]
+        got = [list(t) for t in tickets]
+    return {"passed": got == want, "requests": len(prompts), "tokens": sum(map(len, got))}
+
+
+def build(tiny: bool, device, dtype) -> InfiniteVL:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = InfiniteVL(preset("tiny" if tiny else "4b"))
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def sequential(engine: Engine, prompts, new_tokens: int, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    for ids in prompts:
+        engine.generate(ids, max_new_tokens=new_tokens)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def batched(sched: Scheduler, prompts, new_tokens: int, device) -> tuple[float, list[float]]:
+    """(seconds until every request ended, each request's time to its first token)."""
+    sync(device)
+    t = time.perf_counter()
+    tickets = [sched.submit(ids, max_new_tokens=new_tokens) for ids in prompts]
+    first = []
+    for ticket in tickets:
+        it = iter(ticket)
+        next(it)
+        first.append(time.perf_counter() - t)
+        for _ in it:
+            pass
+    sync(device)
+    return time.perf_counter() - t, first
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (seconds)")
+    p.add_argument("--out", type=Path, default=Path("out/serve"))
+    p.add_argument("--requests", type=int, nargs="*", default=None, help="concurrent requests (= batch rows)")
+    p.add_argument("--prompt-tokens", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    tiny = args.tiny or device.type == "cpu"
+    ns = args.requests or ([2, 4] if tiny else [8, 32])
+    T = args.prompt_tokens or (32 if tiny else 1024)
+    G = args.new_tokens or (8 if tiny else 128)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    res = {"bench": "serve", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "gate": gate(device), "prompt_tokens": T, "new_tokens": G, "rows": []}
+    if not res["gate"]["passed"]:
+        print(json.dumps(res))
+        raise SystemExit("gate failed: the scheduler's tokens differ from the engine's alone")
+    model = build(tiny, device, torch.float32 if tiny else torch.bfloat16)
+    vocab = model.config.text.vocab_size
+    g = torch.Generator().manual_seed(0)
+    one = Engine(model, max_batch_size=1)
+    for n in ns:
+        prompts = [torch.randint(0, vocab, (1, T), generator=g).to(device) for _ in range(n)]
+        with Scheduler(Engine(model, max_batch_size=n), stop_token_ids=[], max_batch_size=n) as sched:
+            batched(sched, prompts[:2], 4, device)  # warm-up: graphs, kernels
+            sequential(one, prompts[:1], 4, device)
+            rounds = [batched(sched, prompts, G, device) for _ in range(args.repeats)]
+        seq = statistics.median(sequential(one, prompts, G, device) for _ in range(max(1, args.repeats // 2)))
+        wall = statistics.median(r[0] for r in rounds)
+        first = statistics.median(statistics.median(r[1]) for r in rounds)
+        row = {"requests": n, "batched_s": round(wall, 4), "sequential_s": round(seq, 4),
+               "batched_tokens_per_s": round(n * G / wall, 1), "sequential_tokens_per_s": round(n * G / seq, 1),
+               "speedup": round(seq / wall, 2), "median_first_token_s": round(first, 4)}
+        res["rows"].append(row)
+    lines = [f"device: {res['device']}; {T}-token prompts, {G} new tokens each; gate passed "
+             f"({res['gate']['requests']} requests)",
+             "| requests | batched s | tok/s | sequential s | tok/s | speedup | median first token s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['requests']} | {r['batched_s']} | {r['batched_tokens_per_s']} | {r['sequential_s']} | "
+              f"{r['sequential_tokens_per_s']} | {r['speedup']}x | {r['median_first_token_s']} |" for r in res["rows"]]
+    print("\n".join(lines))
+    (args.out / "results.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
