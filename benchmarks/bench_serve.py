@@ -118,11 +118,16 @@ def main(argv=None) -> dict:
         print(json.dumps(res))
         raise SystemExit("gate failed: the scheduler's tokens differ from the engine's alone")
     model = build(tiny, device, torch.float32 if tiny else torch.bfloat16)
-    vocab = model.config.text.vocab_size
+    vocab, cfg = model.config.text.vocab_size, model.config
+    specials = torch.tensor([cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                             cfg.vision_end_token_id])
     g = torch.Generator().manual_seed(0)
     one = Engine(model, max_batch_size=1)
     for n in ns:
-        prompts = [torch.randint(0, vocab, (1, T), generator=g).to(device) for _ in range(n)]
+        prompts = [torch.randint(0, vocab, (1, T), generator=g) for _ in range(n)]
+        for ids in prompts:  # text only: no vision placeholder ids
+            ids[torch.isin(ids, specials)] = 0
+        prompts = [ids.to(device) for ids in prompts]
         with Scheduler(Engine(model, max_batch_size=n), stop_token_ids=[], max_batch_size=n) as sched:
             batched(sched, prompts[:2], 4, device)  # warm-up: graphs, kernels
             sequential(one, prompts[:1], 4, device)
