@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,17 +82,25 @@ def sequential(engine: Engine, prompts, new_tokens: int, device) -> float:
 
 
 def batched(sched: Scheduler, prompts, new_tokens: int, device) -> tuple[float, list[float]]:
-    """(seconds until every request ended, each request's time to its first token)."""
+    """(seconds until every request ended, each request's time to its first token); each request is read by its
+    own thread, as a server's handlers read them."""
     sync(device)
     t = time.perf_counter()
     tickets = [sched.submit(ids, max_new_tokens=new_tokens) for ids in prompts]
-    first = []
-    for ticket in tickets:
-        it = iter(ticket)
+    first = [0.0] * len(tickets)
+
+    def read(k: int) -> None:
+        it = iter(tickets[k])
         next(it)
-        first.append(time.perf_counter() - t)
+        first[k] = time.perf_counter() - t
         for _ in it:
             pass
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(len(tickets))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     sync(device)
     return time.perf_counter() - t, first
 
@@ -131,20 +140,26 @@ def main(argv=None) -> dict:
         with Scheduler(Engine(model, max_batch_size=n), stop_token_ids=[], max_batch_size=n) as sched:
             batched(sched, prompts[:2], 4, device)  # warm-up: graphs, kernels
             sequential(one, prompts[:1], 4, device)
+            sched.stats.update(prefills=0, prefill_s=0.0, steps=0, step_s=0.0, row_steps=0)
             rounds = [batched(sched, prompts, G, device) for _ in range(args.repeats)]
+            st = dict(sched.stats)
         seq = statistics.median(sequential(one, prompts, G, device) for _ in range(max(1, args.repeats // 2)))
         wall = statistics.median(r[0] for r in rounds)
         first = statistics.median(statistics.median(r[1]) for r in rounds)
         row = {"requests": n, "batched_s": round(wall, 4), "sequential_s": round(seq, 4),
                "batched_tokens_per_s": round(n * G / wall, 1), "sequential_tokens_per_s": round(n * G / seq, 1),
-               "speedup": round(seq / wall, 2), "median_first_token_s": round(first, 4)}
+               "speedup": round(seq / wall, 2), "median_first_token_s": round(first, 4),
+               "prefill_ms_per_request": round(1e3 * st["prefill_s"] / max(st["prefills"], 1), 2),
+               "step_ms": round(1e3 * st["step_s"] / max(st["steps"], 1), 3),
+               "rows_per_step": round(st["row_steps"] / max(st["steps"], 1), 1)}
         res["rows"].append(row)
     lines = [f"device: {res['device']}; {T}-token prompts, {G} new tokens each; gate passed "
              f"({res['gate']['requests']} requests)",
-             "| requests | batched s | tok/s | sequential s | tok/s | speedup | median first token s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| requests | batched s | tok/s | sequential s | tok/s | speedup | median first token s | prefill ms/request "
+             "| step ms (rows) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['requests']} | {r['batched_s']} | {r['batched_tokens_per_s']} | {r['sequential_s']} | "
-              f"{r['sequential_tokens_per_s']} | {r['speedup']}x | {r['median_first_token_s']} |" for r in res["rows"]]
+              f"{r['sequential_tokens_per_s']} | {r['speedup']}x | {r['median_first_token_s']} | "
+              f"{r['prefill_ms_per_request']} | {r['step_ms']} ({r['rows_per_step']}) |" for r in res["rows"]]
     print("\n".join(lines))
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))

@@ -4,6 +4,8 @@ import threading
 import pytest
 import torch
 
+from transformers import AutoProcessor
+
 from infinitevl.chat import chat_inputs
 from infinitevl.cli import DEFAULT_MODEL, load_model
 from infinitevl.inference import SamplingParams
@@ -32,6 +34,22 @@ def shipped():
         prompts.append(chat_inputs(processor, messages, process_vision_info(messages, return_video_kwargs=True),
                                    "cpu"))
     return model, prompts
+
+
+TEXTS = ["Write a word.", "What colour is the sky?", "Hello", "How many shapes are there in the picture I gave you?",
+         "Say something.", "What is written?"]
+
+
+@pytest.fixture(scope="module")
+def texts(shipped):
+    """Text-only prompts of different lengths (they are prefilled together, left-padded)."""
+    processor = AutoProcessor.from_pretrained(str(DEFAULT_MODEL))
+    out = []
+    for text in TEXTS:
+        messages = [{"role": "user", "content": text}]
+        out.append(chat_inputs(processor, messages, (None, None, {}), "cpu"))
+    assert len({ids.shape[1] for ids, _ in out}) > 3
+    return out
 
 
 def _alone(model, prompt, n, stops=(EOS,), sampling=SamplingParams(), seed=None):
@@ -77,6 +95,15 @@ def test_requests_joining_midway_get_the_tokens_they_get_alone(shipped, schedule
     tickets = [_submit(sched, p, n) for p, n in zip(prompts[:4], lengths[:4])]
     got = [list(t) for t in tickets] + [got4 + list(it)]
     assert got == want
+
+
+def test_text_prompts_prefilled_together_get_the_tokens_they_get_alone(shipped, texts, schedulers):
+    model, _ = shipped
+    want = [_alone(model, p, 10) for p in texts]
+    sched = schedulers(model, 4, [EOS])
+    tickets = [_submit(sched, p, 10) for p in texts]  # 4 start together, 2 wait for rows
+    assert [list(t) for t in tickets] == want
+    assert sched.stats["prefills"] == len(texts)
 
 
 def test_sampled_and_greedy_rows_share_a_batch(shipped, schedulers):
@@ -125,7 +152,7 @@ def test_cancel_frees_the_row(shipped, schedulers):
         _submit(sched, prompts[1], 3)
 
 
-def test_bad_requests_are_refused_at_submit_and_a_failing_one_fails_alone(shipped, schedulers):
+def test_bad_requests_are_refused_at_submit_and_a_failing_one_fails_alone(shipped, texts, schedulers):
     model, prompts = shipped
     sched = schedulers(model, 2, [EOS])
     ids = prompts[4][0]
@@ -137,9 +164,9 @@ def test_bad_requests_are_refused_at_submit_and_a_failing_one_fails_alone(shippe
         sched.submit(ids, max_new_tokens=3, pixel_values=[1, 2])
     with pytest.raises(ValueError, match="exceeds max_batch_size"):
         Scheduler(Engine(model, max_batch_size=2, backend="torch"), stop_token_ids=[], max_batch_size=3)
-    # An image placeholder with no image: the prefill fails for this request only.
+    # An image placeholder with no image: the prefill of its group fails, then of this request only.
     image_pad = torch.tensor([[1, 2, model.config.image_token_id, 3]])
-    bad_ticket, ok_ticket = sched.submit(image_pad, max_new_tokens=3), _submit(sched, prompts[1], 8)
+    ok_ticket, bad_ticket = _submit(sched, texts[1], 8), sched.submit(image_pad, max_new_tokens=3)
     with pytest.raises(ValueError, match="image"):
         list(bad_ticket)
-    assert list(ok_ticket) == _alone(model, prompts[1], 8)
+    assert list(ok_ticket) == _alone(model, texts[1], 8)

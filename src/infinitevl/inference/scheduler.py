@@ -3,8 +3,9 @@
 Legend: P rows of the batch (the engine bucket it runs in), T prompt tokens, V vocab.
 
 One background thread owns an `Engine` bucket of P rows. Between decode steps it admits waiting requests
-into free rows (each prompt is prefilled alone into a scratch state, its first token sampled with its own
-parameters, and the state copied into the row), then runs one step for every row (the engine's captured step
+into free rows (text prompts are prefilled together, left-padded, into a scratch state of up to PREFILL_GROUP
+rows, a prompt with images or video alone; each first token is sampled with the request's own parameters,
+and each row's state copied into its batch row), then runs one step for every row (the engine's captured step
 on a GPU: rows hold their own temperature / top-k / top-p), hands each row's new token to its request and
 frees the rows that ended (a stop token, their token limit, or a cancel). A row's tokens are the ones it gets
 alone: rows never see each other (GDN and SWA states are per row; idle rows are masked).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,11 +26,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.state import InferenceState
-from .engine import Engine, sample_rows
+from .engine import Engine, _rows, sample_rows
 from .request import prompt_inputs, whole_number
 from .sampling import SamplingParams
 
 _END = object()
+PREFILL_GROUP = 8  # text prompts prefilled together at most (the scratch state has this many rows)
 
 
 @dataclass
@@ -86,12 +89,14 @@ class Scheduler:
         self.slot.stops.fill_(-1)
         if self.stops:
             self.slot.stops[: len(self.stops)] = torch.tensor(self.stops, device=engine.device)
-        self.scratch = engine.model.new_state(1)
+        self.scratch = engine.model.new_state(min(self.P, PREFILL_GROUP))
         self.rows: list[Ticket | None] = [None] * self.P
         self.counts = [0] * self.P
         self.waiting: deque[Ticket] = deque()
         self.wake = threading.Condition()
         self.closed = False
+        # seconds spent (host clock, the device synchronised by each step's token read) and counts, for monitoring
+        self.stats = {"prefills": 0, "prefill_s": 0.0, "steps": 0, "step_s": 0.0, "row_steps": 0}
         self.thread = threading.Thread(target=self._run, name="infinitevl-scheduler", daemon=True)
         self.thread.start()
 
@@ -142,51 +147,96 @@ class Scheduler:
 
     def _admit(self) -> None:
         while True:
-            with self.wake:
-                if not self.waiting:
-                    return
-                head = self.waiting[0]
-                busy = [t for t in self.rows if t is not None]
-                if (head.exclusive and busy) or any(t.exclusive for t in busy) or len(busy) == self.P:
-                    return
-                self.waiting.popleft()
-            if head.cancelled.is_set():
-                head.out.put(_END)
-                continue
+            group = self._take()
+            if not group:
+                return
+            rows = [i for i, t in enumerate(self.rows) if t is None][: len(group)]
             try:
-                self._start(head, self.rows.index(None))
-            except Exception as e:  # the request's own failure (e.g. its prompt): reported to it, others go on
-                head.out.put(e)
+                self._start(group, rows)
+            except Exception as e:  # a request's own failure (e.g. its prompt): find whose, the others go on
+                if len(group) == 1:
+                    group[0].out.put(e)
+                    continue
+                for t, i in zip(group, rows):
+                    try:
+                        self._start([t], [i])
+                    except Exception as e1:
+                        t.out.put(e1)
+
+    def _take(self) -> list[Ticket]:
+        """The waiting requests to start now, in order: text prompts together (as many as there are free rows,
+        at most PREFILL_GROUP), a prompt with vision inputs or a seeded sampling request alone."""
+        group: list[Ticket] = []
+        with self.wake:
+            busy = [t for t in self.rows if t is not None]
+            room = min(self.P - len(busy), PREFILL_GROUP)
+            if any(t.exclusive for t in busy):
+                return group
+            while self.waiting and len(group) < room:
+                head = self.waiting[0]
+                if head.cancelled.is_set():
+                    self.waiting.popleft().out.put(_END)
+                    continue
+                alone = head.exclusive or any(v is not None for v in head.vision.values())
+                if alone and (group or (head.exclusive and busy)):
+                    break
+                group.append(self.waiting.popleft())
+                if alone:
+                    break
+        return group
 
     @torch.no_grad()
-    def _start(self, t: Ticket, i: int) -> None:
+    def _start(self, group: list[Ticket], rows: list[int]) -> None:
+        """Prefills the group's prompts together (left-padded) into the scratch rows, samples each first token
+        with its own parameters, and moves the requests that go on into their batch rows."""
         slot, engine = self.slot, self.engine
-        self.scratch.reset()
-        logits = engine._prefill(t.input_ids, state=self.scratch, attention_mask_BT=None, chunk_size=None,
-                                 **{k: v for k, v in t.vision.items() if v is not None})
-        slot.temperature[i] = t.sampling.temperature
-        slot.top_k[i] = t.sampling.top_k
-        slot.top_p[i] = t.sampling.top_p
-        if t.seed is not None:
-            torch.manual_seed(t.seed)
-        first = sample_rows(logits, slot.temperature[i:i + 1], slot.top_k[i:i + 1], slot.top_p[i:i + 1])
-        token = int(first[0])
-        t.out.put(token)
-        if token in self.stops or t.max_new_tokens == 1:
-            t.out.put(_END)
-            return
-        _row(slot.state, i).copy_(self.scratch)
-        slot.tok[i] = token
-        slot.done[i] = False
-        self.rows[i], self.counts[i] = t, 1
+        t0 = time.perf_counter()
+        k = len(group)
+        scratch = _rows(self.scratch, k)
+        scratch.reset()
+        if k == 1:
+            ids, mask = group[0].input_ids, None
+        else:
+            T = max(t.input_ids.shape[1] for t in group)
+            ids = torch.zeros(k, T, dtype=torch.long)
+            mask = torch.zeros(k, T, dtype=torch.long)
+            for j, t in enumerate(group):
+                L = t.input_ids.shape[1]
+                ids[j, T - L:] = t.input_ids[0].cpu()
+                mask[j, T - L:] = 1
+        vision = {key: v for key, v in group[0].vision.items() if v is not None} if k == 1 else {}
+        logits = engine._prefill(ids, state=scratch, attention_mask_BT=mask, chunk_size=None, **vision)
+        self.stats["prefills"] += k
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        for j, (t, i) in enumerate(zip(group, rows)):
+            slot.temperature[i] = t.sampling.temperature
+            slot.top_k[i] = t.sampling.top_k
+            slot.top_p[i] = t.sampling.top_p
+            if t.seed is not None:
+                torch.manual_seed(t.seed)
+            first = sample_rows(logits[j:j + 1], slot.temperature[i:i + 1], slot.top_k[i:i + 1],
+                                slot.top_p[i:i + 1])
+            token = int(first[0])
+            t.out.put(token)
+            if token in self.stops or t.max_new_tokens == 1:
+                t.out.put(_END)
+                continue
+            _row(slot.state, i).copy_(_row(scratch, j))
+            slot.tok[i] = token
+            slot.done[i] = False
+            self.rows[i], self.counts[i] = t, 1
 
     @torch.no_grad()
     def _step(self) -> None:
         live = [t for t in self.rows if t is not None]
         kind = "greedy" if all(t.sampling.temperature == 0 for t in live) else "sample"
+        t0 = time.perf_counter()
         try:
             self.slot.steps[kind]()
             tokens = self.slot.tok.tolist()
+            self.stats["steps"] += 1
+            self.stats["row_steps"] += len(live)
+            self.stats["step_s"] += time.perf_counter() - t0
         except Exception as e:  # the batch cannot go on: every request in it gets the error
             for i, t in enumerate(self.rows):
                 if t is not None:
