@@ -17,6 +17,9 @@ FRAME_SIZE = 448  # the published demo's frames: 256 visual tokens each
 SHIPPED_FRAME_SIZE = 112  # the shipped tiny model's synthetic videos (tools/synthetic_task.py SIZE)
 
 
+PROGRESS_EVERY = 500  # frames between progress lines when stderr is not a terminal
+
+
 def parse_time(text: str) -> float:
     """'90', '30s', '2m', '1m30s', '1h2m3.5s' -> seconds."""
     m = re.fullmatch(r"\s*(?:(\d+(?:\.\d*)?)h)?\s*(?:(\d+(?:\.\d*)?)m)?\s*(?:(\d+(?:\.\d*)?)s?)?\s*", text)
@@ -44,6 +47,10 @@ def parse_ask(text: str) -> tuple[float, str]:
     if not sep or not question.strip():
         raise ValueError(f"--ask {text!r}: write TIME:QUESTION, e.g. --ask 30s:\"What is happening?\" (TIME: 90, "
                          "30s, 2m, 1m30s, 1:30)")
+    bad_clock = re.match(r"\s*(\d+(?:\.\d*)?[hms]?)\s*:", question)
+    if bad_clock is not None:  # e.g. 1:5:Q or 0:90:Q, which would read as 1 s asking "5:Q"
+        raise ValueError(f"--ask {text!r}: {when.strip()}:{bad_clock.group(1)} is not a clock time (M:SS or H:MM:SS, "
+                         "with two-digit seconds 00-59): write e.g. 1:05:QUESTION or 65s:QUESTION")
     return parse_time(when), question.strip()
 
 
@@ -103,10 +110,11 @@ def stream_main(argv: list[str]) -> int:
     session = StreamSession(model, tokenizer, frame=spec,
                             pipeline=False if args.no_pipeline else None)
     live = not args.quiet
+    tty = sys.stderr.isatty()  # else (a log file) a plain progress line every PROGRESS_EVERY frames
 
     def answer(when: float, question: str, seen_until: float) -> None:
         text = session.ask(question, max_new_tokens=args.max_new_tokens, sampling=sampling, keep=args.keep)
-        if live:
+        if live and tty:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         if args.json:
             print(json.dumps({"time": when, "seen_until": round(seen_until, 3), "question": question, "answer": text}),
@@ -136,6 +144,12 @@ def stream_main(argv: list[str]) -> int:
                 raise
             failure.append(e)
 
+    def progress(ts: float) -> None:
+        fps = frames / (time.perf_counter() - t0)
+        gpu = f"  GPU {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else ""
+        line = f"{_clock(ts)}  {frames} frames  {fps:.1f} FPS  memory {session.memory_bytes() / 2**20:.1f} MiB{gpu}"
+        print(f"\r\033[K{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
     for frame, ts in frames_until_failure():
         if asks and asks[0][0] < ts:  # a question due before this frame sees everything up to the last one
             push(pending)
@@ -149,20 +163,20 @@ def stream_main(argv: list[str]) -> int:
         if len(pending) == args.frames_per_step:
             push(pending)
             pending = []
-        if live and not pending:  # counts the frames in the memory, not those waiting for their clip
-            fps = frames / (time.perf_counter() - t0)
-            gpu = f"  GPU {torch.cuda.memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else ""
-            print(f"\r\033[K{_clock(ts)}  {frames} frames  {fps:.1f} FPS  memory {session.memory_bytes() / 2**20:.1f} MiB"
-                  f"{gpu}", end="", file=sys.stderr, flush=True)
+        if live and not pending and (tty or frames % PROGRESS_EVERY == 0):  # frames in the memory, not waiting
+            progress(ts)
     push(pending)
+    if live and not tty and frames % PROGRESS_EVERY:
+        progress(last)
     if frames == 0:
         raise ValueError(f"{args.video} gave no frames")
     for when, question in asks:  # at or after the end (or the source's failure): answered on all frames seen
         answer(when, question, seen_until=last)
-    if live:
+    if live and tty:
         print(file=sys.stderr)
     if failure:
-        print(f"error: {failure[0]} (the questions were answered on the {frames} sampled frames before it)",
+        seen = f"{frames} sampled frame{'s' if frames != 1 else ''}"
+        print(f"error: {failure[0]} (the questions were answered on the {seen} before it)",
               file=sys.stderr)
         return 2
     return 0

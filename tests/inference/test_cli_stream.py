@@ -29,6 +29,9 @@ def test_parse_ask_and_bad_times():
     for bad in ("1:30: ", "1:30", "0:01:05"):
         with pytest.raises(ValueError, match="no question after the time"):
             parse_ask(bad)
+    for bad in ("1:5:What?", "0:90:Q", "1:30s:Q"):  # not clock times: refused, not read as "1 s: 5:What?"
+        with pytest.raises(ValueError, match="is not a clock time"):
+            parse_ask(bad)
 
 
 def test_stream_command_answers_at_times(capsys):

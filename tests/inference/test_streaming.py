@@ -436,3 +436,80 @@ def test_question_text_stays_text_and_a_processor_may_stand_for_the_tokenizer(se
     for bad in ("6", True):
         with pytest.raises(ValueError, match="timestamps must be numbers"):
             s.push_frame(_frames(1)[0], bad)
+
+
+def test_damaged_saved_streams_are_refused_and_change_nothing(setup, tmp_path):
+    """A saved memory with changed bytes (checksum), damaged metadata, or non-finite values is refused before
+    anything is copied; a session of another frame size may load it (as `restore` allows)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, tok = setup
+    s = StreamSession(model, tok, frame=SPEC)
+    for f, t in zip(_frames(2), (0.0, 0.5)):
+        s.push_frame(f, t)
+    path = tmp_path / "mem.safetensors"
+    s.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    t = StreamSession(model, tok, frame=SPEC)
+    before = [x.clone() for x in t.state.tensors()]
+    clock = t.clock.copy()
+
+    data = bytearray(path.read_bytes())
+    data[-1000:-900] = b"\xff" * 100  # NaN bytes inside the last tensor's data
+    (tmp_path / "flipped.st").write_bytes(bytes(data))
+    broken_clock = {**meta, "clock": json.dumps({k: v for k, v in json.loads(meta["clock"]).items() if k != "frames"})}
+    save_file(tensors, str(tmp_path / "clock.st"), metadata=broken_clock)
+    save_file({k: v for k, v in tensors.items() if k != "state.0001"}, str(tmp_path / "missing.st"), metadata=meta)
+    nan = dict(tensors)
+    nan["state.0005"] = torch.full_like(tensors["state.0005"], float("nan"))
+    save_file(nan, str(tmp_path / "nan.st"), metadata={k: v for k, v in meta.items() if k != "sha256"})
+    save_file(tensors, str(tmp_path / "no_batch.st"), metadata={k: v for k, v in meta.items() if k != "batch_size"})
+    for name, message in (("flipped.st", "checksum does not match"), ("clock.st", "its metadata"),
+                          ("missing.st", "another shape"), ("nan.st", "NaN or infinite"),
+                          ("no_batch.st", "its metadata")):
+        with pytest.raises(ValueError, match=message):
+            t.load(tmp_path / name)
+        assert all(torch.equal(a, b) for a, b in zip(before, t.state.tensors())) and t.clock == clock
+    with pytest.raises(ValueError, match="is a directory"):
+        t.load(tmp_path)
+    bigger = StreamSession(model, tok, frame=FrameSpec(112, 112))
+    bigger.load(path)
+    _state_close(bigger.state, s.state, atol=0, rtol=0)
+    assert bigger.clock == s.clock
+
+
+def test_session_arguments_of_the_wrong_kind_are_named(setup):
+    from infinitevl.inference.sampling import SamplingParams
+
+    model, tok = setup
+    qwen = AutoTokenizer.from_pretrained(ROOT.parent / "shared" / "fixtures" / "qwen2.5-vl-tokenizer") \
+        if (ROOT.parent / "shared" / "fixtures" / "qwen2.5-vl-tokenizer").exists() else None
+    if qwen is not None:
+        with pytest.raises(ValueError, match="does not belong to this model"):
+            StreamSession(model, qwen, frame=SPEC)
+    with pytest.raises(ValueError, match="frame must be a FrameSpec"):
+        StreamSession(model, tok, frame=(56, 84))
+    with pytest.raises(ValueError, match="above the .* pixels a frame may have"):
+        FrameSpec(28 * 2000, 28 * 2000)
+    with pytest.raises(ValueError, match="temperature must be in"):
+        SamplingParams(temperature=1e308)
+    s = StreamSession(model, tok, frame=SPEC)
+    s.push_frame(_frames(1)[0], 0.0)
+    before = [x.clone() for x in s.state.tensors()]
+    with pytest.raises(ValueError, match="keep must be True or False"):
+        s.ask("What?", keep="no")
+    with pytest.raises(ValueError, match="not valid text"):
+        s.ask("\ud800 what")
+    two = np.stack(_frames(2))
+    for bad in (torch.from_numpy(two), [two[0], two[1]]):
+        with pytest.raises(ValueError, match="one frame per stream"):
+            s.push_frame(bad, 1.0)
+    b = StreamSession(model, tok, frame=SPEC, batch_size=2)
+    with pytest.raises(ValueError, match="one frame per stream"):
+        b.push_frames([two, None], [0.0, None])
+    assert all(torch.equal(x, y) for x, y in zip(before, s.state.tensors()))

@@ -28,6 +28,14 @@ def test_directory_of_images_sorted_with_index_timestamps(tmp_path):
     assert frames[0][0].shape == (28, 56, 3)
 
 
+def test_numbered_frames_in_natural_order_and_home_paths(tmp_path, monkeypatch):
+    for k in (1, 2, 10):
+        Image.new("RGB", (28, 28), (k, 0, 0)).save(tmp_path / f"frame_{k}.png")
+    assert [int(f[0, 0, 0]) for f, _ in VideoSource(tmp_path)] == [1, 2, 10]
+    monkeypatch.setenv("HOME", str(tmp_path.parent))
+    assert len(list(VideoSource(f"~/{tmp_path.name}"))) == 3
+
+
 def test_bad_sources_raise_value_errors(tmp_path):
     with pytest.raises(ValueError, match="no images"):
         VideoSource(tmp_path)

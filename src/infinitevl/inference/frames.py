@@ -9,6 +9,7 @@ processor would produce for the same resized pixels.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_FRAME_PIXELS = 16384 * 28 * 28  # 16384 visual tokens: the most one image or frame may have (as media.MAX_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,17 @@ class FrameSpec:
     merge_size: int = 2
 
     def __post_init__(self):
+        for name in ("height", "width", "patch_size", "temporal_patch_size", "merge_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ValueError(f"FrameSpec.{name} must be a positive whole number, got {v!r}")
+            object.__setattr__(self, name, int(v))
         unit = self.patch_size * self.merge_size
-        if self.height % unit or self.width % unit or self.height <= 0 or self.width <= 0:
+        if self.height % unit or self.width % unit:
             raise ValueError(f"frame size {self.height}x{self.width} must be positive multiples of {unit}")
+        if self.height * self.width > MAX_FRAME_PIXELS:
+            raise ValueError(f"frame size {self.height}x{self.width} is above the {MAX_FRAME_PIXELS} pixels a frame may "
+                             f"have ({MAX_FRAME_PIXELS // unit**2} visual tokens): use a smaller frame size")
 
     @property
     def grid_thw(self) -> tuple[int, int, int]:

@@ -13,6 +13,7 @@ import torch
 
 
 MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 1e4  # far above any useful value (at 100 the draw is already near uniform); float32-safe
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,8 @@ class SamplingParams:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise ValueError(f"top_k must be a whole number (0 = off), got {self.top_k!r}")
         object.__setattr__(self, "top_k", int(self.top_k))
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature:g}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

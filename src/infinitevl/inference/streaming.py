@@ -15,6 +15,7 @@ in which case the question and answer join the stream and a new video block open
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..model.checkpoint import check_tokenizer
 from ..model.fingerprint import weights_fingerprint
 from ..model.infinitevl import InfiniteVL
 from ..model.state import InferenceState
@@ -89,6 +91,16 @@ def model_identity(model: InfiniteVL) -> str:
 MAX_TIMESTAMP_S = 1e9
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names and bytes, in name order (a saved stream's checksum)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _weights_dtype(model: InfiniteVL) -> str:
     return str(model.lm_head.weight.dtype).removeprefix("torch.")
 
@@ -110,6 +122,9 @@ class StreamSession:
         if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
             raise ValueError(f"tokenizer must be the model's tokenizer (AutoTokenizer.from_pretrained(model_dir)), "
                              f"got {type(tokenizer).__name__}")
+        if not isinstance(frame, FrameSpec):
+            raise ValueError(f"frame must be a FrameSpec, e.g. FrameSpec(448, 448) (height, width), got {frame!r:.60}")
+        check_tokenizer(tokenizer, model.config, "the tokenizer given to StreamSession")
         self.model, self.tokenizer, self.frame = model, tokenizer, frame
         cfg = model.config
         vc = cfg.vision
@@ -180,6 +195,9 @@ class StreamSession:
                 raise ValueError(f"stream {b} has no frame but a timestamp ({ts_in[b]}): give None for both")
         present = [b for b in range(B) if b not in absent]
         frames = frames_to_tensor([images[b] for b in present]) if isinstance(images, list) else images
+        if frames.shape[0] != len(present):
+            raise ValueError(f"give one frame per stream: {len(present)} stream(s) have frames in this step, which "
+                             f"hold {frames.shape[0]} frames (push_clip takes several frames of one stream)")
         if absent:  # stand-in zeros for the streams without a frame
             full = frames.new_zeros(B, *frames.shape[1:])
             full[present] = frames
@@ -275,6 +293,12 @@ class StreamSession:
             raise ValueError(f"the question must be a string, got {type(question).__name__}")
         if not question or not question.strip():
             raise ValueError("the question is empty: ask something")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the question is not valid text ({e}): give a proper Unicode string") from None
+        if not isinstance(keep, (bool, np.bool_)):
+            raise ValueError(f"keep must be True or False, got {keep!r}")
         if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or not 0 <= stream < self.batch_size:
             raise ValueError(f"stream {stream!r} does not exist (this session has {self.batch_size}: 0 to "
                              f"{self.batch_size - 1})")
@@ -337,7 +361,8 @@ class StreamSession:
         tensors = {f"state.{i:04d}": t.detach().cpu().contiguous() for i, t in enumerate(self.state.tensors())}
         meta = {"identity": model_identity(self.model), "frame": json.dumps(asdict(self.frame)),
                 "clock": json.dumps(asdict(self.clock)), "batch_size": str(self.batch_size),
-                "dtype": _weights_dtype(self.model), "format": "infinitevl-stream-1"}
+                "dtype": _weights_dtype(self.model), "format": "infinitevl-stream-1",
+                "sha256": _digest(tensors)}
         path = Path(path).expanduser()
         if path.is_dir():
             raise ValueError(f"{path} is a directory: give a file name, e.g. {path / 'stream.safetensors'}")
@@ -353,8 +378,13 @@ class StreamSession:
             raise ValueError(f"cannot save the stream memory to {path} ({e})") from e
 
     def load(self, path: str | Path) -> None:
-        """Restore a saved memory; checks that it was saved from this model, frame size and batch size."""
+        """Restore a saved memory. Everything is checked before anything changes: the model it was saved from,
+        the number of streams, the tensors' names and shapes, the checksum and the clock; a file that fails any
+        check is refused (ValueError) and the session keeps its memory. Like `restore`, a session of another
+        frame size may load it (the memory does not depend on the frame size)."""
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory: give the file save() wrote")
         try:
             from safetensors import safe_open
 
@@ -370,16 +400,33 @@ class StreamSession:
             why = (f"it was saved with {saved} weights and this model has {now}: load the model in {saved}, or"
                    if saved and saved != now else "config or weights differ:")
             raise ValueError(f"{path} was saved from a different model ({why} load it into the model it came from)")
-        if json.loads(meta["frame"]) != asdict(self.frame) or int(meta["batch_size"]) != self.batch_size:
-            raise ValueError(f"{path} was saved with frame {meta['frame']} and {meta['batch_size']} stream(s); "
-                             f"this session has {asdict(self.frame)} and {self.batch_size}")
+        damaged = f"{path} is damaged or was not written by StreamSession.save"
+        try:
+            batch = int(meta["batch_size"])
+            clock = _Clock(**json.loads(meta["clock"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{damaged} (its metadata: {type(e).__name__}: {e})") from None
+        if batch != self.batch_size:
+            raise ValueError(f"{path} holds {batch} stream(s) and this session has {self.batch_size}: load it into a "
+                             f"session with batch_size={batch}")
+        fields = (clock.block_start, clock.block_t0, clock.last_ts, clock.frames)
+        if any(not isinstance(f, list) or len(f) != batch for f in fields):
+            raise ValueError(f"{damaged} (its clock does not describe {batch} stream(s))")
         mine = self._state.tensors()
-        if len(tensors) != len(mine) or any(tensors[f"state.{i:04d}"].shape != t.shape for i, t in enumerate(mine)):
-            raise ValueError(f"{path} holds a state of another shape")
+        names = [f"state.{i:04d}" for i in range(len(mine))]
+        if sorted(tensors) != names or any(tensors[n].shape != t.shape or tensors[n].dtype != t.dtype
+                                           for n, t in zip(names, mine)):
+            raise ValueError(f"{path} holds a state of another shape than this session's: load it into a session of "
+                             "the model and batch size it was saved from")
+        if "sha256" in meta and meta["sha256"] != _digest({n: tensors[n] for n in names}):
+            raise ValueError(f"{damaged} (its checksum does not match its contents): the file was changed or "
+                             "corrupted; load an intact copy")
+        if not all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()):
+            raise ValueError(f"{damaged} (it holds NaN or infinite values)")
         self.step.discard()  # the loaded memory replaces everything pushed before
-        for i, t in enumerate(mine):
-            t.copy_(tensors[f"state.{i:04d}"])
-        self.clock = _Clock(**json.loads(meta["clock"]))
+        for n, t in zip(names, mine):
+            t.copy_(tensors[n])
+        self.clock = clock
 
     # ---- helpers ----
     def _encode(self, text: str, *, text_only: bool = False) -> torch.Tensor:

@@ -5,7 +5,8 @@ Legend: H, W frame height and width.
 - a video file (any container/codec FFmpeg decodes, through PyAV): frames sampled at `fps` by their own
   timestamps (the first frame at or after each tick 0, 1/fps, 2/fps, ...), timestamps in seconds from the
   first frame;
-- a directory of images (jpg, jpeg, png, bmp, webp), sorted by name; timestamp = index / fps;
+- a directory of images (jpg, jpeg, png, bmp, webp), in natural name order (frame_2 before frame_10);
+  timestamp = index / fps;
 - a URL (rtsp://, rtmp://, http(s)://, udp://, tcp://) or a webcam device (/dev/videoN), opened through PyAV
   and sampled like a file (live sources run until they end or the caller stops).
 Each frame is uint8 [H, W, 3] RGB, resized to `size` (height, width) when given. Anything unusable raises
@@ -13,6 +14,8 @@ Each frame is uint8 [H, W, 3] RGB, resized to `size` (height, width) when given.
 """
 from __future__ import annotations
 
+import numbers
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,29 +29,37 @@ LIVE_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://"
 OPEN_TIMEOUT_S = 10.0
 
 
+def natural_key(path: Path) -> list:
+    """Sort key reading digit runs as numbers: frame_2.png before frame_10.png."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
+
+
 class VideoSource:
     def __init__(self, source: str | Path, *, fps: float = 2.0, size: tuple[int, int] | None = None):
         """size: (height, width) to resize every frame to (e.g. the session's FrameSpec), or None."""
-        if isinstance(fps, bool) or not (isinstance(fps, (int, float)) and 0 < fps < float("inf")):
-            raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
-        if isinstance(size, int) and not isinstance(size, bool):
+        if isinstance(fps, bool) or not (isinstance(fps, numbers.Real) and 1e-6 <= fps < float("inf")):
+            raise ValueError(f"fps must be a finite number >= 1e-6 (frames a second), got {fps!r}")
+        if isinstance(size, numbers.Integral) and not isinstance(size, bool):
             size = (size, size)
         if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2 or not all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in size)):
+                isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1 for x in size)):
             raise ValueError(f"size must be (height, width) in whole pixels (or one number for a square), got {size!r}")
-        if not isinstance(source, (str, Path)):
-            raise MediaError(f"a video source is a path, a directory or a URL; got {type(source).__name__}")
+        if not isinstance(source, (str, Path)) or not str(source).strip():
+            raise MediaError(f"a video source is a path, a directory or a URL; got {source!r:.60}")
         scheme = str(source).partition("://")[0] if "://" in str(source) else None
         if scheme is not None and not str(source).startswith(LIVE_PREFIXES + ("file://",)):
             raise MediaError(f"{source}: {scheme}:// sources are not read; give a file, a directory of images, or a "
                              f"URL starting with {', '.join(LIVE_PREFIXES)} (download other sources first)")
-        self.source, self.fps, self.size = str(source), float(fps), None if size is None else tuple(size)
+        if scheme is None:
+            source = Path(source).expanduser()
+        self.source, self.fps = str(source), float(fps)
+        self.size = None if size is None else tuple(int(x) for x in size)
         self.live = self.source.startswith(LIVE_PREFIXES) or self.source.startswith("/dev/video")
         path = Path(self.source[len("file://"):] if self.source.startswith("file://") else self.source)
         self.images: list[Path] | None = None
         if not self.live:
             if path.is_dir():
-                self.images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                self.images = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
                 if not self.images:
                     raise MediaError(f"directory {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             elif not path.is_file():
