@@ -513,3 +513,17 @@ def test_session_arguments_of_the_wrong_kind_are_named(setup):
     with pytest.raises(ValueError, match="one frame per stream"):
         b.push_frames([two, None], [0.0, None])
     assert all(torch.equal(x, y) for x, y in zip(before, s.state.tensors()))
+
+
+def test_clip_timestamps_follow_the_rules_of_push_frames(setup):
+    model, tok = setup
+    a, b = StreamSession(model, tok, frame=SPEC), StreamSession(model, tok, frame=SPEC)
+    frames = np.stack(_frames(2))
+    a.push_clip(frames, np.array([3.0, 4.0]))
+    b.push_clip(frames, [3.0, 4.0])
+    _state_close(a.state, b.state, atol=0, rtol=0)
+    before = [x.clone() for x in a.state.tensors()]
+    for bad in ([True, 5.0], ["5", "6"], "56"):
+        with pytest.raises(ValueError, match="numbers of seconds"):
+            a.push_clip(frames, bad)
+    assert all(torch.equal(x, y) for x, y in zip(before, a.state.tensors()))

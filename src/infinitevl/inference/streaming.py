@@ -237,7 +237,10 @@ class StreamSession:
                                                         or getattr(frames[0], "ndim", 0) == 4)
             if getattr(frames, "ndim", 0) == 4 or (listed and not one_clip):
                 frames = [frames]
-            if isinstance(timestamps, (list, tuple)) and not any(isinstance(t, (list, tuple)) for t in timestamps):
+            if isinstance(timestamps, (np.ndarray, torch.Tensor)) and timestamps.ndim == 1:
+                timestamps = timestamps.tolist()
+            if isinstance(timestamps, (list, tuple)) and not any(isinstance(t, (list, tuple, np.ndarray, torch.Tensor))
+                                                                 for t in timestamps):
                 timestamps = [timestamps]
         clips = _clips_to_tensor(frames)
         if clips.shape[0] != B:
@@ -245,7 +248,12 @@ class StreamSession:
         K = clips.shape[1]
         if K < 1:
             raise ValueError("a clip needs at least one frame")
+        if isinstance(timestamps, (np.ndarray, torch.Tensor)):
+            timestamps = timestamps.tolist()
         try:
+            if isinstance(timestamps, str) or any(isinstance(row, str) for row in timestamps) or any(
+                    isinstance(t, (str, bool)) for row in timestamps for t in row):
+                raise TypeError
             ts = [[float(t) for t in row] for row in timestamps]
         except (TypeError, ValueError):
             raise ValueError(f"timestamps must be [streams][frames] numbers of seconds, got {timestamps!r:.80}") from None
