@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
             ids[torch.isin(ids, specials)] = 0
         prompts = [ids.to(device) for ids in prompts]
         with Scheduler(Engine(model, max_batch_size=n), stop_token_ids=[], max_batch_size=n) as sched:
-            batched(sched, prompts[:2], 4, device)  # warm-up: graphs, kernels
+            batched(sched, prompts, 4, device)  # warm-up: graphs, kernels (every prefill group shape of the rounds)
             sequential(one, prompts[:1], 4, device)
             sched.stats.update(prefills=0, prefill_s=0.0, steps=0, step_s=0.0, row_steps=0)
             rounds = [batched(sched, prompts, G, device) for _ in range(args.repeats)]
