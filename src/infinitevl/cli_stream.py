@@ -81,7 +81,7 @@ def stream_main(argv: list[str]) -> int:
     ap.add_argument("--quiet", action="store_true", help="no live FPS/memory line on stderr")
     ap.add_argument("--frames-per-step", type=int, default=1, metavar="K",
                     help="push K frames at a time (one step, larger kernels: more frames per second for files; each "
-                         "answer still sees exactly the frames before its time)")
+                         "answer still sees exactly the frames at or before its time)")
     ap.add_argument("--no-pipeline", action="store_true",
                     help="GPU: run each frame whole instead of its vision tower beside the previous frame's LLM part")
     args = ap.parse_args(argv)
