@@ -35,14 +35,18 @@ from infinitevl.inference.streaming import StreamSession  # noqa: E402
 
 
 class ByteTokenizer:
-    """Just enough tokenizer for a session on random weights: UTF-8 bytes as ids 10..265, the chat's special
-    tokens at the top of the vocabulary."""
+    """Just enough tokenizer for a session on random weights: UTF-8 bytes as ids 10..265, the vision tokens at the
+    model config's ids, <|im_start|> and <|im_end|> at the top of the vocabulary."""
 
-    NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+    VISION = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
+              "<|vision_start|>": "vision_start_token_id", "<|vision_end|>": "vision_end_token_id"}
 
-    def __init__(self, vocab: int):
-        self.special = {name: vocab - 1 - i for i, name in enumerate(self.NAMES)}
-        self.pattern = re.compile("(" + "|".join(re.escape(n) for n in self.NAMES) + ")")
+    def __init__(self, config):
+        vocab = config.text.vocab_size
+        self.special = {"<|im_start|>": vocab - 1, "<|im_end|>": vocab - 2}
+        self.special.update({name: getattr(config, key) for name, key in self.VISION.items()})
+        assert len(set(self.special.values())) == len(self.special) and min(self.special.values()) >= 266
+        self.pattern = re.compile("(" + "|".join(re.escape(n) for n in self.special) + ")")
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
         ids = []
@@ -380,7 +384,7 @@ def main(argv=None):
     pool = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(8)]
 
     model = build(args.tiny, device, dtype)
-    tok = ByteTokenizer(model.config.text.vocab_size)
+    tok = ByteTokenizer(model.config)
     spec = FrameSpec(height=size, width=size)
     res = dict(bench="stream", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                shape="tiny" if args.tiny else "4b", dtype=str(dtype), torch=torch.__version__, frame_size=size,
