@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from .training import options
 
@@ -83,10 +84,18 @@ def train_main(argv: list[str] | None = None) -> int:
 
     from .training import distributed
 
+    options.check_output_dir(cfg.run.output_dir)  # before minutes of loading
     owned = not torch_dist.is_initialized()  # a caller that started the process group keeps it
     d = distributed.init(cfg.run.device)
     try:
         result = mod.run(cfg, d=d)
+    except KeyboardInterrupt:
+        from .training.checkpointing import latest
+
+        last = latest(Path(cfg.run.output_dir))
+        print(f"\ninterrupted: {f'the last checkpoint {last} is intact' if last else 'no checkpoint was written yet'};"
+              " run the same command again to resume", file=sys.stderr)
+        return 130
     finally:
         if owned:
             distributed.shutdown(d)
@@ -157,12 +166,14 @@ def merge_main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m infinitevl.cli_train {train,convert} ...` (for torchrun, which needs a module or script)."""
+    """`python -m infinitevl.cli_train {train,convert,merge-lora} ...` (for torchrun, which needs a module or
+    script)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "convert"):
-        print("usage: python -m infinitevl.cli_train {train,convert} ...", file=sys.stderr)
+    commands = {"train": train_main, "convert": convert_main, "merge-lora": merge_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m infinitevl.cli_train {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2
-    return train_main(argv[1:]) if argv[0] == "train" else convert_main(argv[1:])
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -101,3 +101,69 @@ def test_resume_refuses_another_run_and_an_occupied_folder(synth_dir, tmp_path, 
     again = sft.run(cfg)
     assert again.history == [] and again.final_step == 5
     assert "holds a finished run (5 steps): nothing to train" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_start_whose_trained_weights_differ(synth_dir, tmp_path):
+    """Another fine-tune at the model path, with the same frozen weights but other trained ones (e.g. GDN), is
+    another start: refused, not resumed as if the folder had moved."""
+    import dataclasses
+    import shutil
+
+    import pytest
+    from safetensors.torch import save_file
+
+    out = tmp_path / "r"
+    sft.run(_cfg(synth_dir, out, stop_after=1))
+    other = tmp_path / "other"
+    shutil.copytree(TINY_ASSET, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(k for k in sorted(weights) if ".linear_attn." in k or "self_attn" in k)  # a trained weight
+    weights[name] = weights[name] + 1
+    save_file(weights, str(other / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"belongs to another run \(model .* -> .*other'\)"):
+        sft.run(dataclasses.replace(_cfg(synth_dir, out), model=str(other)))
+
+
+def test_a_diverging_run_stops_before_saving_and_bad_numbers_are_refused(synth_dir, tmp_path):
+    import pytest
+
+    from infinitevl.training import options
+
+    cfg = _cfg(synth_dir, tmp_path / "nan", save_every=1, max_steps=4)
+    cfg.optim = OptimConfig(lr=1e12, warmup_ratio=0.0, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="training diverged"):
+        sft.run(cfg)
+    assert not (tmp_path / "nan" / "final").exists()
+    for ck in (tmp_path / "nan").glob("step-*/model.safetensors"):  # what was saved is finite
+        assert all(bool(t.isfinite().all()) for t in load_file(str(ck)).values())
+    for bad, message in (("optim.lr=inf", "finite number"), ("run.epochs=nan", "finite number"),
+                         ("data.vision.video_fps=0", "video_fps must be > 0"),
+                         ("data.vision.image_max_pixels=-5", "image_max_pixels must be >= 1"),
+                         ("data.row_tokens=0", "row_tokens must be >= 8"), ("data.workers=-1", "workers must be >= 0"),
+                         ("loss_chunk=0", "loss_chunk must be >= 1"), ("run.device=tpu", "run.device must be")):
+        with pytest.raises(ValueError, match=message):
+            options.load(sft.SFTConfig, None, [f"model={TINY_ASSET}", bad])
+
+
+def test_unwritable_output_dirs_and_full_disks_are_named(synth_dir, tmp_path, monkeypatch):
+    import pytest
+
+    from infinitevl.training import checkpointing
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="cannot be written"):
+        sft.run(_cfg(synth_dir, tmp_path / "afile" / "sub"))
+    real = checkpointing.save_file
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "full"
+    sft.run(_cfg(synth_dir, out, stop_after=1))  # step-000001 complete
+    monkeypatch.setattr(checkpointing, "save_file", full_disk)
+    with pytest.raises(ValueError, match=r"cannot write checkpoint step 2 .*No space left.*resume from .*step-000001"):
+        sft.run(_cfg(synth_dir, out, stop_after=1))
+    assert not list(out.glob("*.tmp")) and (out / "latest").read_text().strip() == "step-000001"
+    monkeypatch.setattr(checkpointing, "save_file", real)
+    rest = sft.run(_cfg(synth_dir, out))
+    assert [h["step"] for h in rest.history] == [2, 3, 4, 5]

@@ -82,13 +82,21 @@ def save(out_dir: Path, step: int, *, wrapped: torch.nn.Module, prefix: str, mod
     if d.main:
         tmp = out_dir / f"step-{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model_config.save(tmp)
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if init_dir is not None:
-            copy_processor_files(init_dir, tmp)
-        torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(), "trainer": trainer, "rng": rngs,
-                    "world": d.world}, tmp / STATE_FILE)
+        try:
+            tmp.mkdir(parents=True)
+            model_config.save(tmp)
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if init_dir is not None:
+                copy_processor_files(init_dir, tmp)
+            torch.save({"optimizer": osd, "scheduler": scheduler.state_dict(), "trainer": trainer, "rng": rngs,
+                        "world": d.world}, tmp / STATE_FILE)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(out_dir).free if out_dir.exists() else 0
+            last = latest(out_dir)
+            raise ValueError(f"cannot write checkpoint step {step} to {out_dir} ({type(e).__name__}: {e}; "
+                             f"{free / 2**30:.2f} GiB free there): free space or fix the folder's permissions, then "
+                             f"run again to resume from {last if last else 'the start'}") from None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(out_dir / LATEST, final.name + "\n")

@@ -91,7 +91,7 @@ def read_records(path: str | Path, *, media_dir: str | Path | None = None) -> li
         raise ValueError(f"data file {path} is not a file: give a .json or .jsonl file")
     base = Path(media_dir) if media_dir is not None else path.parent
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not data
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read data file {path} ({e}): it must be UTF-8 JSON or JSONL text") from None
     jsonl = path.suffix.lower() == ".jsonl"
@@ -167,6 +167,11 @@ class DataConfig:
             raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
         if self.max_tokens < 8:
             raise ValueError(f"data.max_tokens must be >= 8, got {self.max_tokens}")
+        if self.row_tokens is not None and self.row_tokens < 8:
+            raise ValueError(f"data.row_tokens must be >= 8 (or null for data.max_tokens), got {self.row_tokens}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0 (0: samples are built in the training loop), got "
+                             f"{self.workers}")
         if isinstance(self.vision, dict):
             self.vision = VisionInputConfig(**self.vision)
         for k, src in enumerate(self.train):

@@ -26,6 +26,10 @@ def answer(model: InfiniteVL, fmt: ChatFormat, rec: Record, *, max_new_tokens: i
 def accuracy(model: InfiniteVL, fmt: ChatFormat, records: list[Record], *, tasks: list[str] | None = None,
              max_new_tokens: int = 24) -> dict[str, float]:
     """{"all": accuracy, <task>: accuracy per task (when `tasks` gives one name per record)}."""
+    if not records:
+        raise ValueError("no records to evaluate: give at least one")
+    if tasks is not None and len(tasks) != len(records):
+        raise ValueError(f"tasks names one task per record: got {len(tasks)} for {len(records)} records")
     hits: dict[str, list[int]] = defaultdict(list)
     model.eval()
     for i, rec in enumerate(records):

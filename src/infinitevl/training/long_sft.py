@@ -36,6 +36,9 @@ class LongSFTConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/long-sft"))
 
     def __post_init__(self):
+        if self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be >= 1 (positions per chunk of the head + cross-entropy), got "
+                             f"{self.loss_chunk}")
         if not self.model:
             raise ValueError("model is empty: set it (model: DIR in the config, or --set model=DIR) "
                              "to an InfiniteVL checkpoint directory (the SFT output)")

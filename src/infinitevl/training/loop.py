@@ -36,6 +36,9 @@ from .packing import PackedBatch
 from .params import count
 
 
+# setup keys that fingerprint weights: those a run starts from (frozen: the student's and the teacher's; start: the
+# student's trained weights before step 1)
+WEIGHT_KEYS = ("frozen", "start")
 # setup keys that name directories: a run whose model moved resumes when the weights are the same
 PATH_KEYS = ("model", "teacher", "student")
 
@@ -133,6 +136,10 @@ class Trainer:
         self.setup["frozen"] = weights_fingerprint(
             [(n, p) for n, p in objective.student.named_parameters() if not p.requires_grad]
             + ([(f"teacher.{n}", p) for n, p in teacher.named_parameters()] if teacher is not None else []))
+        # and the trained weights it starts from: a resume from another start (e.g. a model directory replaced
+        # by another fine-tune with the same frozen weights) is refused
+        self.setup["start"] = weights_fingerprint(
+            [(n, p) for n, p in objective.student.named_parameters() if p.requires_grad])
         prints = gather_objects(self.setup["frozen"], d)
         if len(set(prints)) > 1:
             raise ValueError(f"the processes loaded different weights (frozen-weight fingerprints {prints}): give "
@@ -202,14 +209,14 @@ class Trainer:
         new = self.setup
         # keys both runs know (a later version may record more; a key one of them lacks is not compared)
         changed = {k: (old[k], new[k]) for k in sorted(set(old) & set(new))
-                   if k != "frozen" and _differs(old[k], new[k])}
-        same_weights = old.get("frozen") == new.get("frozen")
+                   if k not in WEIGHT_KEYS and _differs(old[k], new[k])}
+        same_weights = all(old[k] == new[k] for k in WEIGHT_KEYS if k in old and k in new)
         if changed and (set(changed) - set(PATH_KEYS) or not same_weights):
             keys = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"{ck} belongs to another run ({keys}): {fix}")
         if not same_weights:
-            raise ValueError(f"{ck}: the frozen weights of the model (or the teacher) this run starts from changed "
-                             f"since the run began (the directories are the same, their contents are not): {fix}")
+            raise ValueError(f"{ck}: the weights of the model (or the teacher) this run starts from changed since "
+                             f"the run began (the directories are the same, their contents are not): {fix}")
 
     def save(self) -> Path | None:
         return checkpointing.save(
@@ -285,6 +292,16 @@ class Trainer:
             rec[key] = all_sum(v, self.d) / units
         return rec
 
+    def _check_finite(self, rec: dict[str, Any]) -> None:
+        """Stops a run whose loss or gradient norm stopped being finite, before its weights are saved."""
+        clipped = self.optim_cfg.max_grad_norm > 0
+        if math.isfinite(rec["loss"]) and (math.isfinite(rec["grad_norm"]) or not clipped):
+            return
+        last = checkpointing.latest(self.out)
+        raise ValueError(f"step {rec['step']}: the loss is {rec['loss']} and the gradient norm {rec['grad_norm']}: "
+                         "training diverged (lower optim.lr, keep optim.max_grad_norm > 0, or check the data). Nothing "
+                         f"of this step was saved; {f'the last checkpoint {last} is intact' if last else 'no checkpoint was written'}")
+
     def release(self) -> None:
         """Gives the caller's model back in its own dtypes and storages (undoes store_frozen_in_bf16 and
         share_frozen_storage; not under FSDP2 over several processes, whose sharded parameters stay as trained).
@@ -325,6 +342,7 @@ class Trainer:
         t0 = time.time()
         while self.step < self.total:
             rec = self._train_step()
+            self._check_finite(rec)
             done_here += 1
             rec["skipped"] = sum(self.loader.dataset.skipped.values())
             rec["elapsed_s"] = round(time.time() - t0, 3)
@@ -354,10 +372,10 @@ class Trainer:
             shutil.copytree(ck, tmp, ignore=shutil.ignore_patterns(checkpointing.STATE_FILE))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            skipped = self.loader.dataset.skipped
-            if skipped:
-                print(f"[train] skipped bad samples: {skipped} (see {self.out / 'skipped.txt'})", flush=True)
-                (self.out / "skipped.txt").write_text("\n".join(self.loader.dataset.skip_log) + "\n")
+        skipped = self.loader.dataset.skipped
+        if skipped and self.d.main:  # also when the run stops early: what was skipped so far
+            print(f"[train] skipped bad samples: {skipped} (see {self.out / 'skipped.txt'})", flush=True)
+            (self.out / "skipped.txt").write_text("\n".join(self.loader.dataset.skip_log) + "\n")
         return res
 
 

@@ -7,6 +7,8 @@ default), and `key.sub=value` overrides from the command line are applied on top
 from __future__ import annotations
 
 import dataclasses
+import os
+import math
 import re
 import types
 import typing
@@ -86,6 +88,8 @@ class RunConfig:
                              + (": that is a file" if self.output_dir else ""))
         if self.parallel not in ("auto", "ddp", "fsdp", "none"):
             raise ValueError(f"run.parallel must be auto, ddp, fsdp or none, got {self.parallel!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"run.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.backend not in ("auto", "torch", "fla"):
             raise ValueError(f"run.backend must be auto, torch or fla, got {self.backend!r}")
         if self.rows_per_forward < 1:
@@ -168,6 +172,8 @@ def _convert(tp, value, where: str):
                 number = None
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(where, f"{where} must be {_describe(tp)}, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(where, f"{where} must be a finite number, got {value!r}")
         if tp is int:
             if isinstance(number, float) and not number.is_integer():
                 raise ConfigError(where, f"{where} must be a whole number, got {value!r}")
@@ -313,3 +319,16 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
         hit = _blamed(e, list(overrides)) if isinstance(e, ConfigError) else None
         source = f"--set {hit}" if hit else path
         raise ValueError(f"{source}: {e}" if source else str(e)) from None
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """run.output_dir can be created and written, checked before a model loads (a ValueError naming the fix)."""
+    out = Path(output_dir)
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"run.output_dir {out} cannot be written ({type(e).__name__}: {e.strerror or e}): give a "
+                         "folder this user may create and write") from None

@@ -21,7 +21,7 @@ from .checkpointing import full_model_state
 from .data import ChatDataset, DataConfig, chat_format_for, load_records
 from .loader import RowLoader
 from .loop import Objective, Trainer, TrainResult
-from .options import OptimConfig, RunConfig
+from .options import OptimConfig, RunConfig, check_output_dir
 from .student import copy_processor_files
 
 
@@ -52,6 +52,7 @@ def train(objective: Objective, *, model_config, init_dir: str | Path, data: Dat
     cpu_student builds an empty CPU module shaped like objective.student (for the export);
     finalize turns it into a plain InfiniteVL (e.g. merges LoRA); save writes it (default
     `save_pretrained`, the released InfiniteVL format)."""
+    check_output_dir(run.output_dir)
     d = d or distributed.init(run.device)
     torch.manual_seed(run.seed)
     loader = build_loader(data, init_dir, model_config, run, d)

@@ -31,6 +31,18 @@ class VisionInputConfig:
     merge_size: int = 2  # patches merged per side into one token (the model's spatial_merge_size)
     temporal_patch_size: int = 2  # video frames per patch in time
 
+    def __post_init__(self):
+        for name in ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels",
+                     "video_max_frames", "patch_size", "merge_size", "temporal_patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.vision.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.video_fps > 0:
+            raise ValueError(f"data.vision.video_fps must be > 0, got {self.video_fps}")
+        for kind in ("image", "video"):
+            lo, hi = getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
+            if lo > hi:
+                raise ValueError(f"data.vision.{kind}_min_pixels ({lo}) is above {kind}_max_pixels ({hi})")
+
 
 class MediaError(ValueError):
     """A medium cannot be read: missing, corrupt or unsupported file."""
