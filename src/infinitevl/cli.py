@@ -24,6 +24,8 @@ commands:
                infinitevl stream VIDEO --ask 30s:"What is happening?" [--ask 2m:"..."] [--fps 2]
   serve      answer over HTTP with OpenAI's chat completions API (JSON or server-sent events)
                infinitevl serve [--model DIR] [--port 8000] [--media-dir DIR]
+  eval       exact-match accuracy of a checkpoint on a chat-format data file
+               infinitevl eval --data test.jsonl [--model DIR] [--group-by task] [--out answers.jsonl]
   train      run one training stage
                infinitevl train {distill-layer,distill-e2e,sft,long-sft} --config configs/<stage>.yaml
   convert    turn a Qwen2.5-VL checkpoint into an InfiniteVL initialisation
@@ -319,6 +321,12 @@ def cmd_merge_lora(argv: list[str]) -> int:
     return merge_main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from .cli_eval import eval_main
+
+    return eval_main(argv)
+
+
 def cmd_serve(argv: list[str]) -> int:
     from .server import serve_main
 
@@ -335,6 +343,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "stream": cmd_stream,
     "serve": cmd_serve,
+    "eval": cmd_eval,
     "train": cmd_train,
     "convert": cmd_convert,
     "merge-lora": cmd_merge_lora,
