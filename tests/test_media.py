@@ -118,6 +118,19 @@ def test_load_video_from_a_data_uri():
         load_video(bad)
 
 
+def test_oversized_media_are_refused_before_decoding(tmp_path, monkeypatch):
+    import infinitevl.media as media
+
+    monkeypatch.setattr(media, "MAX_VIDEO_PIXELS", 1000)
+    with pytest.raises(ValueError, match="above the 1000 pixels one video may decode to"):
+        load_video(MEDIA / "3.mp4")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's decompression-bomb limit (2x is an error)
+    with pytest.raises(ValueError, match="too large to decode"):
+        load_image(MEDIA / "1.jpg")
+    with pytest.raises(ValueError, match="cannot use .* as an image path"):
+        load_image("x" * 5000 + ".png")
+
+
 def test_load_video_bad_files(tmp_path):
     data = (MEDIA / "1.mp4").read_bytes()
     (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])

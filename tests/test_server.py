@@ -172,7 +172,7 @@ BAD = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
                                                                                     "aGVsbG8="}}]}]}, 400,
      "cannot decode the data URI image"),
-    ({"messages": _ask(), "temperature": -1}, 400, "'temperature' must be a number >= 0"),
+    ({"messages": _ask(), "temperature": -1}, 400, "'temperature' must be a number in [0, 10000]"),
     ({"messages": _ask(), "temperature": "hot"}, 400, "'temperature' must be a number"),
     ({"messages": _ask(), "top_p": 0}, 400, "top_p"),
     ({"messages": _ask(), "max_tokens": 0}, 400, "'max_tokens' must be a whole number >= 1"),
@@ -182,6 +182,20 @@ BAD = [
     ({"messages": _ask(), "stop": [""]}, 400, "'stop' must be"),
     ({"messages": _ask(), "stream": "yes"}, 400, "'stream' must be true or false"),
     ({"messages": _ask(), "logprobs": True}, 400, "'logprobs': True is not supported"),
+    ({"messages": _ask(), "n": True}, 400, "'n': True is not supported"),
+    ({"messages": _ask(), "max_tokens": float("inf")}, 400, "'max_tokens' must be a whole number"),
+    ({"messages": _ask(), "seed": 2**70}, 400, "'seed' must be a whole number in [0, "),
+    ({"messages": _ask(), "top_k": 1e30}, 400, "'top_k' must be a whole number in [0, "),
+    ({"messages": _ask(), "stream_options": {"include_usage": "yes"}}, 400, "'stream_options' at most"),
+    ({"messages": _ask(), "stop": "x" * 257}, 400, "'stop' must be a string of 1 to 256"),
+    ({"messages": [{"role": ["user"], "content": "hi"}]}, 400, "role ['user'] is not supported"),
+    # an item of one kind smuggling the source of another (read from the disk) is refused
+    ({"messages": [{"role": "user", "content": [{"type": "video", "video": [_data_uri(STAR)] * 2,
+                                                 "image": "/etc/hostname"}]}]}, 400, "unsupported key(s) ['image']"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(STAR)},
+                                                 "video": "/etc/hostname"}]}]}, 400, "unsupported key(s) ['video']"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]}]},
+     403, "fetches no URLs (start it with --allow-urls)"),
 ]
 
 
@@ -205,8 +219,15 @@ def test_bad_bodies_endpoints_and_sizes(server):
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2000001\r\n\r\n")
         reply = b"".join(iter(lambda: sock.recv(4096), b""))  # the server closes the connection after it
     assert b" 413 " in reply.split(b"\r\n")[0] and b"--max-body-mb" in reply
-    status, _, text = server.request("GET", "/v1/models")
+    status, _, text = server.request("GET", "/v1/models?limit=5")
     assert status == 200 and json.loads(text)["data"][0]["id"] == "tiny"
+    status, _, text = server.request("GET", "/v1/models/tiny")
+    assert status == 200 and json.loads(text)["id"] == "tiny"
+    assert server.request("GET", "/v1/models/gpt-4o")[0] == 404
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # no waiting for a body
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+        reply = b"".join(iter(lambda: sock.recv(4096), b""))
+    assert b" 411 " in reply.split(b"\r\n")[0] and b"Connection: close" in reply
     assert server.request("GET", "/health")[0] == 200
     # Without a Content-Length the body cannot be read: 411, and the server goes on.
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
@@ -230,7 +251,7 @@ def test_local_media_only_under_the_media_dir(service, tmp_path):
         for src in ("../outside.png", str(tmp_path / "outside.png")):
             body = {"messages": [{"role": "user", "content": [{"type": "image", "image": src}]}]}
             status, out = s.chat(body)
-            assert status == 403 and "outside the server's --media-dir" in out["error"]["message"]
+            assert status == 403 and "not a file name inside the server's --media-dir" in out["error"]["message"]
         status, out = s.chat({"messages": [{"role": "user", "content": [{"type": "image", "image": "missing.png"}]}]})
         assert status == 400 and "image file not found" in out["error"]["message"]
     finally:

@@ -18,10 +18,17 @@ def chat_inputs(processor, messages: list[dict], media: tuple, device) -> tuple[
     return inputs["input_ids"], vision
 
 
-def stop_token_ids(model) -> list[int]:
-    """The checkpoint's end-of-turn ids (config.eos_token_id, one id or a list)."""
+def stop_token_ids(model, tokenizer=None) -> list[int]:
+    """The ids that end an answer: config.eos_token_id (one id or a list) and the tokenizer's <|im_end|>, the
+    chat format's end of turn."""
     eos = model.config.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    stops = set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor: its tokenizer
+    if tok is not None:
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end >= 0 and im_end != getattr(tok, "unk_token_id", None):
+            stops.add(im_end)
+    return sorted(stops)
 
 
 class TextStream:

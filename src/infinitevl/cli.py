@@ -282,7 +282,7 @@ def _answer(model, processor, messages: list[dict], media: tuple, args, device: 
     from .inference.engine import Engine
 
     input_ids, vision = chat_inputs(processor, messages, media, device)
-    stops = stop_token_ids(model)
+    stops = stop_token_ids(model, processor)
     # The engine is the fast path: fla kernels + the decode step in a CUDA graph on a GPU, eager on CPU.
     engine = Engine(model, max_batch_size=1)
     t0 = time.perf_counter()

@@ -29,6 +29,7 @@ MAX_ASPECT_RATIO = 200
 MAX_PIXELS = IMAGE_MAX_TOKENS * PATCH_FACTOR**2  # no image or video frame is resized above this (16384 tokens)
 MAX_VIDEO_PIXELS = 4 * VIDEO_TOTAL_TOKENS * PATCH_FACTOR**2  # all frames of one video together (~1 GB of RGB)
 URL_TIMEOUT_S = 30
+MAX_URL_BYTES = 64 << 20  # an image fetched from a URL
 
 
 class MediaError(ValueError):
@@ -52,9 +53,13 @@ def load_image(source: Any) -> Image.Image:
     if source.startswith(("http://", "https://")):
         return _decode_image(io.BytesIO(_fetch_url(source)), source)
     path = Path(source[len("file://"):] if source.startswith("file://") else source)
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError) as e:  # a name too long for the file system, ...
+        raise MediaError(f"cannot use {source!r:.80} as an image path ({e})") from None
+    if is_dir:
         raise MediaError(f"{path} is a directory, not an image file: give the image's own path")
-    if not path.is_file():
+    if not is_file:
         raise MediaError(f"image file not found: {path} (check the path; URLs must start with http:// or https://)")
     return _decode_image(path, str(path))
 
@@ -64,6 +69,8 @@ def _decode_image(fp, name: str) -> Image.Image:
         with Image.open(fp) as img:
             img.load()  # decode now: PIL is lazy and a truncated file would only fail later
             return _to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"{name} is too large to decode ({e}): give a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise MediaError(f"cannot decode {name} as an image ({e}): the file is corrupt, truncated or not an image") from e
 
@@ -92,9 +99,12 @@ def _fetch_url(url: str) -> bytes:
 
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
-            return response.read()
-    except OSError as e:
-        raise MediaError(f"cannot download {url}: {e}; download it and pass the local path") from e
+            data = response.read(MAX_URL_BYTES + 1)
+    except (OSError, ValueError) as e:
+        raise MediaError(f"cannot download {url:.200}: {e}; download it and pass the local path") from e
+    if len(data) > MAX_URL_BYTES:
+        raise MediaError(f"{url:.200} is larger than {MAX_URL_BYTES >> 20} MiB: download it and pass the local path")
+    return data
 
 
 # ---- videos ----
@@ -142,6 +152,11 @@ def load_video(
                 n = _frame_count(total, native_fps, fps, min_frames=min_frames, max_frames=max_frames)
             except MediaError as e:
                 raise MediaError(f"video {path}: {e}") from None
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if n * width * height > MAX_VIDEO_PIXELS:  # before decoding: the frames are held at their own size
+                raise MediaError(f"video {path}: {n} sampled frames of {width}x{height} are above the "
+                                 f"{MAX_VIDEO_PIXELS} pixels one video may decode to: lower fps or max_frames, or "
+                                 "downscale the video")
             wanted = np.linspace(0, total - 1, n).round().astype(int)
             container.seek(0)
             frames = _decode_frames(container, stream, wanted)

@@ -5,8 +5,8 @@
 
 Messages are OpenAI's (string content, or `text` / `image_url` / `video_url` parts) or the model card's
 (`{"type": "image", "image": ...}` / `{"type": "video", "video": ...}` items with their qwen_vl_utils options),
-answered as `infinitevl generate` answers them. Media come as data: URIs or http(s) URLs (images); local paths
-are read only under `--media-dir`. Requests are generated together, up to `--max-batch-size` at a time
+answered as `infinitevl generate` answers them. Media come as data: URIs; http(s) image URLs only with
+`--allow-urls`, local files only under `--media-dir`. Requests are generated together, up to `--max-batch-size` at a time
 (continuous batching: they join and leave the decode batch between steps); more wait their turn. A bad
 request is answered with an HTTP 4xx and an OpenAI-style error body naming the problem, before anything is
 generated.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import socket
 import sys
 import time
 import traceback
@@ -28,9 +30,16 @@ from pathlib import Path
 import torch
 
 from .chat import TextStream, chat_inputs, stop_token_ids
-from .inference.sampling import SamplingParams
+from .inference.sampling import MAX_TEMPERATURE, SamplingParams
+from .inference.scheduler import SchedulerClosed
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+SOCKET_TIMEOUT_S = 120
+MAX_STOP_CHARS = 256  # streamed text waits for (longest stop - 1) characters
+# the content-item options a request may give, beside the source (qwen_vl_utils' names)
+ITEM_OPTIONS = {"image": ("min_pixels", "max_pixels", "resized_height", "resized_width"),
+                "video": ("fps", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames",
+                          "resized_height", "resized_width", "sample_fps")}
 READ_FIELDS = ("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
                "stop", "stream", "stream_options")
 # Fields OpenAI clients send that change nothing here when they hold these values (other values are refused).
@@ -48,6 +57,14 @@ class RequestError(ValueError):
         self.status, self.param = int(status), param
 
 
+@dataclass(frozen=True)
+class MediaRules:
+    """Where a request's media may come from besides data: URIs."""
+
+    media_dir: Path | None = None  # local files under this folder (resolved); None: no local file
+    urls: bool = False  # http(s) URLs, fetched by the server
+
+
 @dataclass
 class ChatRequest:
     messages: list[dict]  # the model card's format
@@ -60,20 +77,22 @@ class ChatRequest:
 
 
 # ---- reading a request ----
-def _number(body: dict, key: str, default, *, whole: bool = False, lo: float | None = None):
+def _number(body: dict, key: str, default, *, whole: bool = False, lo: float | None = None, hi: float | None = None):
     value = body.get(key)
     if value is None:
         return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not whole or value == int(value))
-    if not ok or value != value or value in (float("inf"), float("-inf")) or (lo is not None and value < lo):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not whole or value == int(value)) and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
         kind = "a whole number" if whole else "a number"
-        raise RequestError(f"'{key}' must be {kind}{f' >= {lo:g}' if lo is not None else ''}, got {value!r}",
-                           param=key)
+        bounds = (f" in [{lo:g}, {hi:g}]" if lo is not None and hi is not None else f" >= {lo:g}" if lo is not None
+                  else "")
+        raise RequestError(f"'{key}' must be {kind}{bounds}, got {value!r}", param=key)
     return int(value) if whole else float(value)
 
 
 def parse_request(body, *, served: str, defaults: SamplingParams, default_max_tokens: int, max_tokens_limit: int,
-                  media_dir: Path | None) -> ChatRequest:
+                  media: MediaRules = MediaRules()) -> ChatRequest:
     """A chat completion request body (parsed JSON) -> ChatRequest, or a RequestError naming what is wrong."""
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -81,7 +100,7 @@ def parse_request(body, *, served: str, defaults: SamplingParams, default_max_to
         if key in READ_FIELDS or key in IGNORED or value is None:
             continue
         if key in DEFAULT_ONLY:
-            if value not in DEFAULT_ONLY[key]:
+            if not any(value == d and isinstance(value, bool) == isinstance(d, bool) for d in DEFAULT_ONLY[key]):
                 raise RequestError(f"'{key}': {value!r} is not supported by this server (it serves "
                                    f"{DEFAULT_ONLY[key][0]!r} only): leave the field out", param=key)
             continue
@@ -100,28 +119,32 @@ def parse_request(body, *, served: str, defaults: SamplingParams, default_max_to
         raise RequestError(f"max_tokens {max_tokens} is above this server's limit of {max_tokens_limit} (its "
                            "--max-tokens-limit)", param="max_tokens")
     try:
-        sampling = SamplingParams(_number(body, "temperature", defaults.temperature, lo=0),
-                                  _number(body, "top_k", defaults.top_k, whole=True, lo=0),
+        sampling = SamplingParams(_number(body, "temperature", defaults.temperature, lo=0, hi=MAX_TEMPERATURE),
+                                  _number(body, "top_k", defaults.top_k, whole=True, lo=0, hi=2**31 - 1),
                                   _number(body, "top_p", defaults.top_p))
+    except RequestError:
+        raise
     except ValueError as e:
         raise RequestError(f"{e} (temperature, top_k, top_p)") from None
-    seed = _number(body, "seed", None, whole=True)
+    seed = _number(body, "seed", None, whole=True, lo=0, hi=2**63 - 1)
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= MAX_STOP_STRINGS):
-        raise RequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, got "
-                           f"{body.get('stop')!r}", param="stop")
+    if not (isinstance(stop, list) and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+            and len(stop) <= MAX_STOP_STRINGS):
+        raise RequestError(f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters or a list of at most "
+                           f"{MAX_STOP_STRINGS} of them, got {body.get('stop')!r:.100}", param="stop")
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}
-    if not isinstance(stream, bool) or not isinstance(options, dict) or set(options) - {"include_usage"}:
+    if not isinstance(stream, bool) or not isinstance(options, dict) or set(options) - {"include_usage"} or \
+            not isinstance(options.get("include_usage", False), bool):
         raise RequestError("'stream' must be true or false and 'stream_options' at most {\"include_usage\": bool}",
                            param="stream")
-    return ChatRequest(messages=chat_messages(body.get("messages"), media_dir), max_tokens=max_tokens,
+    return ChatRequest(messages=chat_messages(body.get("messages"), media), max_tokens=max_tokens,
                        sampling=sampling, stop=stop, seed=seed, stream=stream,
                        include_usage=bool(options.get("include_usage")))
 
 
-def chat_messages(messages, media_dir: Path | None) -> list[dict]:
+def chat_messages(messages, media: MediaRules = MediaRules()) -> list[dict]:
     """OpenAI or model-card messages -> the model card's format (image_url / video_url parts become image / video
     items), with every media source checked against the server's rules."""
     if not isinstance(messages, list) or not messages:
@@ -131,13 +154,14 @@ def chat_messages(messages, media_dir: Path | None) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise RequestError(f"{where} must be an object with 'role' and 'content'", param="messages")
-        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
-        if role not in ("system", "user", "assistant"):
+        role = m.get("role")
+        role = "system" if role == "developer" else role
+        if not isinstance(role, str) or role not in ("system", "user", "assistant"):
             raise RequestError(f"{where}: role {m.get('role')!r} is not supported (system, developer, user, assistant)",
                                param="messages")
         content = m.get("content")
         if isinstance(content, list):
-            content = [_part(p, f"{where}.content[{j}]", media_dir) for j, p in enumerate(content)]
+            content = [_part(p, f"{where}.content[{j}]", media) for j, p in enumerate(content)]
         elif not isinstance(content, str):
             raise RequestError(f"{where}: 'content' must be a string or a list of parts, got {content!r:.60}",
                                param="messages")
@@ -151,7 +175,7 @@ def chat_messages(messages, media_dir: Path | None) -> list[dict]:
     return out
 
 
-def _part(part, where: str, media_dir: Path | None) -> dict:
+def _part(part, where: str, media: MediaRules) -> dict:
     if not isinstance(part, dict):
         raise RequestError(f"{where} must be an object such as {{\"type\": \"text\", \"text\": ...}}", param="messages")
     kind = part.get("type") or next((k for k in ("text", "image", "video", "image_url", "video_url") if k in part), None)
@@ -162,37 +186,53 @@ def _part(part, where: str, media_dir: Path | None) -> dict:
     if kind in ("image_url", "video_url"):
         ref = part.get(kind)
         url = ref.get("url") if isinstance(ref, dict) else ref
+        extra = set(part) - {"type", kind}
         item = {"type": kind[:5], kind[:5]: url}
     elif kind in ("image", "video"):
-        item = {k: v for k, v in part.items() if k != "image_url"}
-        item["type"] = kind
-        if kind not in item:
+        if kind not in part:
             raise RequestError(f"{where}: an {kind} item needs its source in '{kind}'", param="messages")
+        extra = set(part) - {"type", kind, *ITEM_OPTIONS[kind]}
+        item = {k: v for k, v in part.items() if k != "type"}
+        item["type"] = kind
     else:
         raise RequestError(f"{where}: unsupported part type {kind!r} (text, image_url, video_url, image, video)",
                            param="messages")
+    if extra:
+        raise RequestError(f"{where}: unsupported key(s) {sorted(extra)} in a {kind} part (an image item takes "
+                           f"{', '.join(ITEM_OPTIONS['image'])}; a video item {', '.join(ITEM_OPTIONS['video'])})",
+                           param="messages")
     key = item["type"]
     src = item[key]
-    item[key] = ([_source(s, f"{where} frame {k}", media_dir) for k, s in enumerate(src)]
-                 if key == "video" and isinstance(src, list) else _source(src, where, media_dir))
+    item[key] = ([_source(s, f"{where} frame {k}", media) for k, s in enumerate(src)]
+                 if key == "video" and isinstance(src, list) else _source(src, where, media))
     return item
 
 
-def _source(src, where: str, media_dir: Path | None) -> str:
-    """A media source as the server may read it: a data: URI, an http(s) URL, or a file under --media-dir."""
+def _source(src, where: str, media: MediaRules) -> str:
+    """A media source as the server may read it: a data: URI, an http(s) URL (with --allow-urls), or a file under
+    --media-dir."""
     if not isinstance(src, str) or not src:
         raise RequestError(f"{where}: a media source must be a URL, a data: URI or a file name, got {src!r:.60}",
                            param="messages")
-    if src.startswith(("data:", "http://", "https://")):
+    if src.startswith("data:"):
         return src
-    if media_dir is None:
+    if src.startswith(("http://", "https://")):
+        if not media.urls:
+            raise RequestError(f"{where}: this server fetches no URLs (start it with --allow-urls); send the media "
+                               "as a data: URI instead", HTTPStatus.FORBIDDEN, "messages")
+        return src
+    if media.media_dir is None:
         raise RequestError(f"{where}: {src!r:.80} is a local file, and this server reads none (start it with "
                            "--media-dir DIR to allow files under DIR); send the media as a data: URI instead",
                            HTTPStatus.FORBIDDEN, "messages")
-    path = (media_dir / src.removeprefix("file://")).resolve()
-    if not path.is_relative_to(media_dir):
-        raise RequestError(f"{where}: {src!r:.80} is outside the server's --media-dir", HTTPStatus.FORBIDDEN,
-                           "messages")
+    try:
+        path = (media.media_dir / src.removeprefix("file://")).resolve()
+        inside = path.is_relative_to(media.media_dir)
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte, ...
+        inside = False
+    if not inside:
+        raise RequestError(f"{where}: {src!r:.80} is not a file name inside the server's --media-dir",
+                           HTTPStatus.FORBIDDEN, "messages")
     return str(path)
 
 
@@ -206,7 +246,7 @@ class ChatService:
         from .inference.scheduler import Scheduler
 
         self.model, self.processor, self.name, self.device, self.shipped = model, processor, name, device, shipped
-        self.stops = stop_token_ids(model)
+        self.stops = stop_token_ids(model, processor)
         self.scheduler = Scheduler(Engine(model, max_batch_size=max_batch_size), stop_token_ids=self.stops,
                                    max_batch_size=max_batch_size)
 
@@ -261,7 +301,8 @@ class Answer:
         finally:
             self.ticket.cancel()  # a no-op once it has ended
         if cut is None:
-            out += text.end()  # what TextStream held back
+            full = text.text()  # with what TextStream held back (a revised decoding cannot be unsent: kept as is)
+            out = full if full.startswith(out) else out
             cut = _first_stop(out, req.stop)
             if cut is not None:
                 self.finish_reason = "stop"
@@ -280,6 +321,7 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
     class Handler(BaseHTTPRequestHandler):
         server_version = "infinitevl"
         protocol_version = "HTTP/1.1"
+        timeout = SOCKET_TIMEOUT_S  # a client silent this long mid-request (or mid-stream) is dropped
 
         def log_message(self, fmt, *args):  # one line per request on stderr, as http.server does, minus the noise
             sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
@@ -289,6 +331,8 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
@@ -296,19 +340,27 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
             kind = "invalid_request_error" if status < 500 else "server_error"
             self._json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
 
+        def _route(self) -> str:
+            return self.path.partition("?")[0].rstrip("/")
+
         def do_GET(self):
-            if self.path.rstrip("/") == "/health":
+            model = {"id": service.name, "object": "model", "created": 0, "owned_by": "infinitevl"}
+            if self._route() == "/health":
                 return self._json(200, {"status": "ok"})
-            if self.path.rstrip("/") == "/v1/models":
-                return self._json(200, {"object": "list", "data": [
-                    {"id": service.name, "object": "model", "created": 0, "owned_by": "infinitevl"}]})
-            self._error(404, f"no such endpoint: GET {self.path} (GET /health, GET /v1/models, "
+            if self._route() == "/v1/models":
+                return self._json(200, {"object": "list", "data": [model]})
+            if self._route() == f"/v1/models/{service.name}":
+                return self._json(200, model)
+            if self._route().startswith("/v1/models/"):
+                return self._error(404, f"model {self._route()[len('/v1/models/'):]!r} is not served here: this "
+                                        f"server serves {service.name!r}", "model")
+            self._error(404, f"no such endpoint: GET {self.path:.100} (GET /health, GET /v1/models, "
                              "POST /v1/chat/completions)")
 
         def do_POST(self):
-            if self.path.rstrip("/") != "/v1/chat/completions":
+            if self._route() != "/v1/chat/completions":
                 self._drain()
-                return self._error(404, f"no such endpoint: POST {self.path} (POST /v1/chat/completions)")
+                return self._error(404, f"no such endpoint: POST {self.path:.100} (POST /v1/chat/completions)")
             try:
                 req = parse_request(self._body(), served=service.name, **parse_options)
                 answer = service.prepare(req)
@@ -321,20 +373,24 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
                 return self._error(500, f"internal error: {type(e).__name__}: {e}")
             (self._stream if req.stream else self._complete)(answer)
 
+        def _length(self) -> int | None:
+            """The body's Content-Length, or None when absent or not a whole number >= 0."""
+            text = self.headers.get("Content-Length", "").strip()
+            return int(text) if text.isdigit() else None
+
         def _drain(self) -> None:
-            n = int(self.headers.get("Content-Length") or 0)
-            if 0 < n <= max_body_bytes:
+            n = self._length()
+            if n is not None and n <= max_body_bytes:
                 self.rfile.read(n)
             else:
                 self.close_connection = True
 
         def _body(self):
-            try:
-                n = int(self.headers.get("Content-Length", ""))
-            except ValueError:
+            n = self._length()
+            if n is None:
                 self.close_connection = True
-                raise RequestError("a request body with a Content-Length header is needed",
-                                   HTTPStatus.LENGTH_REQUIRED) from None
+                raise RequestError("a request body with a Content-Length header (a whole number of bytes) is needed",
+                                   HTTPStatus.LENGTH_REQUIRED)
             if n > max_body_bytes:
                 self.close_connection = True
                 raise RequestError(f"the request body has {n} bytes, above this server's {max_body_bytes} "
@@ -352,6 +408,8 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             try:
                 content = "".join(answer.text())
+            except SchedulerClosed as e:
+                return self._error(503, f"{e}: the server is shutting down")
             except ValueError as e:  # the request's own problem, found when its prompt ran
                 return self._error(400, str(e), "messages")
             except Exception as e:
@@ -364,11 +422,6 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
         def _stream(self, answer: Answer) -> None:
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             head = {**self._head(created, rid), "object": "chat.completion.chunk"}
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
             self.close_connection = True
 
             def send(payload) -> None:
@@ -381,6 +434,11 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
 
             pieces = answer.text()
             try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
                 send(chunk({"role": "assistant", "content": ""}))
                 for piece in pieces:
                     send(chunk({"content": piece}))
@@ -388,10 +446,12 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
                 if answer.req.include_usage:
                     send({**head, "choices": [], "usage": _usage(answer)})
                 send("[DONE]")
-            except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating
+            except OSError:  # the client left (or went silent past the timeout): free its row
                 pieces.close()
+                answer.ticket.cancel()  # also when it left before its first token (the generator never started)
             except Exception as e:  # the headers are out: report in the stream, as OpenAI does
                 pieces.close()
+                answer.ticket.cancel()
                 traceback.print_exc()
                 try:
                     send({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
@@ -436,6 +496,8 @@ def serve_main(argv: list[str]) -> int:
     ap.add_argument("--served-model-name", help="the model name clients give (default: the model folder's name)")
     ap.add_argument("--media-dir", type=Path, help="read local media files named in requests from this folder "
                                                    "only (default: no local files; data: URIs and URLs only)")
+    ap.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs named in requests (off: only "
+                                                               "data: URIs and --media-dir files)")
     ap.add_argument("--max-batch-size", type=int, default=8, help="requests generated together (more wait)")
     ap.add_argument("--max-tokens", type=int, default=512, help="max_tokens of a request that gives none")
     ap.add_argument("--max-tokens-limit", type=int, default=8192, help="the most max_tokens a request may ask")
@@ -454,13 +516,20 @@ def serve_main(argv: list[str]) -> int:
         media_dir = args.media_dir.expanduser().resolve()
         if not media_dir.is_dir():
             raise ValueError(f"--media-dir {args.media_dir} is not a folder")
+    try:  # the port is checked before the model loads (which may take minutes)
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): pick another --port or "
+                         "--host") from None
     device = _device(args.device)
     model, processor = load_model(args.model, device, _dtype(args.dtype, device), processor=True)
     note_if_shipped(args.model)
     name = args.served_model_name or Path(args.model).resolve().name
     service = ChatService(model, processor, name=name, device=device, shipped=is_shipped(args.model),
                           max_batch_size=args.max_batch_size)
-    server = make_server(service, args.host, args.port, media_dir=media_dir, default_max_tokens=args.max_tokens,
+    server = make_server(service, args.host, args.port, media_dir=media_dir, allow_urls=args.allow_urls,
+                         default_max_tokens=args.max_tokens,
                          max_tokens_limit=args.max_tokens_limit, max_body_bytes=int(args.max_body_mb * 1e6),
                          defaults=generation_defaults(args.model))
     host, port = server.server_address[:2]
@@ -476,7 +545,7 @@ def serve_main(argv: list[str]) -> int:
     return 0
 
 
-def make_server(service: ChatService, host: str, port: int, *, media_dir: Path | None = None,
+def make_server(service: ChatService, host: str, port: int, *, media_dir: Path | None = None, allow_urls: bool = False,
                 default_max_tokens: int = 512, max_tokens_limit: int = 8192, max_body_bytes: int = 100_000_000,
                 defaults: SamplingParams = SamplingParams()) -> ThreadingHTTPServer:
     """A threaded HTTP server around `service` (call serve_forever; port 0 picks a free port)."""
@@ -484,7 +553,7 @@ def make_server(service: ChatService, host: str, port: int, *, media_dir: Path |
         raise ValueError(f"the default max_tokens ({default_max_tokens}) must be in [1, max_tokens_limit="
                          f"{max_tokens_limit}]")
     options = dict(defaults=defaults, default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit,
-                   media_dir=media_dir)
+                   media=MediaRules(None if media_dir is None else Path(media_dir).resolve(), allow_urls))
     try:
         server = ThreadingHTTPServer((host, port), make_handler(service, parse_options=options,
                                                                  max_body_bytes=max_body_bytes))

@@ -160,6 +160,10 @@ def test_bad_requests_are_refused_at_submit_and_a_failing_one_fails_alone(shippe
         sched.submit(ids.repeat(2, 1), max_new_tokens=3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sched.submit(ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0"):
+        sched.submit(ids, max_new_tokens=3, seed=2**70)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        sched.submit(ids, max_new_tokens=3, sampling=SamplingParams(1.0, 2**40))
     with pytest.raises(ValueError, match="pixel_values must be a tensor"):
         sched.submit(ids, max_new_tokens=3, pixel_values=[1, 2])
     with pytest.raises(ValueError, match="exceeds max_batch_size"):
@@ -170,3 +174,22 @@ def test_bad_requests_are_refused_at_submit_and_a_failing_one_fails_alone(shippe
     with pytest.raises(ValueError, match="image"):
         list(bad_ticket)
     assert list(ok_ticket) == _alone(model, texts[1], 8)
+
+
+def test_a_broken_scheduler_fails_its_requests_instead_of_hanging(shipped, schedulers, monkeypatch):
+    from infinitevl.inference.scheduler import SchedulerClosed
+
+    model, prompts = shipped
+    sched = schedulers(model, 2, [EOS])
+
+    def broken():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sched, "_take", broken)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's own report of the error
+    ticket = _submit(sched, prompts[4], 4)
+    with pytest.raises(SchedulerClosed, match="RuntimeError: boom"):
+        list(ticket)
+    sched.thread.join(10)
+    with pytest.raises(SchedulerClosed):
+        _submit(sched, prompts[4], 4)

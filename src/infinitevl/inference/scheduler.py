@@ -31,6 +31,12 @@ from .request import prompt_inputs, whole_number
 from .sampling import SamplingParams
 
 _END = object()
+
+
+class SchedulerClosed(ValueError):
+    """The scheduler was closed before the request ended (or before it was submitted)."""
+
+
 PREFILL_GROUP = 8  # text prompts prefilled together at most (the scratch state has this many rows)
 
 
@@ -107,10 +113,12 @@ class Scheduler:
         if ids.shape[0] != 1:
             raise ValueError(f"submit takes one prompt ([1, T] ids), got {ids.shape[0]} rows: submit each")
         self.engine._check_request(ids, mask, None, sampling, self.stops, 0, None)
+        if seed is not None:
+            seed = whole_number(seed, "seed", 0)
         ticket = Ticket(ids, vision, sampling, whole_number(max_new_tokens, "max_new_tokens", 1), seed)
         with self.wake:
             if self.closed:
-                raise ValueError("this scheduler was closed: make a new one")
+                raise SchedulerClosed("this scheduler was closed: make a new one")
             self.waiting.append(ticket)
             self.wake.notify()
         return ticket
@@ -130,12 +138,24 @@ class Scheduler:
 
     # ---- the scheduler thread ----
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug or a broken device: fail every request rather than hang them
+            with self.wake:
+                self.closed = True
+                for t in [t for t in self.rows if t is not None] + list(self.waiting):
+                    t.out.put(SchedulerClosed(f"the scheduler stopped ({type(e).__name__}: {e})"))
+                self.waiting.clear()
+                self.rows = [None] * self.P
+            raise
+
+    def _loop(self) -> None:
         while True:
             with self.wake:
                 while not self.waiting and not any(self.rows) and not self.closed:
                     self.wake.wait()
                 if self.closed:
-                    gone = ValueError("the scheduler was closed before this request ended")
+                    gone = SchedulerClosed("the scheduler was closed before this request ended")
                     for t in [t for t in self.rows if t is not None] + list(self.waiting):
                         t.out.put(gone)
                     self.waiting.clear()
@@ -208,15 +228,16 @@ class Scheduler:
         logits = engine._prefill(ids, state=scratch, attention_mask_BT=mask, chunk_size=None, **vision)
         self.stats["prefills"] += k
         self.stats["prefill_s"] += time.perf_counter() - t0
+        firsts = []  # every first token before any is handed out: a failure here leaves nothing half-done
         for j, (t, i) in enumerate(zip(group, rows)):
             slot.temperature[i] = t.sampling.temperature
             slot.top_k[i] = t.sampling.top_k
             slot.top_p[i] = t.sampling.top_p
-            if t.seed is not None:
+            if t.exclusive:  # a seeded sampling request (alone in the batch)
                 torch.manual_seed(t.seed)
-            first = sample_rows(logits[j:j + 1], slot.temperature[i:i + 1], slot.top_k[i:i + 1],
-                                slot.top_p[i:i + 1])
-            token = int(first[0])
+            firsts.append(int(sample_rows(logits[j:j + 1], slot.temperature[i:i + 1], slot.top_k[i:i + 1],
+                                          slot.top_p[i:i + 1])[0]))
+        for j, (t, i, token) in enumerate(zip(group, rows, firsts)):
             t.out.put(token)
             if token in self.stops or t.max_new_tokens == 1:
                 t.out.put(_END)

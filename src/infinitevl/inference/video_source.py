@@ -31,7 +31,8 @@ OPEN_TIMEOUT_S = 10.0
 
 def natural_key(path: Path) -> list:
     """Sort key reading digit runs as numbers: frame_2.png before frame_10.png."""
-    return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
+    return [(0, int(part), part) if part.isascii() and part.isdigit() else (1, 0, part)
+            for part in re.split(r"([0-9]+)", path.name)]
 
 
 class VideoSource:
