@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from infinitevl import InfiniteVL, preset  # noqa: E402
+from bench_inference import build_ours as build, sync  # noqa: E402  (the 4B / tiny model on random weights)
 from infinitevl.chat import chat_inputs  # noqa: E402
 from infinitevl.cli import DEFAULT_MODEL, load_model  # noqa: E402
 from infinitevl.inference.engine import Engine  # noqa: E402
@@ -33,11 +34,6 @@ from infinitevl.media import process_vision_info  # noqa: E402
 
 QUESTIONS = [("blue_star.png", "Describe the image."), ("three_circles.png", "How many shapes are there?"),
              ("blue_star.png", "What colour is the shape?"), (None, "Write a word.")]
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def gate(device) -> dict:
@@ -59,17 +55,6 @@ def gate(device) -> dict:
         tickets = [sched.submit(ids, max_new_tokens=16, **vision) for ids, vision in prompts]
         got = [list(t) for t in tickets]
     return {"passed": got == want, "requests": len(prompts), "tokens": sum(map(len, got))}
-
-
-def build(tiny: bool, device, dtype) -> InfiniteVL:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = InfiniteVL(preset("tiny" if tiny else "4b"))
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval()
 
 
 def sequential(engine: Engine, prompts, new_tokens: int, device) -> float:

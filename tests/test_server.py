@@ -18,7 +18,6 @@ import torch
 from infinitevl import cli
 from infinitevl.server import ChatService, make_server
 
-from .conftest import MEDIA
 
 STAR = cli.DEFAULT_MODEL.parent / "examples" / "blue_star.png"
 CIRCLES = cli.DEFAULT_MODEL.parent / "examples" / "three_circles.png"

@@ -13,7 +13,6 @@ import time
 from collections import defaultdict, deque
 from pathlib import Path
 
-import torch
 
 
 def _groups(path: Path, key: str, n: int) -> list[str]:

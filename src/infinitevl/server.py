@@ -27,8 +27,6 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import torch
-
 from .chat import TextStream, chat_inputs, stop_token_ids
 from .inference.sampling import MAX_TEMPERATURE, SamplingParams
 from .inference.scheduler import SchedulerClosed

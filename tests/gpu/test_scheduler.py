@@ -1,33 +1,19 @@
 """Continuous batching on the GPU: the scheduler's captured step (rows joining and leaving between replays)
 gives each request the tokens the engine gives it alone."""
 import pytest
-import torch
 
-from infinitevl.chat import chat_inputs
-from infinitevl.cli import DEFAULT_MODEL, load_model
 from infinitevl.inference import SamplingParams
 from infinitevl.inference.engine import Engine
 from infinitevl.inference.scheduler import Scheduler
-from infinitevl.media import process_vision_info
 
-EOS, BLUE = 2, 370
-EXAMPLES = DEFAULT_MODEL.parent / "examples"
-QUESTIONS = [("blue_star.png", "Describe the image."), ("three_circles.png", "How many shapes are there?"),
-             ("blue_star.png", "What colour is the shape?"), ("three_circles.png", "Describe the image."),
-             (None, "Write a word.")]
+from ..inference.test_scheduler import EOS, shipped_prompts
+
+BLUE = 370  # "blue": a second stop token, which ends the answers about the star early
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    model, processor = load_model(DEFAULT_MODEL, "cuda", torch.float32, processor=True)
-    prompts = []
-    for image, question in QUESTIONS:
-        content = ([{"type": "image", "image": str(EXAMPLES / image)}] if image else []) + [
-            {"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
-        prompts.append(chat_inputs(processor, messages, process_vision_info(messages, return_video_kwargs=True),
-                                   "cuda"))
-    return model, prompts
+    return shipped_prompts("cuda")
 
 
 def test_graph_batch_equals_each_request_alone(shipped):

@@ -22,18 +22,22 @@ QUESTIONS = [("blue_star.png", "Describe the image."), ("three_circles.png", "Ho
              (None, "Write a word.")]
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    """(model, [(input_ids, vision inputs)] of QUESTIONS): the shipped model answers these in words."""
-    model, processor = load_model(DEFAULT_MODEL, "cpu", torch.float32, processor=True)
+def shipped_prompts(device: str):
+    """(model, [(input_ids, vision inputs)] of QUESTIONS) on `device`: the shipped model answers these in words."""
+    model, processor = load_model(DEFAULT_MODEL, device, torch.float32, processor=True)
     prompts = []
     for image, question in QUESTIONS:
         content = ([{"type": "image", "image": str(EXAMPLES / image)}] if image else []) + [
             {"type": "text", "text": question}]
         messages = [{"role": "user", "content": content}]
         prompts.append(chat_inputs(processor, messages, process_vision_info(messages, return_video_kwargs=True),
-                                   "cpu"))
+                                   device))
     return model, prompts
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return shipped_prompts("cpu")
 
 
 TEXTS = ["Write a word.", "What colour is the sky?", "Hello", "How many shapes are there in the picture I gave you?",
