@@ -227,7 +227,10 @@ def test_bad_bodies_endpoints_and_sizes(server):
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
         reply = b"".join(iter(lambda: sock.recv(4096), b""))
     assert b" 411 " in reply.split(b"\r\n")[0] and b"Connection: close" in reply
-    assert server.request("GET", "/health")[0] == 200
+    status, _, text = server.request("GET", "/health")
+    health = json.loads(text)
+    assert status == 200 and health["status"] == "ok" and health["rows"] == 4 and health["busy_rows"] == 0
+    assert health["waiting"] == 0 and {"prefills", "prefill_s", "steps", "step_s"} <= set(health)
     # Without a Content-Length the body cannot be read: 411, and the server goes on.
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -343,8 +343,9 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
 
         def do_GET(self):
             model = {"id": service.name, "object": "model", "created": 0, "owned_by": "infinitevl"}
-            if self._route() == "/health":
-                return self._json(200, {"status": "ok"})
+            if self._route() == "/health":  # 503 once the model can no longer answer
+                st = service.scheduler.status()
+                return self._json(503 if st["closed"] else 200, {"status": "down" if st["closed"] else "ok", **st})
             if self._route() == "/v1/models":
                 return self._json(200, {"object": "list", "data": [model]})
             if self._route() == f"/v1/models/{service.name}":

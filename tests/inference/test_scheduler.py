@@ -197,3 +197,4 @@ def test_a_broken_scheduler_fails_its_requests_instead_of_hanging(shipped, sched
     sched.thread.join(10)
     with pytest.raises(SchedulerClosed):
         _submit(sched, prompts[4], 4)
+    assert sched.status()["closed"]  # what the server's /health reports (503)

@@ -123,6 +123,13 @@ class Scheduler:
             self.wake.notify()
         return ticket
 
+    def status(self) -> dict:
+        """Rows in use, requests waiting, and the time/count stats: for health checks and monitoring."""
+        with self.wake:
+            busy, waiting, closed = sum(t is not None for t in self.rows), len(self.waiting), self.closed
+        return {"closed": closed or not self.thread.is_alive(), "rows": self.P, "busy_rows": busy,
+                "waiting": waiting, **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.stats.items()}}
+
     def close(self) -> None:
         """Ends the generations in flight and the waiting ones (their iteration raises), then the thread."""
         with self.wake:
