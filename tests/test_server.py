@@ -283,7 +283,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(service):
     assert [results.get(k) for k in range(len(cases))] == [want for _, _, want in cases]
 
 
-def test_a_client_that_leaves_mid_stream_cancels_its_generation(server, service, monkeypatch):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_cancels_its_generation(server, service, monkeypatch, stream):
     """A generation that would never end (a ticket yielding a text token forever) is cancelled when its client
     disconnects, and the server serves the next request."""
     token = service.processor.tokenizer.convert_tokens_to_ids("a")
@@ -299,11 +300,14 @@ def test_a_client_that_leaves_mid_stream_cancels_its_generation(server, service,
             cancelled.set()
 
     monkeypatch.setattr(service.scheduler, "submit", lambda *a, **k: Forever())
-    body = json.dumps({"messages": _ask(), "stream": True, "max_tokens": 64}).encode()
+    body = json.dumps({"messages": _ask(), "stream": stream, "max_tokens": 64}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        assert b" 200 " in sock.recv(200)
+        if stream:
+            assert b" 200 " in sock.recv(200)
+        else:  # a client that gives up waiting for the whole answer
+            time.sleep(0.2)
     assert cancelled.wait(30), "the generation went on after its client left"
     monkeypatch.undo()
     status, out = server.chat({"messages": _ask()}, timeout=60)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import select
 import socket
 import sys
 import time
@@ -400,13 +401,29 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise RequestError(f"the request body is not valid JSON ({e})") from None
 
+        def _client_gone(self) -> bool:
+            """The client closed its side of the connection (an end of file waits to be read)."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
         def _head(self, created: int, rid: str) -> dict:
             return {"id": rid, "created": created, "model": service.name}
 
         def _complete(self, answer: Answer) -> None:
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            parts, pieces = [], answer.text()
             try:
-                content = "".join(answer.text())
+                for piece in pieces:
+                    parts.append(piece)
+                    if self._client_gone():  # it would never read the answer: free the row now
+                        pieces.close()
+                        answer.ticket.cancel()
+                        self.close_connection = True
+                        return
+                content = "".join(parts)
             except SchedulerClosed as e:
                 return self._error(503, f"{e}: the server is shutting down")
             except ValueError as e:  # the request's own problem, found when its prompt ran
