@@ -50,3 +50,15 @@ def test_eval_limits_and_bad_input(test_file, tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli.main(["eval", "--data", str(test_file), *flags])
         assert message in capsys.readouterr().err
+
+
+def test_eval_reads_images_at_the_checkpoints_budget():
+    """The pixel bounds of the checkpoint's preprocessor_config.json (what generate and serve use), not the
+    training defaults."""
+    from infinitevl.cli_eval import image_budget
+    from infinitevl.training.vision_inputs import VisionInputConfig
+
+    got = image_budget(cli.DEFAULT_MODEL, VisionInputConfig())
+    config = json.loads((cli.DEFAULT_MODEL / "preprocessor_config.json").read_text())
+    assert (got.image_min_pixels, got.image_max_pixels) == (config["min_pixels"], config["max_pixels"])
+    assert got.image_max_pixels != VisionInputConfig().image_max_pixels

@@ -27,6 +27,21 @@ def _groups(path: Path, key: str, n: int) -> list[str]:
     return [str(r.get(key, "-")) if isinstance(r, dict) else "-" for r in raw]
 
 
+def image_budget(model_dir: Path, vision):
+    """`vision` (a VisionInputConfig) with the image pixel bounds of the checkpoint's preprocessor_config.json (what
+    `generate` and `serve` use, and what the model was released with), when it gives them."""
+    import dataclasses
+
+    try:
+        cfg = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return vision
+    size = cfg.get("size") if isinstance(cfg.get("size"), dict) else {}
+    lo, hi = cfg.get("min_pixels", size.get("shortest_edge")), cfg.get("max_pixels", size.get("longest_edge"))
+    bounds = {k: int(v) for k, v in (("image_min_pixels", lo), ("image_max_pixels", hi)) if isinstance(v, int)}
+    return dataclasses.replace(vision, **bounds)
+
+
 def eval_main(argv: list[str]) -> int:
     from .cli import DEFAULT_MODEL, HelpFormatter, _device, _dtype, load_model, note_if_shipped
 
@@ -61,6 +76,7 @@ def eval_main(argv: list[str]) -> int:
     from .inference.scheduler import Scheduler
     from .model.infinitevl import VISION_KEYS
     from .training.data import DataConfig, chat_format_for, read_records
+    from .training.vision_inputs import VisionInputConfig
 
     records = read_records(args.data, media_dir=args.media_dir)
     if not records:
@@ -70,7 +86,8 @@ def eval_main(argv: list[str]) -> int:
     device = _device(args.device)
     model, tokenizer = load_model(args.model, device, _dtype(args.dtype, device))
     note_if_shipped(args.model)
-    fmt = chat_format_for(args.model, model.config, DataConfig(max_tokens=1 << 30))
+    fmt = chat_format_for(args.model, model.config, DataConfig(max_tokens=1 << 30,
+                                                               vision=image_budget(args.model, VisionInputConfig())))
     eos = model.config.eos_token_id
     stops = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                     tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, -1})

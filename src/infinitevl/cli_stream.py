@@ -47,7 +47,7 @@ def parse_ask(text: str) -> tuple[float, str]:
     if not sep or not question.strip():
         raise ValueError(f"--ask {text!r}: write TIME:QUESTION, e.g. --ask 30s:\"What is happening?\" (TIME: 90, "
                          "30s, 2m, 1m30s, 1:30)")
-    bad_clock = re.match(r"\s*(\d+(?:\.\d*)?[hms]?)\s*:", question)
+    bad_clock = re.match(r"\s*(\d+(?:\.\d*)?[hms]?)\s*:", question) if when.strip().isdigit() else None
     if bad_clock is not None:  # e.g. 1:5:Q or 0:90:Q, which would read as 1 s asking "5:Q"
         raise ValueError(f"--ask {text!r}: {when.strip()}:{bad_clock.group(1)} is not a clock time (M:SS or H:MM:SS, "
                          "with two-digit seconds 00-59): write e.g. 1:05:QUESTION or 65s:QUESTION")

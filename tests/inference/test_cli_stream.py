@@ -32,6 +32,9 @@ def test_parse_ask_and_bad_times():
     for bad in ("1:5:What?", "0:90:Q", "1:30s:Q"):  # not clock times: refused, not read as "1 s: 5:What?"
         with pytest.raises(ValueError, match="is not a clock time"):
             parse_ask(bad)
+    # a time with a unit is never a clock time: a question may start with a number and a colon
+    assert parse_ask("30s:12:45 is on the clock, what next?") == (30.0, "12:45 is on the clock, what next?")
+    assert parse_ask("1m30s:10:30 what?") == (90.0, "10:30 what?")
 
 
 def test_stream_command_answers_at_times(capsys):

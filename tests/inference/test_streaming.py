@@ -469,9 +469,15 @@ def test_damaged_saved_streams_are_refused_and_change_nothing(setup, tmp_path):
     nan["state.0005"] = torch.full_like(tensors["state.0005"], float("nan"))
     save_file(nan, str(tmp_path / "nan.st"), metadata={k: v for k, v in meta.items() if k != "sha256"})
     save_file(tensors, str(tmp_path / "no_batch.st"), metadata={k: v for k, v in meta.items() if k != "batch_size"})
-    for name, message in (("flipped.st", "checksum does not match"), ("clock.st", "its metadata"),
+    for k, (field, value) in enumerate((("block_start", ["29"]), ("block_t0", [float("nan")]), ("frames", [-3]),
+                                        ("last_ts", [-7.0]))):
+        odd = json.loads(meta["clock"])
+        odd[field] = value
+        save_file(tensors, str(tmp_path / f"odd{k}.st"), metadata={**meta, "clock": json.dumps(odd)})
+    for name, message in ([(f"odd{k}.st", "values no stream can have") for k in range(4)] +
+                          [("flipped.st", "checksum does not match"), ("clock.st", "its metadata"),
                           ("missing.st", "another shape"), ("nan.st", "NaN or infinite"),
-                          ("no_batch.st", "its metadata")):
+                          ("no_batch.st", "its metadata")]):
         with pytest.raises(ValueError, match=message):
             t.load(tmp_path / name)
         assert all(torch.equal(a, b) for a, b in zip(before, t.state.tensors())) and t.clock == clock
@@ -521,6 +527,9 @@ def test_clip_timestamps_follow_the_rules_of_push_frames(setup):
     frames = np.stack(_frames(2))
     a.push_clip(frames, np.array([3.0, 4.0]))
     b.push_clip(frames, [3.0, 4.0])
+    _state_close(a.state, b.state, atol=0, rtol=0)
+    a.push_clip(frames, list(torch.tensor([5.0, 6.0])))  # 0-d tensors are numbers, as in push_frames
+    b.push_clip(frames, [np.float64(5.0), np.array(6.0)])
     _state_close(a.state, b.state, atol=0, rtol=0)
     before = [x.clone() for x in a.state.tensors()]
     for bad in ([True, 5.0], ["5", "6"], "56"):

@@ -136,7 +136,15 @@ def test_a_diverging_run_stops_before_saving_and_bad_numbers_are_refused(synth_d
     assert not (tmp_path / "nan" / "final").exists()
     for ck in (tmp_path / "nan").glob("step-*/model.safetensors"):  # what was saved is finite
         assert all(bool(t.isfinite().all()) for t in load_file(str(ck)).values())
+    # without clipping the norm is still taken: gradients that stop being finite stop the run before a save
+    cfg = _cfg(synth_dir, tmp_path / "noclip", save_every=1, max_steps=4)
+    cfg.optim = OptimConfig(lr=1e12, warmup_ratio=0.0, max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="training diverged"):
+        sft.run(cfg)
+    for ck in (tmp_path / "noclip").glob("step-*/model.safetensors"):
+        assert all(bool(t.isfinite().all()) for t in load_file(str(ck)).values())
     for bad, message in (("optim.lr=inf", "finite number"), ("run.epochs=nan", "finite number"),
+                         ("run.seed=" + "9" * 400, "finite number"),
                          ("data.vision.video_fps=0", "video_fps must be > 0"),
                          ("data.vision.image_max_pixels=-5", "image_max_pixels must be >= 1"),
                          ("data.row_tokens=0", "row_tokens must be >= 8"), ("data.workers=-1", "workers must be >= 0"),

@@ -124,7 +124,7 @@ class StreamSession:
                              f"got {type(tokenizer).__name__}")
         if not isinstance(frame, FrameSpec):
             raise ValueError(f"frame must be a FrameSpec, e.g. FrameSpec(448, 448) (height, width), got {frame!r:.60}")
-        check_tokenizer(tokenizer, model.config, "the tokenizer given to StreamSession")
+        check_tokenizer(tokenizer, model.config, "this StreamSession")
         self.model, self.tokenizer, self.frame = model, tokenizer, frame
         cfg = model.config
         vc = cfg.vision
@@ -239,8 +239,8 @@ class StreamSession:
                 frames = [frames]
             if isinstance(timestamps, (np.ndarray, torch.Tensor)) and timestamps.ndim == 1:
                 timestamps = timestamps.tolist()
-            if isinstance(timestamps, (list, tuple)) and not any(isinstance(t, (list, tuple, np.ndarray, torch.Tensor))
-                                                                 for t in timestamps):
+            if isinstance(timestamps, (list, tuple)) and not any(
+                    isinstance(t, (list, tuple)) or getattr(t, "ndim", 0) >= 1 for t in timestamps):
                 timestamps = [timestamps]
         clips = _clips_to_tensor(frames)
         if clips.shape[0] != B:
@@ -420,6 +420,17 @@ class StreamSession:
         fields = (clock.block_start, clock.block_t0, clock.last_ts, clock.frames)
         if any(not isinstance(f, list) or len(f) != batch for f in fields):
             raise ValueError(f"{damaged} (its clock does not describe {batch} stream(s))")
+
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        def time_or_none(v) -> bool:
+            return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                 and 0 <= v <= MAX_TIMESTAMP_S)
+
+        if not (all(map(count, clock.block_start + clock.frames))
+                and all(map(time_or_none, clock.block_t0 + clock.last_ts))):
+            raise ValueError(f"{damaged} (its clock holds values no stream can have)")
         mine = self._state.tensors()
         names = [f"state.{i:04d}" for i in range(len(mine))]
         if sorted(tensors) != names or any(tensors[n].shape != t.shape or tensors[n].dtype != t.dtype

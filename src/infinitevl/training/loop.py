@@ -138,8 +138,8 @@ class Trainer:
             + ([(f"teacher.{n}", p) for n, p in teacher.named_parameters()] if teacher is not None else []))
         # and the trained weights it starts from: a resume from another start (e.g. a model directory replaced
         # by another fine-tune with the same frozen weights) is refused
-        self.setup["start"] = weights_fingerprint(
-            [(n, p) for n, p in objective.student.named_parameters() if p.requires_grad])
+        self.setup["start"] = weights_fingerprint(  # LoRA adapters are new (seeded), not part of the start
+            [(n, p) for n, p in objective.student.named_parameters() if p.requires_grad and "lora_" not in n])
         prints = gather_objects(self.setup["frozen"], d)
         if len(set(prints)) > 1:
             raise ValueError(f"the processes loaded different weights (frozen-weight fingerprints {prints}): give "
@@ -274,15 +274,14 @@ class Trainer:
             for key, v in extra.items():
                 extras_t.setdefault(key, []).append(v.detach() if torch.is_tensor(v) else v)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        gn = None
-        if self.optim_cfg.max_grad_norm > 0:
-            gn = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
+        # the norm is taken (and logged) also without clipping: a step whose gradients are not finite stops the run
+        gn = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.max_grad_norm or float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        grad_norm = float("nan") if gn is None else float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         loss_sum = sum(float(x) for x in losses)
         extras = {key: sum(float(x) for x in vs) for key, vs in extras_t.items()}
         tokens = all_sum(sum(b.num_tokens for b in batches), self.d)
@@ -294,12 +293,11 @@ class Trainer:
 
     def _check_finite(self, rec: dict[str, Any]) -> None:
         """Stops a run whose loss or gradient norm stopped being finite, before its weights are saved."""
-        clipped = self.optim_cfg.max_grad_norm > 0
-        if math.isfinite(rec["loss"]) and (math.isfinite(rec["grad_norm"]) or not clipped):
+        if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]):
             return
         last = checkpointing.latest(self.out)
         raise ValueError(f"step {rec['step']}: the loss is {rec['loss']} and the gradient norm {rec['grad_norm']}: "
-                         "training diverged (lower optim.lr, keep optim.max_grad_norm > 0, or check the data). Nothing "
+                         "training diverged (lower optim.lr, clip with optim.max_grad_norm > 0, or check the data). Nothing "
                          f"of this step was saved; {f'the last checkpoint {last} is intact' if last else 'no checkpoint was written'}")
 
     def release(self) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import math
 import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ class OptimConfig:
     warmup_ratio: float = 0.01  # of the total steps, linear from 0
     scheduler: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.0  # the schedule ends at lr x min_lr_ratio
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_grad_norm: float = 1.0  # 0 disables clipping (the gradient norm is still logged and checked)
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -88,8 +89,8 @@ class RunConfig:
                              + (": that is a file" if self.output_dir else ""))
         if self.parallel not in ("auto", "ddp", "fsdp", "none"):
             raise ValueError(f"run.parallel must be auto, ddp, fsdp or none, got {self.parallel!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
-            raise ValueError(f"run.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"run.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.backend not in ("auto", "torch", "fla"):
             raise ValueError(f"run.backend must be auto, torch or fla, got {self.backend!r}")
         if self.rows_per_forward < 1:
@@ -172,8 +173,13 @@ def _convert(tp, value, where: str):
                 number = None
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(where, f"{where} must be {_describe(tp)}, got {value!r}")
-        if not math.isfinite(number):
-            raise ConfigError(where, f"{where} must be a finite number, got {value!r}")
+        try:
+            finite = math.isfinite(number)
+        except OverflowError:  # an integer too large for a float
+            finite = tp is int and abs(number) < 2**63
+        if not finite:
+            raise ConfigError(where, f"{where} must be a finite number{' (below 2**63)' if tp is int else ''}, got "
+                                     f"{str(value)[:40]}")
         if tp is int:
             if isinstance(number, float) and not number.is_integer():
                 raise ConfigError(where, f"{where} must be a whole number, got {value!r}")
@@ -324,11 +330,11 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
 def check_output_dir(output_dir: str | Path) -> None:
     """run.output_dir can be created and written, checked before a model loads (a ValueError naming the fix)."""
     out = Path(output_dir)
-    probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)  # unique across processes and hosts
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise ValueError(f"run.output_dir {out} cannot be written ({type(e).__name__}: {e.strerror or e}): give a "
                          "folder this user may create and write") from None
