@@ -12,7 +12,6 @@ after its last real token, and it emits `pad_token_id`.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -76,12 +75,6 @@ class Decoding:
     rows: InferenceState
     stops: torch.Tensor  # CPU, for the host-side stop check
     first: torch.Tensor  # [B] the token sampled from the prefill logits
-
-
-def _rows(state: InferenceState, n: int) -> InferenceState:
-    """A state whose tensors are views of the first n rows of `state` (writes go through)."""
-    layers = [type(layer)(*[getattr(layer, f.name)[:n] for f in dataclasses.fields(layer)]) for layer in state.layers]
-    return InferenceState(layers=layers, seen=state.seen[:n], next_position=state.next_position[:n])
 
 
 class Engine:
@@ -254,7 +247,7 @@ class Engine:
         slot = self._slot(self.bucket(B), kind)
         slot.owner = None  # from here the slot's state is this call's: an earlier generation in it has ended
         slot.state.reset()
-        rows = _rows(slot.state, B)
+        rows = slot.state.rows(0, B)
         if state is not None:
             rows.copy_(state)
         logits = self._prefill(input_ids_BT, state=rows, attention_mask_BT=attention_mask_BT,

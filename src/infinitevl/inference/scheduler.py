@@ -15,7 +15,6 @@ so its answer, depend on its seed only (for a given `max_batch_size`: the draws 
 """
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
@@ -25,8 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.state import InferenceState
-from .engine import Engine, _rows, sample_rows
+from .engine import Engine, sample_rows
 from .request import prompt_inputs, whole_number
 from .sampling import SamplingParams
 
@@ -68,13 +66,6 @@ class Ticket:
             if isinstance(item, BaseException):
                 raise item
             yield item
-
-
-def _row(state: InferenceState, i: int) -> InferenceState:
-    """A state whose tensors are views of row i of `state` (writes go through)."""
-    layers = [type(layer)(*[getattr(layer, f.name)[i:i + 1] for f in dataclasses.fields(layer)])
-              for layer in state.layers]
-    return InferenceState(layers=layers, seen=state.seen[i:i + 1], next_position=state.next_position[i:i + 1])
 
 
 class Scheduler:
@@ -219,7 +210,7 @@ class Scheduler:
         slot, engine = self.slot, self.engine
         t0 = time.perf_counter()
         k = len(group)
-        scratch = _rows(self.scratch, k)
+        scratch = self.scratch.rows(0, k)
         scratch.reset()
         if k == 1:
             ids, mask = group[0].input_ids, None
@@ -249,7 +240,7 @@ class Scheduler:
             if token in self.stops or t.max_new_tokens == 1:
                 t.out.put(_END)
                 continue
-            _row(slot.state, i).copy_(_row(scratch, j))
+            slot.state.rows(i, i + 1).copy_(scratch.rows(j, j + 1))
             slot.tok[i] = token
             slot.done[i] = False
             self.rows[i], self.counts[i] = t, 1

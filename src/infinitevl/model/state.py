@@ -98,6 +98,11 @@ class InferenceState:
         for dst, src in zip(self.tensors(), other.tensors(), strict=True):
             dst.copy_(src)
 
+    def rows(self, start: int, stop: int) -> "InferenceState":
+        """A state whose tensors are views of rows start..stop-1 (writes go through; buffers keep their addresses)."""
+        layers = [type(layer)(*[t[start:stop] for t in _tensors(layer)]) for layer in self.layers]
+        return InferenceState(layers=layers, seen=self.seen[start:stop], next_position=self.next_position[start:stop])
+
     def select(self, rows: torch.Tensor | list[int]) -> "InferenceState":
         """A new state holding only the given batch rows."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.seen.device)
