@@ -1,6 +1,6 @@
 """One chat turn, shared by `infinitevl generate` and `infinitevl serve`: the model card's `messages` -> the
 model's inputs (media decoded by `infinitevl.media`, tokens expanded by the checkpoint's processor), the
-checkpoint's stop tokens, and `TextStream` (new token ids -> the printable text they add)."""
+and `TextStream` (new token ids -> the printable text they add)."""
 from __future__ import annotations
 
 import torch
@@ -16,19 +16,6 @@ def chat_inputs(processor, messages: list[dict], media: tuple, device) -> tuple[
     inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt", **video_kwargs)
     vision = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items() if k in VISION_KEYS}
     return inputs["input_ids"], vision
-
-
-def stop_token_ids(model, tokenizer=None) -> list[int]:
-    """The ids that end an answer: config.eos_token_id (one id or a list) and the tokenizer's <|im_end|>, the
-    chat format's end of turn."""
-    eos = model.config.eos_token_id
-    stops = set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
-    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor: its tokenizer
-    if tok is not None:
-        im_end = tok.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end >= 0 and im_end != getattr(tok, "unk_token_id", None):
-            stops.add(im_end)
-    return sorted(stops)
 
 
 class TextStream:

@@ -278,11 +278,12 @@ def _answer(model, processor, messages: list[dict], media: tuple, args, device: 
     """The same chat `messages` format as the library API and qwen_vl_utils: media decoded by
     infinitevl.media (`media` = its process_vision_info(messages, return_video_kwargs=True)), tokens expanded
     by the checkpoint's processor, answered by infinitevl.inference."""
-    from .chat import chat_inputs, stop_token_ids
+    from .chat import chat_inputs
+    from .inference.request import answer_stop_ids
     from .inference.engine import Engine
 
     input_ids, vision = chat_inputs(processor, messages, media, device)
-    stops = stop_token_ids(model, processor)
+    stops = answer_stop_ids(model, processor)
     # The engine is the fast path: fla kernels + the decode step in a CUDA graph on a GPU, eager on CPU.
     engine = Engine(model, max_batch_size=1)
     t0 = time.perf_counter()

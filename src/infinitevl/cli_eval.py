@@ -73,6 +73,7 @@ def eval_main(argv: list[str]) -> int:
         ap.error(f"--out {args.out} is a folder: give a file name, e.g. {args.out / 'answers.jsonl'}")
 
     from .inference.engine import Engine
+    from .inference.request import answer_stop_ids
     from .inference.scheduler import Scheduler
     from .model.infinitevl import VISION_KEYS
     from .training.data import DataConfig, chat_format_for, read_records
@@ -88,9 +89,7 @@ def eval_main(argv: list[str]) -> int:
     note_if_shipped(args.model)
     fmt = chat_format_for(args.model, model.config, DataConfig(max_tokens=1 << 30,
                                                                vision=image_budget(args.model, VisionInputConfig())))
-    eos = model.config.eos_token_id
-    stops = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
-                    tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, -1})
+    stops = answer_stop_ids(model, tokenizer)
     t0 = time.perf_counter()
     rows: list[dict] = []
     with Scheduler(Engine(model, max_batch_size=args.batch_size), stop_token_ids=stops,

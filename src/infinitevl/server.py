@@ -28,7 +28,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .chat import TextStream, chat_inputs, stop_token_ids
+from .chat import TextStream, chat_inputs
+from .inference.request import answer_stop_ids
 from .inference.sampling import MAX_TEMPERATURE, SamplingParams
 from .inference.scheduler import SchedulerClosed
 
@@ -245,7 +246,7 @@ class ChatService:
         from .inference.scheduler import Scheduler
 
         self.model, self.processor, self.name, self.device, self.shipped = model, processor, name, device, shipped
-        self.stops = stop_token_ids(model, processor)
+        self.stops = answer_stop_ids(model, processor)
         self.scheduler = Scheduler(Engine(model, max_batch_size=max_batch_size), stop_token_ids=self.stops,
                                    max_batch_size=max_batch_size)
 

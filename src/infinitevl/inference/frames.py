@@ -16,9 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..media import MAX_PIXELS
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_FRAME_PIXELS = 16384 * 28 * 28  # 16384 visual tokens: the most one image or frame may have (as media.MAX_PIXELS)
+MAX_FRAME_PIXELS = MAX_PIXELS  # 16384 visual tokens: the most one image or frame may have
 
 
 @dataclass(frozen=True)

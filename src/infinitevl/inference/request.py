@@ -130,3 +130,16 @@ def request_options(max_new_tokens, sampling, stop_token_ids, prefill_chunk_size
         return sorted({whole_number(t, "a stop token id", 0) for t in stop_token_ids})
     except TypeError:
         raise ValueError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}") from None
+
+
+def answer_stop_ids(model, tokenizer=None) -> list[int]:
+    """The ids that end an answer: config.eos_token_id (one id or a list) and the tokenizer's <|im_end|>, the
+    chat format's end of turn (a processor stands for its tokenizer)."""
+    eos = model.config.eos_token_id
+    stops = set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if tok is not None:
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end >= 0 and im_end != getattr(tok, "unk_token_id", None):
+            stops.add(im_end)
+    return sorted(stops)

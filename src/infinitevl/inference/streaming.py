@@ -32,7 +32,7 @@ from ..model.state import InferenceState
 from .frame_step import FrameStep
 from .frames import FrameSpec, frames_to_tensor
 from .engine import Engine
-from .request import whole_number
+from .request import answer_stop_ids, whole_number
 from .sampling import SamplingParams
 
 SYSTEM_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
@@ -315,7 +315,7 @@ class StreamSession:
         head, tail = QUESTION.split("{question}")
         ids = torch.cat([self._encode(head), self._encode(question, text_only=True), self._encode(tail)], dim=1)
         branch = self.state.select([stream])
-        stops = self._stop_ids()
+        stops = answer_stop_ids(self.model, self.tokenizer)
         if self._engine is None:  # the decode step in a CUDA graph on a GPU (eager on CPU), same kernels
             self._engine = Engine(self.model, max_batch_size=1, backend=None, cuda_graph=self._cuda_graph)
         new = self._engine.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=stops,
@@ -460,11 +460,3 @@ class StreamSession:
     def _feed_text(self, ids_BT: torch.Tensor) -> None:
         with torch.no_grad():
             self.model(ids_BT, state=self._state, logits_to_keep=1)
-
-    def _stop_ids(self) -> list[int]:
-        eos = self.model.config.eos_token_id
-        stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end >= 0:
-            stops.add(im_end)
-        return sorted(stops)
