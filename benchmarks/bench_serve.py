@@ -8,7 +8,12 @@ Order: a correctness gate first (the shipped model's questions through the sched
 midway, must give each request the tokens the engine gives it alone), then a warm-up round (graph capture,
 kernel compilation), then for each N the median of --repeats rounds. Every request has a --prompt-token random
 text prompt and generates --new-tokens tokens (no stop tokens, so each runs its full length). Host clock around
-each round (the scheduler runs in its own thread), synchronised at the end. Prints a table and one JSON line.
+each round (the scheduler runs in its own thread), synchronised at the end.
+
+Then the cost of a long prompt arriving while others decode: N-1 requests are generating when one
+--long-prompt-tokens prompt arrives; for each --prefill-chunk (0: the whole prompt in one forward, no decode
+step in between) it reports the longest pause between two tokens of the decoding requests while the long prompt
+goes in, and the long prompt's time to its first token (median of --repeats). Prints tables and one JSON line.
 """
 from __future__ import annotations
 
@@ -90,6 +95,43 @@ def batched(sched: Scheduler, prompts, new_tokens: int, device) -> tuple[float, 
     return time.perf_counter() - t, first
 
 
+def interference(model, n: int, short: list, long: torch.Tensor, chunk: int, repeats: int, device) -> dict:
+    """n-1 short prompts decoding when `long` arrives: the longest gap between two tokens of theirs until the long
+    prompt's first token, and that first token's delay (seconds, medians over `repeats`)."""
+    gaps, firsts = [], []
+    with Scheduler(Engine(model, max_batch_size=n), stop_token_ids=[], max_batch_size=n,
+                   prefill_chunk=chunk or long.shape[1]) as sched:
+        list(sched.submit(long, max_new_tokens=2))  # warm-up: graphs, the chunk shapes
+        for _ in range(repeats + 1):
+            tickets = [sched.submit(ids, max_new_tokens=10**6) for ids in short[: n - 1]]
+            stamps = [[] for _ in tickets]
+
+            def read(k: int) -> None:
+                for _ in tickets[k]:
+                    stamps[k].append(time.perf_counter())
+
+            threads = [threading.Thread(target=read, args=(k,)) for k in range(len(tickets))]
+            for th in threads:
+                th.start()
+            while min(map(len, stamps)) < 8:  # all decoding
+                time.sleep(0.005)
+            t = time.perf_counter()
+            it = iter(sched.submit(long, max_new_tokens=1))
+            next(it)
+            t1 = time.perf_counter()
+            time.sleep(0.05)  # the steps after it
+            for tk in tickets:
+                tk.cancel()
+            for th in threads:
+                th.join()
+            gap = max(b - a for st in stamps for a, b in zip(st, st[1:]) if t <= b and a <= t1)
+            gaps.append(gap)
+            firsts.append(t1 - t)
+    gaps, firsts = gaps[1:], firsts[1:]  # the first round warms the decoders' shapes
+    return {"prefill_chunk": chunk or "whole", "max_token_gap_s": round(statistics.median(gaps), 4),
+            "long_first_token_s": round(statistics.median(firsts), 4)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (seconds)")
@@ -98,6 +140,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt-tokens", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--long-prompt-tokens", type=int, default=None, help="the prompt that arrives while others decode")
+    p.add_argument("--prefill-chunk", type=int, nargs="*", default=None, help="scheduler prefill chunks (0: whole)")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     tiny = args.tiny or device.type == "cpu"
@@ -138,6 +182,14 @@ def main(argv=None) -> dict:
                "step_ms": round(1e3 * st["step_s"] / max(st["steps"], 1), 3),
                "rows_per_step": round(st["row_steps"] / max(st["steps"], 1), 1)}
         res["rows"].append(row)
+    L = args.long_prompt_tokens or (256 if tiny else 16384)
+    n = max(ns)
+    long = torch.randint(0, vocab, (1, L), generator=g)
+    long[torch.isin(long, specials)] = 0
+    short = [ids.to(device) for ids in prompts]
+    res["long_prompt_tokens"], res["decoding_requests"] = L, n - 1
+    res["interference"] = [interference(model, n, short, long.to(device), c, args.repeats, device)
+                           for c in (args.prefill_chunk if args.prefill_chunk is not None else [0, 64] if tiny else [0, 2048, 512])]
     lines = [f"device: {res['device']}; {T}-token prompts, {G} new tokens each; gate passed "
              f"({res['gate']['requests']} requests)",
              "| requests | batched s | tok/s | sequential s | tok/s | speedup | median first token s | prefill ms/request "
@@ -145,6 +197,10 @@ def main(argv=None) -> dict:
     lines += [f"| {r['requests']} | {r['batched_s']} | {r['batched_tokens_per_s']} | {r['sequential_s']} | "
               f"{r['sequential_tokens_per_s']} | {r['speedup']}x | {r['median_first_token_s']} | "
               f"{r['prefill_ms_per_request']} | {r['step_ms']} ({r['rows_per_step']}) |" for r in res["rows"]]
+    lines += ["", f"a {L}-token prompt arriving while {n - 1} requests decode:",
+              "| prefill chunk | longest pause of the others s | long prompt's first token s |", "| --- | --- | --- |"]
+    lines += [f"| {r['prefill_chunk']} | {r['max_token_gap_s']} | {r['long_first_token_s']} |"
+              for r in res["interference"]]
     print("\n".join(lines))
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))

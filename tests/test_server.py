@@ -315,7 +315,8 @@ def test_a_client_that_leaves_cancels_its_generation(server, service, monkeypatc
 
 
 def test_the_serve_command(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "infinitevl.cli", "serve", "--port", "0", "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, "-m", "infinitevl.cli", "serve", "--port", "0", "--device", "cpu",
+                             "--prefill-chunk", "16"],  # the image prompt goes in over several chunks
                             stderr=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -342,6 +343,9 @@ def test_serve_options_are_checked(capsys, tmp_path):
     assert "--port must be" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["serve", "--max-tokens", "0"])
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--prefill-chunk", "0"])
+    assert "--prefill-chunk must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli.main(["serve", "--help"])
     assert e.value.code == 0 and "/v1/chat/completions" in capsys.readouterr().out

@@ -241,14 +241,16 @@ class ChatService:
     """The model behind the server: turns a ChatRequest into an Answer. Answers are generated together, up to
     `max_batch_size` at a time (continuous batching: `inference.scheduler`)."""
 
-    def __init__(self, model, processor, *, name: str, device: str, shipped: bool = False, max_batch_size: int = 8):
+    def __init__(self, model, processor, *, name: str, device: str, shipped: bool = False, max_batch_size: int = 8,
+                 prefill_chunk: int | None = None):
         from .inference.engine import Engine
-        from .inference.scheduler import Scheduler
+        from .inference.scheduler import PREFILL_CHUNK, Scheduler
 
         self.model, self.processor, self.name, self.device, self.shipped = model, processor, name, device, shipped
         self.stops = answer_stop_ids(model, processor)
         self.scheduler = Scheduler(Engine(model, max_batch_size=max_batch_size), stop_token_ids=self.stops,
-                                   max_batch_size=max_batch_size)
+                                   max_batch_size=max_batch_size,
+                                   prefill_chunk=PREFILL_CHUNK if prefill_chunk is None else prefill_chunk)
 
     def close(self) -> None:
         """Ends the generations in flight (their clients get an error) and the scheduler's thread."""
@@ -516,6 +518,9 @@ def serve_main(argv: list[str]) -> int:
     ap.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs named in requests (off: only "
                                                                "data: URIs and --media-dir files)")
     ap.add_argument("--max-batch-size", type=int, default=8, help="requests generated together (more wait)")
+    ap.add_argument("--prefill-chunk", type=int,
+                    help="prompt tokens fed between two decode steps of the requests in flight (default 2048; "
+                         "smaller: their tokens keep coming while a long prompt goes in; larger: faster prefill)")
     ap.add_argument("--max-tokens", type=int, default=512, help="max_tokens of a request that gives none")
     ap.add_argument("--max-tokens-limit", type=int, default=8192, help="the most max_tokens a request may ask")
     ap.add_argument("--max-body-mb", type=float, default=100, help="the largest request body, in MB")
@@ -526,6 +531,8 @@ def serve_main(argv: list[str]) -> int:
         ap.error(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch_size < 1:
         ap.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        ap.error(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if not args.max_body_mb > 0:
         ap.error(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     media_dir = None
@@ -544,7 +551,7 @@ def serve_main(argv: list[str]) -> int:
     note_if_shipped(args.model)
     name = args.served_model_name or Path(args.model).resolve().name
     service = ChatService(model, processor, name=name, device=device, shipped=is_shipped(args.model),
-                          max_batch_size=args.max_batch_size)
+                          max_batch_size=args.max_batch_size, prefill_chunk=args.prefill_chunk)
     server = make_server(service, args.host, args.port, media_dir=media_dir, allow_urls=args.allow_urls,
                          default_max_tokens=args.max_tokens,
                          max_tokens_limit=args.max_tokens_limit, max_body_bytes=int(args.max_body_mb * 1e6),

@@ -16,7 +16,8 @@ def shipped():
     return shipped_prompts("cuda")
 
 
-def test_graph_batch_equals_each_request_alone(shipped):
+@pytest.mark.parametrize("prefill_chunk", [2048, 8])  # 8: prompts go in over many chunks, between steps
+def test_graph_batch_equals_each_request_alone(shipped, prefill_chunk):
     model, prompts = shipped
     lengths = [12, 3, 9, 5, 20]
     engine = Engine(model, max_batch_size=1)
@@ -24,7 +25,8 @@ def test_graph_batch_equals_each_request_alone(shipped):
     want = [engine.generate(ids, max_new_tokens=n, stop_token_ids=[EOS, BLUE], **vision)[0].tolist()
             for (ids, vision), n in zip(prompts, lengths)]
     want = [w[: next((k + 1 for k, t in enumerate(w) if t in (EOS, BLUE)), len(w))] for w in want]
-    with Scheduler(Engine(model, max_batch_size=4), stop_token_ids=[EOS, BLUE], max_batch_size=4) as sched:
+    with Scheduler(Engine(model, max_batch_size=4), stop_token_ids=[EOS, BLUE], max_batch_size=4,
+                   prefill_chunk=prefill_chunk) as sched:
         assert sched.engine.cuda_graph
         ids, vision = prompts[4]
         it = iter(sched.submit(ids, max_new_tokens=lengths[4], **vision))

@@ -72,9 +72,9 @@ def schedulers():
     """make(model, rows, stops) -> a Scheduler, closed after the test."""
     made = []
 
-    def make(model, rows, stops):
+    def make(model, rows, stops, **kw):
         made.append(Scheduler(Engine(model, max_batch_size=rows, backend="torch"), stop_token_ids=stops,
-                              max_batch_size=rows))
+                              max_batch_size=rows, **kw))
         return made[-1]
 
     yield make
@@ -108,6 +108,51 @@ def test_text_prompts_prefilled_together_get_the_tokens_they_get_alone(shipped, 
     tickets = [_submit(sched, p, 10) for p in texts]  # 4 start together, 2 wait for rows
     assert [list(t) for t in tickets] == want
     assert sched.stats["prefills"] == len(texts)
+
+
+def test_prompts_fed_in_small_chunks_get_the_tokens_they_get_alone(shipped, texts, schedulers):
+    """Chunks of one token for a group of 4 text prompts (left-padded: a row's first chunks are all padding),
+    chunks of 4 for a prompt with an image (its placeholders straddle chunks)."""
+    model, prompts = shipped
+    cases = texts[:4] + prompts[:2]
+    want = [_alone(model, p, 8) for p in cases]
+    sched = schedulers(model, 4, [EOS], prefill_chunk=4)
+    tickets = [_submit(sched, p, 8) for p in cases]
+    assert [list(t) for t in tickets] == want
+    longest = max(p[0].shape[1] for p in cases)
+    assert sched.stats["prefill_chunks"] >= longest  # the text group alone took one chunk per position
+
+
+def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(shipped, schedulers, monkeypatch):
+    model, prompts = shipped
+    sched = schedulers(model, 2, [], prefill_chunk=8)
+    events = []
+    for name in ("_advance", "_step"):
+        real = getattr(sched, name)
+        monkeypatch.setattr(sched, name, lambda real=real, name=name: (events.append(name), real())[1])
+    busy = iter(_submit(sched, prompts[4], 200))
+    next(busy)
+    events.clear()
+    long = prompts[0]  # an image prompt of more than 8 tokens: several chunks
+    chunks = -(-long[0].shape[1] // 8)
+    assert chunks >= 4
+    want = _alone(model, long, 3, stops=())
+    assert list(_submit(sched, long, 3)) == want
+    first_chunk = events.index("_advance")
+    assert events[first_chunk:first_chunk + 2 * chunks] == ["_advance", "_step"] * chunks
+    # A request cancelled while its prompt goes in ends without a token, and frees what it held.
+    advance = sched._advance
+
+    def cancel_then_advance():
+        if sched.pending is not None and any(t is cancelled for t in sched.pending.group):
+            cancelled.cancel()
+        return advance()
+
+    monkeypatch.setattr(sched, "_advance", cancel_then_advance)
+    cancelled = _submit(sched, long, 3)
+    assert list(cancelled) == []
+    assert sched.status()["prefilling"] == 0
+    assert list(_submit(sched, prompts[1], 4)) == _alone(model, prompts[1], 4, stops=())
 
 
 def test_sampled_and_greedy_rows_share_a_batch(shipped, schedulers):

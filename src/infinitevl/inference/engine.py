@@ -21,7 +21,7 @@ from ..layers.fuse import linear
 from ..model.infinitevl import VISION_KEYS, InfiniteVL
 from ..model.state import InferenceState
 from .cuda_graph import CapturedStep, EagerStep
-from .generate import feed_prompt
+from .generate import prompt_chunks
 from .request import check_rows, check_state, decode_options, prompt_inputs, request_options, whole_number
 from .sampling import MIN_TEMPERATURE, SamplingParams
 
@@ -141,23 +141,29 @@ class Engine:
     def _prefill(self, input_ids_BT: torch.Tensor, *, state: InferenceState, attention_mask_BT: torch.Tensor | None,
                  chunk_size: int | None, **vision) -> torch.Tensor:
         """`prefill` on arguments already checked."""
+        for logits in self._prefill_chunks(input_ids_BT, state=state, attention_mask_BT=attention_mask_BT,
+                                           chunk_size=chunk_size, **vision):
+            pass
+        return logits
+
+    def _prefill_chunks(self, input_ids_BT: torch.Tensor, *, state: InferenceState,
+                        attention_mask_BT: torch.Tensor | None, chunk_size: int | None, **vision
+                        ) -> Iterator[torch.Tensor]:
+        """`_prefill` one chunk per next(), yielding each chunk's last logits [B, V] (the last is the prompt's)."""
         chunk = chunk_size or self.prefill_chunk_size
         ids = input_ids_BT.to(self.device)
         mask = None if attention_mask_BT is None else attention_mask_BT.to(self.device)
         if any(vision.get(k) is not None for k in VISION_KEYS):
             # images may straddle chunk boundaries: positions and features are computed on the whole prompt
-            logits, _ = feed_prompt(self.model, ids, state=state, attention_mask_BT=mask, chunk_size=chunk,
-                                            **vision)
-            return logits
+            yield from prompt_chunks(self.model, ids, state=state, attention_mask_BT=mask, chunk_size=chunk, **vision)
+            return
         # Chunk boundaries sit at multiples of `chunk` in the stream (not in this call), so a prompt fed over
         # several calls reuses the same few shapes (kernel plans and autotuning are per shape).
         T, start = ids.shape[1], int(state.seen.max())
         bounds = [0] + [b - start for b in range((start // chunk + 1) * chunk, start + T, chunk)] + [T]
-        logits = None
         for s, e in zip(bounds[:-1], bounds[1:]):
             m = None if mask is None else mask[:, s:e]
-            logits = self.model(ids[:, s:e], attention_mask=m, state=state, logits_to_keep=1)[:, -1]
-        return logits
+            yield self.model(ids[:, s:e], attention_mask=m, state=state, logits_to_keep=1)[:, -1]
 
     # ---- decode ----
     def bucket(self, batch_size: int) -> int:

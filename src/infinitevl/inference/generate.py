@@ -5,7 +5,7 @@ Legend: B batch, T prompt tokens, N new tokens.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -44,27 +44,37 @@ def feed_prompt(model: InfiniteVL, input_ids_BT: torch.Tensor, *, state: Inferen
                 attention_mask_BT: torch.Tensor | None, chunk_size: int | None, **vision
                 ) -> tuple[torch.Tensor, InferenceState]:
     """`prefill` on arguments already checked (by `prompt_inputs`, `check_state`, `check_rows`)."""
-    B, T = input_ids_BT.shape
     if state is None:
-        state = model.new_state(B)
+        state = model.new_state(input_ids_BT.shape[0])
+    for logits in prompt_chunks(model, input_ids_BT, state=state, attention_mask_BT=attention_mask_BT,
+                                chunk_size=chunk_size, **vision):
+        pass
+    return logits, state
+
+
+def prompt_chunks(model: InfiniteVL, input_ids_BT: torch.Tensor, *, state: InferenceState,
+                  attention_mask_BT: torch.Tensor | None, chunk_size: int | None, **vision) -> Iterator[torch.Tensor]:
+    """Feeds a checked prompt into `state` one chunk per next(), yielding the chunk's last logits [B, V]
+    (the last yield is the prompt's). Positions (and, when the prompt is chunked, the embeddings with their
+    vision features) are computed on the whole prompt at the first next(), so an image may straddle a chunk
+    boundary. Whoever drives it can do other work between chunks (the scheduler decodes other rows)."""
+    T = input_ids_BT.shape[1]
     positions, _ = model.positions(
         input_ids_BT, image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
         second_per_grid_ts=vision.get("second_per_grid_ts"), attention_mask_BT=attention_mask_BT,
         start_B=state.next_position,
     )
     if chunk_size is None or chunk_size >= T:
-        logits = model(input_ids_BT, attention_mask=attention_mask_BT, position_ids=positions, state=state,
-                       logits_to_keep=1, **_vision_only(vision))
-        return logits[:, -1], state
+        yield model(input_ids_BT, attention_mask=attention_mask_BT, position_ids=positions, state=state,
+                    logits_to_keep=1, **_vision_only(vision))[:, -1]
+        return
     # Embed once (vision features included), then feed the embeddings chunk by chunk.
     embeds = model.embed(input_ids_BT, **_vision_only(vision, with_ts=False))
-    logits = None
     for s in range(0, T, chunk_size):
         e = min(T, s + chunk_size)
         mask = None if attention_mask_BT is None else attention_mask_BT[:, s:e]
-        logits = model(inputs_embeds=embeds[:, s:e], attention_mask=mask, position_ids=positions[:, :, s:e],
-                       state=state, logits_to_keep=1)
-    return logits[:, -1], state
+        yield model(inputs_embeds=embeds[:, s:e], attention_mask=mask, position_ids=positions[:, :, s:e],
+                    state=state, logits_to_keep=1)[:, -1]
 
 
 def _vision_only(kw: dict, *, with_ts: bool = True) -> dict:

@@ -2,13 +2,15 @@
 
 Legend: P rows of the batch (the engine bucket it runs in), T prompt tokens, V vocab.
 
-One background thread owns an `Engine` bucket of P rows. Between decode steps it admits waiting requests
-into free rows (text prompts are prefilled together, left-padded, into a scratch state of up to PREFILL_GROUP
-rows, a prompt with images or video alone; each first token is sampled with the request's own parameters,
-and each row's state copied into its batch row), then runs one step for every row (the engine's captured step
-on a GPU: rows hold their own temperature / top-k / top-p), hands each row's new token to its request and
-frees the rows that ended (a stop token, their token limit, or a cancel). A row's tokens are the ones it gets
-alone: rows never see each other (GDN and SWA states are per row; idle rows are masked).
+One background thread owns an `Engine` bucket of P rows. It takes waiting requests for the free rows (text
+prompts together, up to PREFILL_GROUP, left-padded into a scratch state; a prompt with images or video alone)
+and prefills them one chunk of about `prefill_chunk` tokens at a time, running one decode step for every live
+row between two chunks, so that a long prompt delays the others' next tokens by one chunk, not by the whole
+prompt. When the prompt is in, each first token is sampled with the request's own parameters and each row's
+state copied into its batch row. A step (the engine's captured step on a GPU: rows hold their own
+temperature / top-k / top-p) hands each row's new token to its request and frees the rows that ended (a stop
+token, their token limit, or a cancel). A row's tokens are the ones it gets alone: rows never see each other
+(GDN and SWA states are per row; idle rows are masked), and a prompt's state does not depend on its chunks.
 
 A seeded sampling request runs alone (the batch drains first, and nothing joins it), so that its draws, and
 so its answer, depend on its seed only (for a given `max_batch_size`: the draws are made for every row).
@@ -36,9 +38,10 @@ class SchedulerClosed(ValueError):
 
 
 PREFILL_GROUP = 8  # text prompts prefilled together at most (the scratch state has this many rows)
+PREFILL_CHUNK = 2048  # default tokens of prefill between two decode steps (split over the rows of a group)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: equal only to itself
 class Ticket:
     """A submitted request: iterate it for its new token ids (the stop token included, when one ends it);
     `cancel()` frees its row at the next step. An error of the generation is raised by the iteration."""
@@ -50,6 +53,7 @@ class Ticket:
     seed: int | None
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    solo: bool = False  # prefilled alone (set when its group failed, to find whose prompt it was)
 
     @property
     def exclusive(self) -> bool:
@@ -68,13 +72,27 @@ class Ticket:
             yield item
 
 
+@dataclass
+class _Prefill:
+    """The group being prefilled: its chunks (a generator over the scratch rows) and how many are left."""
+
+    group: list[Ticket]
+    chunks: Iterator[torch.Tensor]
+    left: int
+    logits: torch.Tensor | None = None
+
+
 class Scheduler:
     """Serves submitted requests in one decode batch of `max_batch_size` rows on `engine`, which it then owns
     (do not generate with it elsewhere)."""
 
-    def __init__(self, engine: Engine, *, stop_token_ids: list[int], max_batch_size: int = 8):
+    def __init__(self, engine: Engine, *, stop_token_ids: list[int], max_batch_size: int = 8,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        """prefill_chunk: tokens of prefill between two decode steps; smaller keeps the rows in flight
+        smoother while a long prompt comes in, larger prefills faster."""
         self.engine = engine
         self.P = whole_number(max_batch_size, "max_batch_size", 1)
+        self.prefill_chunk = whole_number(prefill_chunk, "prefill_chunk", 1)
         self.stops = list(stop_token_ids)
         engine.bucket(self.P)  # max_batch_size within the engine's
         # both step kinds captured now: capturing later would reset the rows in flight
@@ -90,10 +108,12 @@ class Scheduler:
         self.rows: list[Ticket | None] = [None] * self.P
         self.counts = [0] * self.P
         self.waiting: deque[Ticket] = deque()
+        self.pending: _Prefill | None = None
         self.wake = threading.Condition()
         self.closed = False
         # seconds spent (host clock, the device synchronised by each step's token read) and counts, for monitoring
-        self.stats = {"prefills": 0, "prefill_s": 0.0, "steps": 0, "step_s": 0.0, "row_steps": 0}
+        self.stats = {"prefills": 0, "prefill_chunks": 0, "prefill_s": 0.0, "steps": 0, "step_s": 0.0,
+                      "row_steps": 0}
         self.thread = threading.Thread(target=self._run, name="infinitevl-scheduler", daemon=True)
         self.thread.start()
 
@@ -118,8 +138,9 @@ class Scheduler:
         """Rows in use, requests waiting, and the time/count stats: for health checks and monitoring."""
         with self.wake:
             busy, waiting, closed = sum(t is not None for t in self.rows), len(self.waiting), self.closed
+            pending = self.pending
         return {"closed": closed or not self.thread.is_alive(), "rows": self.P, "busy_rows": busy,
-                "waiting": waiting, **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.stats.items()}}
+                "prefilling": 0 if pending is None else len(pending.group), "waiting": waiting, **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.stats.items()}}
 
     def close(self) -> None:
         """Ends the generations in flight and the waiting ones (their iteration raises), then the thread."""
@@ -135,51 +156,41 @@ class Scheduler:
         self.close()
 
     # ---- the scheduler thread ----
+    def _tickets(self) -> list[Ticket]:
+        """Every request not ended: in rows, being prefilled, waiting."""
+        pending = [] if self.pending is None else self.pending.group
+        return [t for t in self.rows if t is not None] + pending + list(self.waiting)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self.wake:
+            self.closed = True
+            for t in self._tickets():
+                t.out.put(error)
+            self.waiting.clear()
+            self.pending = None
+            self.rows = [None] * self.P
+
     def _run(self) -> None:
         try:
             self._loop()
         except BaseException as e:  # a bug or a broken device: fail every request rather than hang them
-            with self.wake:
-                self.closed = True
-                for t in [t for t in self.rows if t is not None] + list(self.waiting):
-                    t.out.put(SchedulerClosed(f"the scheduler stopped ({type(e).__name__}: {e})"))
-                self.waiting.clear()
-                self.rows = [None] * self.P
+            self._fail_all(SchedulerClosed(f"the scheduler stopped ({type(e).__name__}: {e})"))
             raise
 
     def _loop(self) -> None:
         while True:
             with self.wake:
-                while not self.waiting and not any(self.rows) and not self.closed:
+                while not self.waiting and not any(self.rows) and self.pending is None and not self.closed:
                     self.wake.wait()
                 if self.closed:
-                    gone = SchedulerClosed("the scheduler was closed before this request ended")
-                    for t in [t for t in self.rows if t is not None] + list(self.waiting):
-                        t.out.put(gone)
-                    self.waiting.clear()
-                    self.rows = [None] * self.P
-                    return
-            self._admit()
+                    break
+            if self.pending is None:
+                self._begin()
+            if self.pending is not None:
+                self._advance()
             if any(self.rows):
                 self._step()
-
-    def _admit(self) -> None:
-        while True:
-            group = self._take()
-            if not group:
-                return
-            rows = [i for i, t in enumerate(self.rows) if t is None][: len(group)]
-            try:
-                self._start(group, rows)
-            except Exception as e:  # a request's own failure (e.g. its prompt): find whose, the others go on
-                if len(group) == 1:
-                    group[0].out.put(e)
-                    continue
-                for t, i in zip(group, rows):
-                    try:
-                        self._start([t], [i])
-                    except Exception as e1:
-                        t.out.put(e1)
+        self._fail_all(SchedulerClosed("the scheduler was closed before this request ended"))
 
     def _take(self) -> list[Ticket]:
         """The waiting requests to start now, in order: text prompts together (as many as there are free rows,
@@ -195,7 +206,7 @@ class Scheduler:
                 if head.cancelled.is_set():
                     self.waiting.popleft().out.put(_END)
                     continue
-                alone = head.exclusive or any(v is not None for v in head.vision.values())
+                alone = head.exclusive or head.solo or any(v is not None for v in head.vision.values())
                 if alone and (group or (head.exclusive and busy)):
                     break
                 group.append(self.waiting.popleft())
@@ -203,12 +214,11 @@ class Scheduler:
                     break
         return group
 
-    @torch.no_grad()
-    def _start(self, group: list[Ticket], rows: list[int]) -> None:
-        """Prefills the group's prompts together (left-padded) into the scratch rows, samples each first token
-        with its own parameters, and moves the requests that go on into their batch rows."""
-        slot, engine = self.slot, self.engine
-        t0 = time.perf_counter()
+    def _begin(self) -> None:
+        """Takes the next group and sets up its prefill (left-padded into the scratch rows); nothing runs yet."""
+        group = self._take()
+        if not group:
+            return
         k = len(group)
         scratch = self.scratch.rows(0, k)
         scratch.reset()
@@ -223,9 +233,46 @@ class Scheduler:
                 ids[j, T - L:] = t.input_ids[0].cpu()
                 mask[j, T - L:] = 1
         vision = {key: v for key, v in group[0].vision.items() if v is not None} if k == 1 else {}
-        logits = engine._prefill(ids, state=scratch, attention_mask_BT=mask, chunk_size=None, **vision)
-        self.stats["prefills"] += k
-        self.stats["prefill_s"] += time.perf_counter() - t0
+        chunk = max(1, self.prefill_chunk // k)  # a fresh scratch is fed in ceil(T / chunk) chunks
+        chunks = self.engine._prefill_chunks(ids, state=scratch, attention_mask_BT=mask, chunk_size=chunk, **vision)
+        self.pending = _Prefill(group, chunks, left=-(-ids.shape[1] // chunk))
+
+    @torch.no_grad()
+    def _advance(self) -> None:
+        """Feeds the pending group's next chunk; after its last, starts the group's rows."""
+        p = self.pending
+        if all(t.cancelled.is_set() for t in p.group):
+            self.pending = None
+            for t in p.group:
+                t.out.put(_END)
+            return
+        t0 = time.perf_counter()
+        try:
+            logits = next(p.chunks, None)
+            if logits is not None:
+                p.logits, p.left = logits, p.left - 1
+                self.stats["prefill_chunks"] += 1
+            if logits is None or p.left <= 0:
+                self.pending = None
+                self._start(p.group, p.logits)
+        except Exception as e:  # a request's own failure (e.g. its prompt): find whose, the others go on
+            self.pending = None
+            if len(p.group) == 1:
+                p.group[0].out.put(e)
+            else:
+                with self.wake:
+                    for t in reversed(p.group):
+                        t.solo = True
+                        self.waiting.appendleft(t)
+        finally:
+            self.stats["prefill_s"] += time.perf_counter() - t0
+
+    def _start(self, group: list[Ticket], logits: torch.Tensor) -> None:
+        """Samples each first token of the prefilled group with its own parameters, and moves the requests
+        that go on into free batch rows (their states from the scratch rows)."""
+        slot = self.slot
+        rows = [i for i, t in enumerate(self.rows) if t is None][: len(group)]  # taken with room for the group
+        self.stats["prefills"] += len(group)
         firsts = []  # every first token before any is handed out: a failure here leaves nothing half-done
         for j, (t, i) in enumerate(zip(group, rows)):
             slot.temperature[i] = t.sampling.temperature
@@ -236,11 +283,14 @@ class Scheduler:
             firsts.append(int(sample_rows(logits[j:j + 1], slot.temperature[i:i + 1], slot.top_k[i:i + 1],
                                           slot.top_p[i:i + 1])[0]))
         for j, (t, i, token) in enumerate(zip(group, rows, firsts)):
+            if t.cancelled.is_set():
+                t.out.put(_END)
+                continue
             t.out.put(token)
             if token in self.stops or t.max_new_tokens == 1:
                 t.out.put(_END)
                 continue
-            slot.state.rows(i, i + 1).copy_(scratch.rows(j, j + 1))
+            slot.state.rows(i, i + 1).copy_(self.scratch.rows(j, j + 1))
             slot.tok[i] = token
             slot.done[i] = False
             self.rows[i], self.counts[i] = t, 1
