@@ -116,11 +116,14 @@ def test_prompts_fed_in_small_chunks_get_the_tokens_they_get_alone(shipped, text
     model, prompts = shipped
     cases = texts[:4] + prompts[:2]
     want = [_alone(model, p, 8) for p in cases]
-    sched = schedulers(model, 4, [EOS], prefill_chunk=4)
+    sched = schedulers(model, 5, [EOS], prefill_chunk=4)
+    busy = _submit(sched, prompts[4], 10**6)  # a row decoding: prompts go in between its steps
+    next(iter(busy))
     tickets = [_submit(sched, p, 8) for p in cases]
     assert [list(t) for t in tickets] == want
     longest = max(p[0].shape[1] for p in cases)
     assert sched.stats["prefill_chunks"] >= longest  # the text group alone took one chunk per position
+    busy.cancel()
 
 
 def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(shipped, schedulers, monkeypatch):

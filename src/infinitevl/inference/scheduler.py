@@ -6,7 +6,7 @@ One background thread owns an `Engine` bucket of P rows. It takes waiting reques
 prompts together, up to PREFILL_GROUP, left-padded into a scratch state; a prompt with images or video alone)
 and prefills them one chunk of about `prefill_chunk` tokens at a time, running one decode step for every live
 row between two chunks, so that a long prompt delays the others' next tokens by one chunk, not by the whole
-prompt. When the prompt is in, each first token is sampled with the request's own parameters and each row's
+prompt (with no row decoding, in the engine's larger chunks). When the prompt is in, each first token is sampled with the request's own parameters and each row's
 state copied into its batch row. A step (the engine's captured step on a GPU: rows hold their own
 temperature / top-k / top-p) hands each row's new token to its request and frees the rows that ended (a stop
 token, their token limit, or a cancel). A row's tokens are the ones it gets alone: rows never see each other
@@ -233,7 +233,11 @@ class Scheduler:
                 ids[j, T - L:] = t.input_ids[0].cpu()
                 mask[j, T - L:] = 1
         vision = {key: v for key, v in group[0].vision.items() if v is not None} if k == 1 else {}
-        chunk = max(1, self.prefill_chunk // k)  # a fresh scratch is fed in ceil(T / chunk) chunks
+        # With rows decoding, about prefill_chunk tokens a chunk; with none, the engine's chunks (larger: fewer
+        # forwards; a forward of a few hundred tokens costs more host time than GPU time). A fresh scratch is fed
+        # in ceil(T / chunk) chunks.
+        live = any(t is not None for t in self.rows)
+        chunk = max(1, self.prefill_chunk // k) if live else self.engine.prefill_chunk_size
         chunks = self.engine._prefill_chunks(ids, state=scratch, attention_mask_BT=mask, chunk_size=chunk, **vision)
         self.pending = _Prefill(group, chunks, left=-(-ids.shape[1] // chunk))
 
