@@ -208,3 +208,13 @@ def test_sharegpt_records_read_as_messages(fmt, tmp_path):
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
     with pytest.raises(BadSample, match=r"d.jsonl:line 2.*message 0 must be"):
         fmt.build(theirs[1])
+
+
+def test_patch_sizes_are_the_models():
+    cfg = InfiniteVLConfig.from_file(TINY_ASSET)
+    same = chat_format_for(TINY_ASSET, cfg, DataConfig(vision=VisionInputConfig(patch_size=cfg.vision.patch_size)))
+    assert same.vision.cfg.merge_size == cfg.vision.spatial_merge_size  # left out: read from the model
+    with pytest.raises(ValueError, match="data.vision.patch_size is 16 but the model's vision tower uses 14"):
+        chat_format_for(TINY_ASSET, cfg, DataConfig(vision=VisionInputConfig(patch_size=16)))
+    with pytest.raises(ValueError, match="data.vision.merge_size must be >= 1"):
+        VisionInputConfig(merge_size=0)

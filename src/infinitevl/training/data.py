@@ -334,9 +334,14 @@ def load_tokenizer(path: str | Path):
 
 def chat_format_for(model_dir: str | Path, config, data: DataConfig) -> ChatFormat:
     """The ChatFormat for a checkpoint directory (its tokenizer) and a model config (its token ids)."""
-    vc = dataclasses.replace(data.vision, patch_size=config.vision.patch_size,
-                             merge_size=config.vision.spatial_merge_size,
-                             temporal_patch_size=config.vision.temporal_patch_size)
+    model_patches = {"patch_size": config.vision.patch_size, "merge_size": config.vision.spatial_merge_size,
+                     "temporal_patch_size": config.vision.temporal_patch_size}
+    for name, value in model_patches.items():
+        given = getattr(data.vision, name)
+        if given is not None and given != value:
+            raise ValueError(f"data.vision.{name} is {given} but the model's vision tower uses {value}: leave it out "
+                             f"(it is read from the model)")
+    vc = dataclasses.replace(data.vision, **model_patches)
     return ChatFormat(
         load_tokenizer(model_dir), image_token_id=config.image_token_id, video_token_id=config.video_token_id,
         vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,

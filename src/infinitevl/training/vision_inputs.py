@@ -11,6 +11,7 @@ header alone (`*_grid`), so packing can be planned without decoding anything.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +28,14 @@ class VisionInputConfig:
     video_max_pixels: int = 16384  # the published video_max_pixels
     video_fps: float = 2.0  # frames sampled per second of video
     video_max_frames: int = 128  # at most this many frames per video (sampled evenly)
-    patch_size: int = 14  # the vision tower's patch; with merge_size 2, one token covers 28x28 pixels
-    merge_size: int = 2  # patches merged per side into one token (the model's spatial_merge_size)
-    temporal_patch_size: int = 2  # video frames per patch in time
+    patch_size: int | None = None  # the vision tower's patch (null: the model's; another value is an error)
+    merge_size: int | None = None  # patches merged per side into one token (null: the model's spatial_merge_size)
+    temporal_patch_size: int | None = None  # video frames per patch in time (null: the model's)
 
     def __post_init__(self):
         for name in ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels",
                      "video_max_frames", "patch_size", "merge_size", "temporal_patch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"data.vision.{name} must be >= 1, got {getattr(self, name)}")
         if not self.video_fps > 0:
             raise ValueError(f"data.vision.video_fps must be > 0, got {self.video_fps}")
@@ -48,10 +49,15 @@ class MediaError(ValueError):
     """A medium cannot be read: missing, corrupt or unsupported file."""
 
 
+QWEN_PATCHES = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}  # Qwen2.5-VL's vision tower
+
+
 class VisionInputs:
     def __init__(self, cfg: VisionInputConfig = VisionInputConfig()):
+        """Patch sizes left as None (the model's: `data.chat_format_for` fills them in) are Qwen2.5-VL's."""
         from transformers import Qwen2VLImageProcessorPil
 
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in QWEN_PATCHES.items() if getattr(cfg, k) is None})
         self.cfg = cfg
         common = dict(patch_size=cfg.patch_size, merge_size=cfg.merge_size, temporal_patch_size=cfg.temporal_patch_size)
         self._image = Qwen2VLImageProcessorPil(min_pixels=cfg.image_min_pixels, max_pixels=cfg.image_max_pixels, **common)
