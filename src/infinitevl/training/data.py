@@ -155,7 +155,9 @@ class DataConfig:
 
     train: list[Any] = field(default_factory=list)  # paths, or {"path": ..., "repeat": 1.0, "media_dir": ...}
     max_tokens: int = 8192  # per sample (published cutoff_len 8096); longer samples are bad samples
-    row_tokens: int | None = None  # packing budget per row (default: max_tokens)
+    # packing budget per row (null: max_tokens); a longer sample (up to max_tokens) gets a row of its own, so
+    # the longest row, what memory must hold, is max(row_tokens, max_tokens)
+    row_tokens: int | None = None
     on_bad_sample: str = "error"  # "error": stop with the located error; "skip": count and skip
     system_prompt: str | None = "You are a helpful assistant."  # null or "": no default system turn
     vision: VisionInputConfig = field(default_factory=VisionInputConfig)
