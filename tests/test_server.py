@@ -114,6 +114,29 @@ def test_streamed_pieces_add_up_to_the_answer(server):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_n_choices(server, stream):
+    def choices(**kw):
+        status, out = server.chat({"messages": _ask(), "stream": stream, **kw})
+        assert status == 200, out
+        if not stream:
+            assert [c["index"] for c in out["choices"]] == list(range(len(out["choices"])))
+            return [c["message"]["content"] for c in out["choices"]], out["usage"]
+        by_index = {}
+        for e in out[:-1]:
+            for c in e["choices"]:
+                by_index[c["index"]] = by_index.get(c["index"], "") + (c["delta"].get("content") or "")
+        return [by_index[i] for i in sorted(by_index)], out[-2].get("usage")
+
+    texts, usage = choices(n=3, stream_options={"include_usage": True} if stream else None)
+    assert texts == ["There is a blue star."] * 3  # greedy: the same answer three times
+    assert usage["completion_tokens"] == 3 * 7 and usage["total_tokens"] == usage["prompt_tokens"] + 21
+    hot = dict(n=2, temperature=3.0, top_k=50, seed=11, max_tokens=8)
+    first, _ = choices(**hot)
+    assert len(first) == 2 and first[0] != first[1]  # choice i draws from seed + i
+    assert choices(**hot)[0] == first
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_and_the_token_limit(server, stream):
     def answer(**kw):
         status, out = server.chat({"messages": _ask(), "stream": stream, **kw})
@@ -154,7 +177,8 @@ def test_a_video_as_a_data_uri(server, tmp_path, capsys):
 
 
 BAD = [
-    ({"messages": _ask(), "n": 2}, 400, "'n': 2 is not supported"),
+    ({"messages": _ask(), "n": 5}, 400, "'n' is 5, above this server's 4 (its --max-batch-size"),
+    ({"messages": _ask(), "n": 0}, 400, "'n' must be a whole number >= 1"),
     ({"messages": _ask(), "frobnicate": 1}, 400, "unknown field 'frobnicate'"),
     ({"messages": _ask(), "model": "gpt-4o"}, 404, "this server serves 'tiny'"),
     ({"messages": []}, 400, "'messages' must be a non-empty list"),
@@ -181,7 +205,7 @@ BAD = [
     ({"messages": _ask(), "stop": [""]}, 400, "'stop' must be"),
     ({"messages": _ask(), "stream": "yes"}, 400, "'stream' must be true or false"),
     ({"messages": _ask(), "logprobs": True}, 400, "'logprobs': True is not supported"),
-    ({"messages": _ask(), "n": True}, 400, "'n': True is not supported"),
+    ({"messages": _ask(), "n": True}, 400, "'n' must be a whole number >= 1"),
     ({"messages": _ask(), "max_tokens": float("inf")}, 400, "'max_tokens' must be a whole number"),
     ({"messages": _ask(), "seed": 2**70}, 400, "'seed' must be a whole number in [0, "),
     ({"messages": _ask(), "top_k": 1e30}, 400, "'top_k' must be a whole number in [0, "),

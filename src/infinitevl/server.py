@@ -41,9 +41,9 @@ ITEM_OPTIONS = {"image": ("min_pixels", "max_pixels", "resized_height", "resized
                 "video": ("fps", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames",
                           "resized_height", "resized_width", "sample_fps")}
 READ_FIELDS = ("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-               "stop", "stream", "stream_options")
+               "stop", "stream", "stream_options", "n")
 # Fields OpenAI clients send that change nothing here when they hold these values (other values are refused).
-DEFAULT_ONLY = {"n": (1,), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
+DEFAULT_ONLY = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
                 "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
                 "response_format": ({"type": "text"},)}
 IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
@@ -74,6 +74,7 @@ class ChatRequest:
     seed: int | None
     stream: bool
     include_usage: bool
+    n: int = 1  # answers (choices) to generate for the prompt
 
 
 # ---- reading a request ----
@@ -92,7 +93,7 @@ def _number(body: dict, key: str, default, *, whole: bool = False, lo: float | N
 
 
 def parse_request(body, *, served: str, defaults: SamplingParams, default_max_tokens: int, max_tokens_limit: int,
-                  media: MediaRules = MediaRules()) -> ChatRequest:
+                  media: MediaRules = MediaRules(), max_n: int = 8) -> ChatRequest:
     """A chat completion request body (parsed JSON) -> ChatRequest, or a RequestError naming what is wrong."""
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -127,6 +128,10 @@ def parse_request(body, *, served: str, defaults: SamplingParams, default_max_to
     except ValueError as e:
         raise RequestError(f"{e} (temperature, top_k, top_p)") from None
     seed = _number(body, "seed", None, whole=True, lo=0, hi=2**63 - 1)
+    n = _number(body, "n", 1, whole=True, lo=1)
+    if n > max_n:
+        raise RequestError(f"'n' is {n}, above this server's {max_n} (its --max-batch-size: the choices are "
+                           "generated together)", param="n")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not (isinstance(stop, list) and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
@@ -141,7 +146,7 @@ def parse_request(body, *, served: str, defaults: SamplingParams, default_max_to
                            param="stream")
     return ChatRequest(messages=chat_messages(body.get("messages"), media), max_tokens=max_tokens,
                        sampling=sampling, stop=stop, seed=seed, stream=stream,
-                       include_usage=bool(options.get("include_usage")))
+                       include_usage=bool(options.get("include_usage")), n=n)
 
 
 def chat_messages(messages, media: MediaRules = MediaRules()) -> list[dict]:
@@ -256,9 +261,9 @@ class ChatService:
         """Ends the generations in flight (their clients get an error) and the scheduler's thread."""
         self.scheduler.close()
 
-    def prepare(self, req: ChatRequest) -> "Answer":
-        """Decodes the media, expands the tokens, checks and queues the generation (a ValueError names what is
-        wrong; then nothing is queued)."""
+    def prepare(self, req: ChatRequest) -> list["Answer"]:
+        """Decodes the media, expands the tokens, checks and queues the generation of the `req.n` answers (a
+        ValueError names what is wrong; then nothing is queued). With a seed, answer i draws from seed + i."""
         from .media import process_vision_info
 
         if self.shipped:
@@ -267,9 +272,23 @@ class ChatService:
             shipped_video_sizes(req.messages)
         media = process_vision_info(req.messages, return_video_kwargs=True)
         input_ids, vision = chat_inputs(self.processor, req.messages, media, self.device)
-        ticket = self.scheduler.submit(input_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
-                                       seed=req.seed, **vision)
-        return Answer(self, req, int(input_ids.shape[1]), ticket)
+        answers = []
+        try:
+            for i in range(req.n):
+                seed = None if req.seed is None else (req.seed + i) % 2**63
+                ticket = self.scheduler.submit(input_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
+                                               seed=seed, **vision)
+                answers.append(Answer(self, req, int(input_ids.shape[1]), ticket))
+        except BaseException:
+            cancel(answers)
+            raise
+        return answers
+
+
+def cancel(answers: list["Answer"]) -> None:
+    """Frees the rows of the answers (a no-op for those that ended)."""
+    for a in answers:
+        a.ticket.cancel()
 
 
 class Answer:
@@ -415,30 +434,36 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
         def _head(self, created: int, rid: str) -> dict:
             return {"id": rid, "created": created, "model": service.name}
 
-        def _complete(self, answer: Answer) -> None:
+        def _complete(self, answers: list[Answer]) -> None:
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-            parts, pieces = [], answer.text()
+            contents = []
             try:
-                for piece in pieces:
-                    parts.append(piece)
-                    if self._client_gone():  # it would never read the answer: free the row now
-                        pieces.close()
-                        answer.ticket.cancel()
-                        self.close_connection = True
-                        return
-                content = "".join(parts)
+                for answer in answers:  # generated together; read one after another
+                    parts, pieces = [], answer.text()
+                    for piece in pieces:
+                        parts.append(piece)
+                        if self._client_gone():  # it would never read the answers: free the rows now
+                            pieces.close()
+                            cancel(answers)
+                            self.close_connection = True
+                            return
+                    contents.append("".join(parts))
             except SchedulerClosed as e:
+                cancel(answers)
                 return self._error(503, f"{e}: the server is shutting down")
             except ValueError as e:  # the request's own problem, found when its prompt ran
+                cancel(answers)
                 return self._error(400, str(e), "messages")
             except Exception as e:
+                cancel(answers)
                 traceback.print_exc()
                 return self._error(500, f"internal error: {type(e).__name__}: {e}")
             self._json(200, {**self._head(created, rid), "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": content},
-                 "finish_reason": answer.finish_reason, "logprobs": None}], "usage": _usage(answer)})
+                {"index": i, "message": {"role": "assistant", "content": content},
+                 "finish_reason": answer.finish_reason, "logprobs": None}
+                for i, (answer, content) in enumerate(zip(answers, contents))], "usage": _usage(answers)})
 
-        def _stream(self, answer: Answer) -> None:
+        def _stream(self, answers: list[Answer]) -> None:
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             head = {**self._head(created, rid), "object": "chat.completion.chunk"}
             self.close_connection = True
@@ -448,29 +473,33 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
                 self.wfile.write(f"data: {data}\n\n".encode())
                 self.wfile.flush()
 
-            def chunk(delta: dict, finish=None) -> dict:
-                return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            def chunk(i: int, delta: dict, finish=None) -> dict:
+                return {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
-            pieces = answer.text()
+            pieces = None
             try:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                send(chunk({"role": "assistant", "content": ""}))
-                for piece in pieces:
-                    send(chunk({"content": piece}))
-                send(chunk({}, answer.finish_reason))
-                if answer.req.include_usage:
-                    send({**head, "choices": [], "usage": _usage(answer)})
+                for i, answer in enumerate(answers):  # generated together; sent one after another
+                    pieces = answer.text()
+                    send(chunk(i, {"role": "assistant", "content": ""}))
+                    for piece in pieces:
+                        send(chunk(i, {"content": piece}))
+                    send(chunk(i, {}, answer.finish_reason))
+                if answers[0].req.include_usage:
+                    send({**head, "choices": [], "usage": _usage(answers)})
                 send("[DONE]")
-            except OSError:  # the client left (or went silent past the timeout): free its row
-                pieces.close()
-                answer.ticket.cancel()  # also when it left before its first token (the generator never started)
+            except OSError:  # the client left (or went silent past the timeout): free the rows
+                if pieces is not None:
+                    pieces.close()
+                cancel(answers)  # also when it left before a first token (a generator never started)
             except Exception as e:  # the headers are out: report in the stream, as OpenAI does
-                pieces.close()
-                answer.ticket.cancel()
+                if pieces is not None:
+                    pieces.close()
+                cancel(answers)
                 traceback.print_exc()
                 try:
                     send({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
@@ -481,9 +510,10 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
     return Handler
 
 
-def _usage(answer: Answer) -> dict:
-    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+def _usage(answers: list[Answer]) -> dict:
+    """The prompt counts once (it is shared by the choices), the completions of every choice add up."""
+    prompt, completion = answers[0].prompt_tokens, sum(a.completion_tokens for a in answers)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def generation_defaults(model_dir: Path) -> SamplingParams:
@@ -577,7 +607,8 @@ def make_server(service: ChatService, host: str, port: int, *, media_dir: Path |
         raise ValueError(f"the default max_tokens ({default_max_tokens}) must be in [1, max_tokens_limit="
                          f"{max_tokens_limit}]")
     options = dict(defaults=defaults, default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit,
-                   media=MediaRules(None if media_dir is None else Path(media_dir).resolve(), allow_urls))
+                   media=MediaRules(None if media_dir is None else Path(media_dir).resolve(), allow_urls),
+                   max_n=service.scheduler.P)
     try:
         server = ThreadingHTTPServer((host, port), make_handler(service, parse_options=options,
                                                                  max_body_bytes=max_body_bytes))
