@@ -113,6 +113,27 @@ def test_streamed_pieces_add_up_to_the_answer(server):
     assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 7
 
 
+def test_logprobs(server):
+    status, out = server.chat({"messages": _ask(), "logprobs": True, "top_logprobs": 2})
+    assert status == 200, out
+    choice = out["choices"][0]
+    entries = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in entries) == choice["message"]["content"] == "There is a blue star."
+    assert len(entries) == out["usage"]["completion_tokens"] - 1  # the end-of-turn token is not content
+    for e in entries:
+        assert e["logprob"] <= 0 and bytes(e["bytes"]).decode() == e["token"]
+        assert len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"] == e["token"]  # greedy
+        assert e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"])
+        assert e["top_logprobs"][1]["logprob"] <= e["logprob"]
+    status, events = server.chat({"messages": _ask(), "logprobs": True, "top_logprobs": 2, "stream": True})
+    streamed = [x for ev in events[:-1] for c in ev["choices"] for x in (c["logprobs"] or {}).get("content", [])]
+    assert status == 200 and streamed == entries
+    status, out = server.chat({"messages": _ask(), "logprobs": True})
+    assert out["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
+    status, out = server.chat({"messages": _ask()})
+    assert out["choices"][0]["logprobs"] is None
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_n_choices(server, stream):
     def choices(**kw):
@@ -204,7 +225,9 @@ BAD = [
     ({"messages": _ask(), "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop' must be"),
     ({"messages": _ask(), "stop": [""]}, 400, "'stop' must be"),
     ({"messages": _ask(), "stream": "yes"}, 400, "'stream' must be true or false"),
-    ({"messages": _ask(), "logprobs": True}, 400, "'logprobs': True is not supported"),
+    ({"messages": _ask(), "logprobs": "yes"}, 400, "'logprobs' must be true or false"),
+    ({"messages": _ask(), "top_logprobs": 2}, 400, "'top_logprobs' needs \"logprobs\": true"),
+    ({"messages": _ask(), "logprobs": True, "top_logprobs": 21}, 400, "'top_logprobs' must be a whole number in [0, 20]"),
     ({"messages": _ask(), "n": True}, 400, "'n' must be a whole number >= 1"),
     ({"messages": _ask(), "max_tokens": float("inf")}, 400, "'max_tokens' must be a whole number"),
     ({"messages": _ask(), "seed": 2**70}, 400, "'seed' must be a whole number in [0, "),

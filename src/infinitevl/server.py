@@ -14,6 +14,7 @@ generated.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import select
@@ -31,6 +32,7 @@ from pathlib import Path
 from .chat import TextStream, chat_inputs
 from .inference.request import answer_stop_ids
 from .inference.sampling import MAX_TEMPERATURE, SamplingParams
+from .inference.engine import MAX_TOP_LOGPROBS
 from .inference.scheduler import SchedulerClosed
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
@@ -41,10 +43,9 @@ ITEM_OPTIONS = {"image": ("min_pixels", "max_pixels", "resized_height", "resized
                 "video": ("fps", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames",
                           "resized_height", "resized_width", "sample_fps")}
 READ_FIELDS = ("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-               "stop", "stream", "stream_options", "n")
+               "stop", "stream", "stream_options", "n", "logprobs", "top_logprobs")
 # Fields OpenAI clients send that change nothing here when they hold these values (other values are refused).
-DEFAULT_ONLY = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
-                "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
+DEFAULT_ONLY = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
                 "response_format": ({"type": "text"},)}
 IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 
@@ -75,6 +76,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     n: int = 1  # answers (choices) to generate for the prompt
+    top_logprobs: int | None = None  # None: no logprobs; K: each token's logprob and its K likeliest alternatives
 
 
 # ---- reading a request ----
@@ -144,9 +146,16 @@ def parse_request(body, *, served: str, defaults: SamplingParams, default_max_to
             not isinstance(options.get("include_usage", False), bool):
         raise RequestError("'stream' must be true or false and 'stream_options' at most {\"include_usage\": bool}",
                            param="stream")
+    logprobs = body.get("logprobs", False)
+    if not isinstance(logprobs, bool):
+        raise RequestError(f"'logprobs' must be true or false, got {logprobs!r:.100}", param="logprobs")
+    top = _number(body, "top_logprobs", None, whole=True, lo=0, hi=MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise RequestError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
     return ChatRequest(messages=chat_messages(body.get("messages"), media), max_tokens=max_tokens,
                        sampling=sampling, stop=stop, seed=seed, stream=stream,
-                       include_usage=bool(options.get("include_usage")), n=n)
+                       include_usage=bool(options.get("include_usage")), n=n,
+                       top_logprobs=(top or 0) if logprobs else None)
 
 
 def chat_messages(messages, media: MediaRules = MediaRules()) -> list[dict]:
@@ -277,7 +286,7 @@ class ChatService:
             for i in range(req.n):
                 seed = None if req.seed is None else (req.seed + i) % 2**63
                 ticket = self.scheduler.submit(input_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
-                                               seed=seed, **vision)
+                                               seed=seed, logprobs=req.top_logprobs, **vision)
                 answers.append(Answer(self, req, int(input_ids.shape[1]), ticket))
         except BaseException:
             cancel(answers)
@@ -297,6 +306,23 @@ class Answer:
     def __init__(self, service: ChatService, req: ChatRequest, prompt_tokens: int, ticket):
         self.service, self.req, self.ticket = service, req, ticket
         self.prompt_tokens, self.completion_tokens, self.finish_reason = prompt_tokens, 0, "length"
+        self.logprobs: list[dict] = []  # OpenAI's logprobs.content entries of the answer's tokens (with logprobs)
+        self._sent_logprobs = 0
+
+    def take_logprobs(self) -> dict | None:
+        """The choice's `logprobs` field for a streamed chunk: the entries since the last call (None without)."""
+        if self.req.top_logprobs is None:
+            return None
+        new, self._sent_logprobs = self.logprobs[self._sent_logprobs:], len(self.logprobs)
+        return {"content": new}
+
+    def _record_logprobs(self, k: int) -> None:
+        """Token k's entry (from the ticket, filled before the token was handed out)."""
+        tok = self.service.processor.tokenizer
+        lp, top = self.ticket.token_logprobs[k]
+        entry = token_entry(tok, self.ticket_tokens[k], lp)
+        entry["top_logprobs"] = [token_entry(tok, t, v) for t, v in top]
+        self.logprobs.append(entry)
 
     def text(self) -> Iterator[str]:
         """The answer as it grows. Closing it early (a client that leaves) cancels the generation. With stop
@@ -305,12 +331,16 @@ class Answer:
         text = TextStream(self.service.processor.tokenizer)
         held = max((len(s) for s in req.stop), default=1) - 1
         out, sent, cut = "", 0, None
+        self.ticket_tokens = []
         try:
             for token in self.ticket:
                 self.completion_tokens += 1
+                self.ticket_tokens.append(token)
                 if token in stops:
                     self.finish_reason = "stop"
                     break
+                if self.req.top_logprobs is not None:
+                    self._record_logprobs(len(self.ticket_tokens) - 1)
                 out += text.push(token)
                 cut = _first_stop(out, req.stop)
                 if cut is not None:
@@ -330,6 +360,34 @@ class Answer:
         out = out if cut is None else out[:cut]
         if len(out) > sent:
             yield out[sent:]
+
+
+def token_entry(tokenizer, token_id: int, logprob: float) -> dict:
+    """OpenAI's {token, logprob, bytes} for one token: its UTF-8 bytes (a byte-level BPE token, as Qwen's, may hold
+    part of a character; its text then shows U+FFFD)."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    decoder = _byte_decoder(tokenizer)
+    if decoder and isinstance(piece, str) and piece and all(c in decoder for c in piece) and \
+            int(token_id) not in tokenizer.all_special_ids:
+        raw = bytes(decoder[c] for c in piece)
+    else:
+        raw = tokenizer.decode([int(token_id)]).encode()
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprob), "bytes": list(raw)}
+
+
+def _byte_decoder(tokenizer) -> dict[str, int] | None:
+    """Token character -> byte, for a byte-level BPE tokenizer (None for another kind: tokens are then decoded)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
+        return None
+    return _BYTE_LEVEL()
+
+
+@functools.cache
+def _BYTE_LEVEL() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
@@ -460,7 +518,7 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
                 return self._error(500, f"internal error: {type(e).__name__}: {e}")
             self._json(200, {**self._head(created, rid), "object": "chat.completion", "choices": [
                 {"index": i, "message": {"role": "assistant", "content": content},
-                 "finish_reason": answer.finish_reason, "logprobs": None}
+                 "finish_reason": answer.finish_reason, "logprobs": answer.take_logprobs()}
                 for i, (answer, content) in enumerate(zip(answers, contents))], "usage": _usage(answers)})
 
         def _stream(self, answers: list[Answer]) -> None:
@@ -473,8 +531,9 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
                 self.wfile.write(f"data: {data}\n\n".encode())
                 self.wfile.flush()
 
-            def chunk(i: int, delta: dict, finish=None) -> dict:
-                return {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            def chunk(i: int, delta: dict, finish=None, logprobs=None) -> dict:
+                return {**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish,
+                                             "logprobs": logprobs}]}
 
             pieces = None
             try:
@@ -487,8 +546,8 @@ def make_handler(service: ChatService, *, parse_options: dict, max_body_bytes: i
                     pieces = answer.text()
                     send(chunk(i, {"role": "assistant", "content": ""}))
                     for piece in pieces:
-                        send(chunk(i, {"content": piece}))
-                    send(chunk(i, {}, answer.finish_reason))
+                        send(chunk(i, {"content": piece}, logprobs=answer.take_logprobs()))
+                    send(chunk(i, {}, answer.finish_reason, logprobs=answer.take_logprobs()))
                 if answers[0].req.include_usage:
                     send({**head, "choices": [], "usage": _usage(answers)})
                 send("[DONE]")

@@ -40,3 +40,28 @@ def test_graph_batch_equals_each_request_alone(shipped, prefill_chunk):
         assert all(1 <= len(list(t)) <= 8 for t in hot)
         assert [list(t) for t in again] == want[2:4]
     assert got == want
+
+
+def test_graph_logprobs_are_the_models(shipped):
+    """The captured ":logprobs" steps record each token's log-probability and alternatives (a row without
+    logprobs beside it unchanged)."""
+    import torch
+
+    model, prompts = shipped
+    engine = Engine(model, max_batch_size=1)
+    (ids, vision), other = prompts[0], prompts[1]
+    want = engine.generate(ids, max_new_tokens=10, stop_token_ids=[EOS], **vision)[0].tolist()
+    want = want[: want.index(EOS) + 1] if EOS in want else want
+    want_other = engine.generate(other[0], max_new_tokens=10, stop_token_ids=[EOS], **other[1])[0].tolist()
+    want_other = want_other[: want_other.index(EOS) + 1] if EOS in want_other else want_other
+    with Scheduler(Engine(model, max_batch_size=4), stop_token_ids=[EOS], max_batch_size=4) as sched:
+        t = sched.submit(ids, max_new_tokens=10, logprobs=3, **vision)
+        plain = sched.submit(other[0], max_new_tokens=10, **other[1])
+        assert [list(t), list(plain)] == [want, want_other]
+    full = torch.cat([ids, torch.tensor([want[:-1]], device=ids.device)], dim=1)
+    with torch.no_grad():
+        ref = model(full, **vision)[0, ids.shape[1] - 1:].float().log_softmax(-1)
+    assert len(t.token_logprobs) == len(want)
+    for k, (token, (lp, top)) in enumerate(zip(want, t.token_logprobs)):
+        assert lp == pytest.approx(float(ref[k, token]), abs=2e-2)  # fla kernels round to TF32
+        assert top[0][0] == token and [i for i, _ in top][:1] == ref[k].topk(1).indices.tolist()

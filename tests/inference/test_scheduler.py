@@ -158,6 +158,31 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(shipp
     assert list(_submit(sched, prompts[1], 4)) == _alone(model, prompts[1], 4, stops=())
 
 
+def test_logprobs_are_the_models(shipped, schedulers):
+    """Each token's log-probability and alternatives equal a forward over the prompt and the answer; a row with
+    logprobs beside one without changes neither's tokens."""
+    model, prompts = shipped
+    sched = schedulers(model, 4, [EOS])
+    want = [_alone(model, p, 10) for p in prompts[:2]]
+    with_lp, plain = _submit(sched, prompts[0], 10, logprobs=3), _submit(sched, prompts[1], 10)
+    assert [list(with_lp), list(plain)] == want
+    assert plain.token_logprobs == [] and len(with_lp.token_logprobs) == len(want[0])
+    ids, vision = prompts[0]
+    full = torch.cat([ids, torch.tensor([want[0][:-1]])], dim=1)
+    with torch.no_grad():
+        ref = model(full, **vision)[0, ids.shape[1] - 1:].float().log_softmax(-1)
+    for k, (token, (lp, top)) in enumerate(zip(want[0], with_lp.token_logprobs)):
+        assert lp == pytest.approx(float(ref[k, token]), abs=1e-4)
+        assert len(top) == 3 and top[0][0] == token  # greedy: the token is the likeliest
+        assert [t for t, _ in top] == ref[k].topk(3).indices.tolist()
+        assert [v for _, v in top] == pytest.approx(ref[k].topk(3).values.tolist(), abs=1e-4)
+    hot = _submit(sched, prompts[2], 6, sampling=SamplingParams(temperature=2.0), logprobs=0)
+    got = list(hot)
+    assert len(hot.token_logprobs) == len(got) and all(top == [] and lp <= 0 for lp, top in hot.token_logprobs)
+    with pytest.raises(ValueError, match="logprobs must be in"):
+        _submit(sched, prompts[0], 3, logprobs=21)
+
+
 def test_sampled_and_greedy_rows_share_a_batch(shipped, schedulers):
     model, prompts = shipped
     want = [_alone(model, p, 10) for p in prompts[:2]]

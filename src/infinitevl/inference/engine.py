@@ -26,6 +26,7 @@ from .request import check_rows, check_state, decode_options, prompt_inputs, req
 from .sampling import MIN_TEMPERATURE, SamplingParams
 
 MAX_STOP_TOKENS = 16
+MAX_TOP_LOGPROBS = 20  # alternatives a step with log-probabilities records per row (OpenAI's top_logprobs limit)
 BEGIN_OPTIONS = ("sampling", "stop_token_ids", "pad_token_id", "prefill_chunk_size")  # begin's keywords besides the prompt
 
 
@@ -51,6 +52,18 @@ def sample_rows(
     return torch.where(temperature_P == 0, greedy, sampled)
 
 
+def token_logprobs(logits_PV: torch.Tensor, token_P: torch.Tensor, logprob_P: torch.Tensor, top_ids_PK: torch.Tensor,
+                   top_logprobs_PK: torch.Tensor) -> None:
+    """Writes each row's log-probability of `token_P` and its K likeliest tokens with theirs (K = the outputs'
+    width), under the model's distribution (float32 log-softmax of the logits, before temperature and top-k/p,
+    as OpenAI and vLLM report them). No host syncs."""
+    lp = logits_PV.float().log_softmax(-1)
+    logprob_P.copy_(lp.gather(-1, token_P[:, None])[:, 0])
+    values, ids = lp.topk(top_ids_PK.shape[1], dim=-1)
+    top_ids_PK.copy_(ids)
+    top_logprobs_PK.copy_(values)
+
+
 @dataclass
 class _Slot:
     state: InferenceState
@@ -62,7 +75,11 @@ class _Slot:
     temperature: torch.Tensor  # [P] float32
     top_k: torch.Tensor  # [P] long
     top_p: torch.Tensor  # [P] float32
-    steps: dict = field(default_factory=dict)  # "greedy" | "sample" -> captured (or eager) step
+    logprob: torch.Tensor  # [P] float32: the new token's log-probability (steps of a ":logprobs" kind write it)
+    top_ids: torch.Tensor  # [P, MAX_TOP_LOGPROBS] long: the likeliest tokens, best first (idem)
+    top_logprobs: torch.Tensor  # [P, MAX_TOP_LOGPROBS] float32: their log-probabilities (idem)
+    # "greedy" | "sample", optionally + ":logprobs" -> captured (or eager) step
+    steps: dict = field(default_factory=dict)
     owner: object = None  # the Decoding that runs in this slot now (a later begin takes the slot over)
 
 
@@ -185,10 +202,12 @@ class Engine:
         state.seen.add_(slot.live[:, 0])
         state.next_position.add_(slot.live[:, 0])
         logits = linear(hidden[:, -1], model.lm_head.weight, backend=self.backend)
-        if kind == "greedy":
+        if kind.startswith("greedy"):
             nxt = logits.argmax(-1)
         else:
             nxt = sample_rows(logits, slot.temperature, slot.top_k, slot.top_p)
+        if kind.endswith(":logprobs"):
+            token_logprobs(logits, nxt, slot.logprob, slot.top_ids, slot.top_logprobs)
         nxt = torch.where(slot.done, slot.pad, nxt)
         slot.done.logical_or_((nxt[:, None] == slot.stops[None, :]).any(-1))
         slot.tok.copy_(nxt)
@@ -207,6 +226,9 @@ class Engine:
                 temperature=torch.zeros(P, dtype=torch.float32, device=dev),
                 top_k=torch.zeros(P, dtype=torch.long, device=dev),
                 top_p=torch.ones(P, dtype=torch.float32, device=dev),
+                logprob=torch.zeros(P, dtype=torch.float32, device=dev),
+                top_ids=torch.zeros(P, MAX_TOP_LOGPROBS, dtype=torch.long, device=dev),
+                top_logprobs=torch.zeros(P, MAX_TOP_LOGPROBS, dtype=torch.float32, device=dev),
             )
             self._slots[P] = slot
         if kind not in slot.steps:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Engine, sample_rows
+from .engine import MAX_TOP_LOGPROBS, Engine, sample_rows, token_logprobs
 from .request import prompt_inputs, whole_number
 from .sampling import SamplingParams
 
@@ -44,7 +44,8 @@ PREFILL_CHUNK = 2048  # default tokens of prefill between two decode steps (spli
 @dataclass(eq=False)  # a request is itself: equal only to itself
 class Ticket:
     """A submitted request: iterate it for its new token ids (the stop token included, when one ends it);
-    `cancel()` frees its row at the next step. An error of the generation is raised by the iteration."""
+    `cancel()` frees its row at the next step. An error of the generation is raised by the iteration. With
+    `logprobs`, `token_logprobs[i]` holds token i's entry once token i has been handed out."""
 
     input_ids: torch.Tensor
     vision: dict
@@ -54,6 +55,9 @@ class Ticket:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     solo: bool = False  # prefilled alone (set when its group failed, to find whose prompt it was)
+    logprobs: int | None = None  # None: none; K: each token's log-probability and the K likeliest alternatives
+    # (logprob, [(token id, logprob), ...K]) of each token, appended before the token is handed out
+    token_logprobs: list = field(default_factory=list, repr=False)
 
     @property
     def exclusive(self) -> bool:
@@ -95,9 +99,10 @@ class Scheduler:
         self.prefill_chunk = whole_number(prefill_chunk, "prefill_chunk", 1)
         self.stops = list(stop_token_ids)
         engine.bucket(self.P)  # max_batch_size within the engine's
-        # both step kinds captured now: capturing later would reset the rows in flight
+        # every step kind captured now: capturing later would reset the rows in flight
         self.slot = engine._slot(self.P, "greedy")
-        engine._slot(self.P, "sample")
+        for kind in ("sample", "greedy:logprobs", "sample:logprobs"):
+            engine._slot(self.P, kind)
         self.slot.owner = self  # any other generation on this engine's bucket is refused
         self.slot.state.reset()
         self.slot.done.fill_(True)
@@ -118,15 +123,22 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, input_ids_BT: torch.Tensor, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-               seed: int | None = None, **vision) -> Ticket:
-        """Queues one prompt ([1, T] ids and its vision inputs); checked here (a ValueError names the problem)."""
+               seed: int | None = None, logprobs: int | None = None, **vision) -> Ticket:
+        """Queues one prompt ([1, T] ids and its vision inputs); checked here (a ValueError names the problem).
+        logprobs=K (0..MAX_TOP_LOGPROBS) records each new token's log-probability and its K likeliest
+        alternatives in `Ticket.token_logprobs`."""
         ids, mask, vision = prompt_inputs(input_ids_BT, None, vision)
         if ids.shape[0] != 1:
             raise ValueError(f"submit takes one prompt ([1, T] ids), got {ids.shape[0]} rows: submit each")
         self.engine._check_request(ids, mask, None, sampling, self.stops, 0, None)
         if seed is not None:
             seed = whole_number(seed, "seed", 0)
-        ticket = Ticket(ids, vision, sampling, whole_number(max_new_tokens, "max_new_tokens", 1), seed)
+        if logprobs is not None:
+            logprobs = whole_number(logprobs, "logprobs", 0)
+            if logprobs > MAX_TOP_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {logprobs}")
+        ticket = Ticket(ids, vision, sampling, whole_number(max_new_tokens, "max_new_tokens", 1), seed,
+                        logprobs=logprobs)
         with self.wake:
             if self.closed:
                 raise SchedulerClosed("this scheduler was closed: make a new one")
@@ -286,10 +298,14 @@ class Scheduler:
                 torch.manual_seed(t.seed)
             firsts.append(int(sample_rows(logits[j:j + 1], slot.temperature[i:i + 1], slot.top_k[i:i + 1],
                                           slot.top_p[i:i + 1])[0]))
+        entries = [self._first_logprobs(logits[j], token, t.logprobs) if t.logprobs is not None else None
+                   for j, (t, token) in enumerate(zip(group, firsts))]
         for j, (t, i, token) in enumerate(zip(group, rows, firsts)):
             if t.cancelled.is_set():
                 t.out.put(_END)
                 continue
+            if entries[j] is not None:
+                t.token_logprobs.append(entries[j])
             t.out.put(token)
             if token in self.stops or t.max_new_tokens == 1:
                 t.out.put(_END)
@@ -299,14 +315,28 @@ class Scheduler:
             slot.done[i] = False
             self.rows[i], self.counts[i] = t, 1
 
+    @staticmethod
+    def _first_logprobs(logits_V: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+        """A first token's logprobs entry (from the prefill's logits), as the steps record them."""
+        dev = logits_V.device
+        lp = torch.zeros(1, device=dev)
+        ids = torch.zeros(1, MAX_TOP_LOGPROBS, dtype=torch.long, device=dev)
+        top = torch.zeros(1, MAX_TOP_LOGPROBS, device=dev)
+        token_logprobs(logits_V[None], torch.tensor([token], device=dev), lp, ids, top)
+        return float(lp[0]), list(zip(ids[0, :k].tolist(), top[0, :k].tolist()))
+
     @torch.no_grad()
     def _step(self) -> None:
         live = [t for t in self.rows if t is not None]
         kind = "greedy" if all(t.sampling.temperature == 0 for t in live) else "sample"
+        with_logprobs = any(t.logprobs is not None for t in live)
+        kind += ":logprobs" if with_logprobs else ""
         t0 = time.perf_counter()
         try:
             self.slot.steps[kind]()
             tokens = self.slot.tok.tolist()
+            if with_logprobs:
+                lps, ids, tops = (x.tolist() for x in (self.slot.logprob, self.slot.top_ids, self.slot.top_logprobs))
             self.stats["steps"] += 1
             self.stats["row_steps"] += len(live)
             self.stats["step_s"] += time.perf_counter() - t0
@@ -320,6 +350,8 @@ class Scheduler:
             if t is None:
                 continue
             self.counts[i] += 1
+            if t.logprobs is not None:
+                t.token_logprobs.append((lps[i], list(zip(ids[i][: t.logprobs], tops[i][: t.logprobs]))))
             t.out.put(tokens[i])
             if tokens[i] in self.stops or self.counts[i] >= t.max_new_tokens or t.cancelled.is_set():
                 t.out.put(_END)
