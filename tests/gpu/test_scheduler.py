@@ -58,7 +58,7 @@ def test_graph_logprobs_are_the_models(shipped):
         t = sched.submit(ids, max_new_tokens=10, logprobs=3, **vision)
         plain = sched.submit(other[0], max_new_tokens=10, **other[1])
         assert [list(t), list(plain)] == [want, want_other]
-    full = torch.cat([ids, torch.tensor([want[:-1]], device=ids.device)], dim=1)
+    full = torch.cat([ids.cpu(), torch.tensor([want[:-1]])], dim=1).to(model.lm_head.weight.device)
     with torch.no_grad():
         ref = model(full, **vision)[0, ids.shape[1] - 1:].float().log_softmax(-1)
     assert len(t.token_logprobs) == len(want)
