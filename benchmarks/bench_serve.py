@@ -12,7 +12,7 @@ each round (the scheduler runs in its own thread), synchronised at the end.
 
 Then the cost of a long prompt arriving while others decode: N-1 requests are generating when one
 --long-prompt-tokens prompt arrives; for each --prefill-chunk (0: the whole prompt in one forward, no decode
-step in between) it reports the longest pause between two tokens of the decoding requests while the long prompt
+step in between, as the scheduler did before in 8,192-token forwards) it reports the longest pause between two tokens of the decoding requests while the long prompt
 goes in, and the long prompt's time to its first token (median of --repeats). Prints tables and one JSON line.
 """
 from __future__ import annotations
@@ -101,8 +101,7 @@ def interference(model, n: int, short: list, long: torch.Tensor, chunk: int, rep
     gaps, firsts = [], []
     with Scheduler(Engine(model, max_batch_size=n), stop_token_ids=[], max_batch_size=n,
                    prefill_chunk=chunk or long.shape[1]) as sched:
-        list(sched.submit(long, max_new_tokens=2))  # warm-up: graphs, the chunk shapes
-        for _ in range(repeats + 1):
+        for _ in range(repeats + 1):  # the first round warms up (the chunk shapes), and is dropped
             tickets = [sched.submit(ids, max_new_tokens=10**6) for ids in short[: n - 1]]
             stamps = [[] for _ in tickets]
 
@@ -113,7 +112,10 @@ def interference(model, n: int, short: list, long: torch.Tensor, chunk: int, rep
             threads = [threading.Thread(target=read, args=(k,)) for k in range(len(tickets))]
             for th in threads:
                 th.start()
+            deadline = time.perf_counter() + 600
             while min(map(len, stamps)) < 8:  # all decoding
+                if time.perf_counter() > deadline or not all(th.is_alive() for th in threads):
+                    raise SystemExit("the decoding requests did not start (or ended): see the scheduler's error")
                 time.sleep(0.005)
             t = time.perf_counter()
             it = iter(sched.submit(long, max_new_tokens=1))
@@ -169,7 +171,7 @@ def main(argv=None) -> dict:
         with Scheduler(Engine(model, max_batch_size=n), stop_token_ids=[], max_batch_size=n) as sched:
             batched(sched, prompts, 4, device)  # warm-up: graphs, kernels (every prefill group shape of the rounds)
             sequential(one, prompts[:1], 4, device)
-            sched.stats.update(prefills=0, prefill_s=0.0, steps=0, step_s=0.0, row_steps=0)
+            sched.stats.update(prefills=0, prefill_chunks=0, prefill_s=0.0, steps=0, step_s=0.0, row_steps=0)
             rounds = [batched(sched, prompts, G, device) for _ in range(args.repeats)]
             st = dict(sched.stats)
         seq = statistics.median(sequential(one, prompts, G, device) for _ in range(max(1, args.repeats // 2)))
@@ -183,10 +185,13 @@ def main(argv=None) -> dict:
                "rows_per_step": round(st["row_steps"] / max(st["steps"], 1), 1)}
         res["rows"].append(row)
     L = args.long_prompt_tokens or (256 if tiny else 16384)
-    n = max(ns)
+    n = max(max(ns), 2)  # n - 1 requests decode beside the long prompt
     long = torch.randint(0, vocab, (1, L), generator=g)
     long[torch.isin(long, specials)] = 0
-    short = [ids.to(device) for ids in prompts]
+    short = [torch.randint(0, vocab, (1, T), generator=g) for _ in range(n - 1)]
+    for ids in short:
+        ids[torch.isin(ids, specials)] = 0
+    short = [ids.to(device) for ids in short]
     res["long_prompt_tokens"], res["decoding_requests"] = L, n - 1
     res["interference"] = [interference(model, n, short, long.to(device), c, args.repeats, device)
                            for c in (args.prefill_chunk if args.prefill_chunk is not None else [0, 64] if tiny else [0, 2048, 512])]

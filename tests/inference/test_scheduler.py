@@ -271,3 +271,34 @@ def test_a_broken_scheduler_fails_its_requests_instead_of_hanging(shipped, sched
     with pytest.raises(SchedulerClosed):
         _submit(sched, prompts[4], 4)
     assert sched.status()["closed"]  # what the server's /health reports (503)
+
+
+def test_a_failure_setting_up_or_starting_a_group_loses_no_request(shipped, texts, schedulers, monkeypatch):
+    """A device error while a group's prefill is set up reaches its request; one while the group's states are
+    copied into their rows hands out nothing, and the prompts retried alone get their own tokens once."""
+    model, _ = shipped
+    sched = schedulers(model, 4, [EOS])
+    real = sched.scratch.rows
+
+    def broken(a, b):
+        raise RuntimeError("CUDA error (simulated)")
+
+    monkeypatch.setattr(sched.scratch, "rows", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(_submit(sched, texts[0], 4))
+    copies = []
+
+    def flaky(a, b):
+        if b - a == 1:  # the per-request copies into the batch rows
+            copies.append(a)
+            if len(copies) == 2:
+                raise RuntimeError("CUDA error (simulated) copying the second row")
+        return real(a, b)
+
+    monkeypatch.setattr(sched.scratch, "rows", flaky)
+    want = [_alone(model, p, 6) for p in texts[:2]]
+    with sched.wake:  # both wait before the scheduler looks: they are prefilled as one group
+        tickets = [_submit(sched, p, 6) for p in texts[:2]]
+    assert [list(t) for t in tickets] == want
+    assert copies[:2] == [0, 1]  # the group's two copies (the second failed); then each went in alone
+    assert all(r is None for r in sched.rows) and not sched.status()["closed"]

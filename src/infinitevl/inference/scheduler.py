@@ -206,7 +206,8 @@ class Scheduler:
 
     def _take(self) -> list[Ticket]:
         """The waiting requests to start now, in order: text prompts together (as many as there are free rows,
-        at most PREFILL_GROUP), a prompt with vision inputs or a seeded sampling request alone."""
+        at most PREFILL_GROUP), a prompt with vision inputs, one longer than prefill_chunk or a seeded sampling
+        request alone."""
         group: list[Ticket] = []
         with self.wake:
             busy = [t for t in self.rows if t is not None]
@@ -218,7 +219,8 @@ class Scheduler:
                 if head.cancelled.is_set():
                     self.waiting.popleft().out.put(_END)
                     continue
-                alone = head.exclusive or head.solo or any(v is not None for v in head.vision.values())
+                alone = (head.exclusive or head.solo or any(v is not None for v in head.vision.values())
+                         or head.input_ids.shape[1] > self.prefill_chunk)  # padding others to it would waste chunks
                 if alone and (group or (head.exclusive and busy)):
                     break
                 group.append(self.waiting.popleft())
@@ -227,10 +229,26 @@ class Scheduler:
         return group
 
     def _begin(self) -> None:
-        """Takes the next group and sets up its prefill (left-padded into the scratch rows); nothing runs yet."""
+        """Takes the next group and sets up its prefill (left-padded into the scratch rows)."""
         group = self._take()
-        if not group:
+        if group:
+            try:
+                self._setup(group)
+            except Exception as e:
+                self._failed(group, e)
+
+    def _failed(self, group: list[Ticket], error: Exception) -> None:
+        """A group whose prefill failed (none of it was handed out): a lone request gets the error; a group's
+        requests are retried alone, at the front of the queue, to find whose prompt it was."""
+        if len(group) == 1:
+            group[0].out.put(error)
             return
+        with self.wake:
+            for t in reversed(group):
+                t.solo = True
+                self.waiting.appendleft(t)
+
+    def _setup(self, group: list[Ticket]) -> None:
         k = len(group)
         scratch = self.scratch.rows(0, k)
         scratch.reset()
@@ -273,14 +291,10 @@ class Scheduler:
                 self._start(p.group, p.logits)
         except Exception as e:  # a request's own failure (e.g. its prompt): find whose, the others go on
             self.pending = None
-            if len(p.group) == 1:
-                p.group[0].out.put(e)
-            else:
-                with self.wake:
-                    for t in reversed(p.group):
-                        t.solo = True
-                        self.waiting.appendleft(t)
+            self._failed(p.group, e)
         finally:
+            if self.engine.device.type == "cuda":  # the chunk's GPU time, not the next step's
+                torch.cuda.synchronize(self.engine.device)
             self.stats["prefill_s"] += time.perf_counter() - t0
 
     def _start(self, group: list[Ticket], logits: torch.Tensor) -> None:
@@ -300,20 +314,31 @@ class Scheduler:
                                           slot.top_p[i:i + 1])[0]))
         entries = [self._first_logprobs(logits[j], token, t.logprobs) if t.logprobs is not None else None
                    for j, (t, token) in enumerate(zip(group, firsts))]
+        goes_on = [not t.cancelled.is_set() and token not in self.stops and t.max_new_tokens > 1
+                   for t, token in zip(group, firsts)]
+        try:  # every device write before any token is handed out: a failure leaves nothing half-done
+            for j, i in enumerate(rows):
+                if goes_on[j]:
+                    slot.state.rows(i, i + 1).copy_(self.scratch.rows(j, j + 1))
+                    slot.tok[i] = firsts[j]
+                    slot.done[i] = False
+        except Exception:
+            try:
+                slot.done[rows] = True
+            except Exception:
+                pass  # a broken device: the step fails next and ends the rows in flight
+            raise
         for j, (t, i, token) in enumerate(zip(group, rows, firsts)):
-            if t.cancelled.is_set():
+            if t.cancelled.is_set() and not goes_on[j]:  # cancelled while its prompt went in
                 t.out.put(_END)
                 continue
             if entries[j] is not None:
                 t.token_logprobs.append(entries[j])
             t.out.put(token)
-            if token in self.stops or t.max_new_tokens == 1:
+            if goes_on[j]:
+                self.rows[i], self.counts[i] = t, 1
+            else:
                 t.out.put(_END)
-                continue
-            slot.state.rows(i, i + 1).copy_(self.scratch.rows(j, j + 1))
-            slot.tok[i] = token
-            slot.done[i] = False
-            self.rows[i], self.counts[i] = t, 1
 
     @staticmethod
     def _first_logprobs(logits_V: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
