@@ -182,7 +182,8 @@ def main(argv=None) -> dict:
                "speedup": round(seq / wall, 2), "median_first_token_s": round(first, 4),
                "prefill_ms_per_request": round(1e3 * st["prefill_s"] / max(st["prefills"], 1), 2),
                "step_ms": round(1e3 * st["step_s"] / max(st["steps"], 1), 3),
-               "rows_per_step": round(st["row_steps"] / max(st["steps"], 1), 1)}
+               "rows_per_step": round(st["row_steps"] / max(st["steps"], 1), 1),
+               "scheduler_stats": {k: round(v, 4) if isinstance(v, float) else v for k, v in st.items()}}
         res["rows"].append(row)
     L = args.long_prompt_tokens or (256 if tiny else 16384)
     n = max(max(ns), 2)  # n - 1 requests decode beside the long prompt
