@@ -130,8 +130,25 @@ def test_logprobs(server):
     assert status == 200 and streamed == entries
     status, out = server.chat({"messages": _ask(), "logprobs": True})
     assert out["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
-    status, out = server.chat({"messages": _ask()})
-    assert out["choices"][0]["logprobs"] is None
+    for body in ({}, {"logprobs": None}, {"logprobs": False, "top_logprobs": 0}):  # OpenAI's "off" spellings
+        status, out = server.chat({"messages": _ask(), **body})
+        assert status == 200 and out["choices"][0]["logprobs"] is None
+    # A stop string: the entries are the content's tokens (not the one that begins the stop string); streamed,
+    # each chunk carries the entries of tokens whose text has been sent
+    for stream in (False, True):
+        status, out = server.chat({"messages": _ask(), "logprobs": True, "stop": " blue", "stream": stream})
+        assert status == 200
+        if stream:
+            text, joined = "", ""
+            for ev in out[:-1]:
+                for c in ev["choices"]:
+                    text += c["delta"].get("content") or ""
+                    joined += "".join(e["token"] for e in (c["logprobs"] or {}).get("content", []))
+                    assert text.startswith(joined)
+            assert (text, joined) == ("There is a", "There is a")
+        else:
+            tokens = [e["token"] for e in out["choices"][0]["logprobs"]["content"]]
+            assert tokens == ["There", " is", " a"] and out["choices"][0]["message"]["content"] == "There is a"
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -155,6 +172,7 @@ def test_n_choices(server, stream):
     first, _ = choices(**hot)
     assert len(first) == 2 and first[0] != first[1]  # choice i draws from seed + i
     assert choices(**hot)[0] == first
+    assert choices(**{**hot, "seed": 12, "n": 1})[0][0] != first[1]  # choice 1 of seed 11 is not seed 12's
 
 
 @pytest.mark.parametrize("stream", [False, True])

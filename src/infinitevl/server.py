@@ -132,8 +132,8 @@ def parse_request(body, *, served: str, defaults: SamplingParams, default_max_to
     seed = _number(body, "seed", None, whole=True, lo=0, hi=2**63 - 1)
     n = _number(body, "n", 1, whole=True, lo=1)
     if n > max_n:
-        raise RequestError(f"'n' is {n}, above this server's {max_n} (its --max-batch-size: the choices are "
-                           "generated together)", param="n")
+        raise RequestError(f"'n' is {n}, above this server's {max_n} (its --max-batch-size: each choice takes a "
+                           "row)", param="n")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not (isinstance(stop, list) and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
@@ -146,11 +146,12 @@ def parse_request(body, *, served: str, defaults: SamplingParams, default_max_to
             not isinstance(options.get("include_usage", False), bool):
         raise RequestError("'stream' must be true or false and 'stream_options' at most {\"include_usage\": bool}",
                            param="stream")
-    logprobs = body.get("logprobs", False)
+    logprobs = body.get("logprobs")
+    logprobs = False if logprobs is None else logprobs
     if not isinstance(logprobs, bool):
         raise RequestError(f"'logprobs' must be true or false, got {logprobs!r:.100}", param="logprobs")
     top = _number(body, "top_logprobs", None, whole=True, lo=0, hi=MAX_TOP_LOGPROBS)
-    if top is not None and not logprobs:
+    if top and not logprobs:
         raise RequestError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
     return ChatRequest(messages=chat_messages(body.get("messages"), media), max_tokens=max_tokens,
                        sampling=sampling, stop=stop, seed=seed, stream=stream,
@@ -272,7 +273,7 @@ class ChatService:
 
     def prepare(self, req: ChatRequest) -> list["Answer"]:
         """Decodes the media, expands the tokens, checks and queues the generation of the `req.n` answers (a
-        ValueError names what is wrong; then nothing is queued). With a seed, answer i draws from seed + i."""
+        ValueError names what is wrong; then nothing is queued). With a seed, see `choice_seed`."""
         from .media import process_vision_info
 
         if self.shipped:
@@ -284,7 +285,7 @@ class ChatService:
         answers = []
         try:
             for i in range(req.n):
-                seed = None if req.seed is None else (req.seed + i) % 2**63
+                seed = None if req.seed is None else choice_seed(req.seed, i)
                 ticket = self.scheduler.submit(input_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
                                                seed=seed, logprobs=req.top_logprobs, **vision)
                 answers.append(Answer(self, req, int(input_ids.shape[1]), ticket))
@@ -292,6 +293,16 @@ class ChatService:
             cancel(answers)
             raise
         return answers
+
+
+def choice_seed(seed: int, i: int) -> int:
+    """Choice i's seed: the request's for the first; for the others one drawn from (seed, i), so that choices of
+    neighbouring seeds do not repeat each other."""
+    if i == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, i]).generate_state(2, np.uint32).view(np.uint64)[0] >> np.uint64(1))
 
 
 def cancel(answers: list["Answer"]) -> None:
@@ -306,23 +317,32 @@ class Answer:
     def __init__(self, service: ChatService, req: ChatRequest, prompt_tokens: int, ticket):
         self.service, self.req, self.ticket = service, req, ticket
         self.prompt_tokens, self.completion_tokens, self.finish_reason = prompt_tokens, 0, "length"
-        self.logprobs: list[dict] = []  # OpenAI's logprobs.content entries of the answer's tokens (with logprobs)
-        self._sent_logprobs = 0
+        # OpenAI's logprobs.content entries (with logprobs): (start, end) of each token's text in the answer so far
+        # with its entry, until the text up to its end has been handed out; then ready to send
+        self._held: list[tuple[int, int, dict]] = []
+        self._ready: list[dict] = []
 
     def take_logprobs(self) -> dict | None:
-        """The choice's `logprobs` field for a streamed chunk: the entries since the last call (None without)."""
+        """The choice's `logprobs` field: the entries of the tokens whose text has been handed out since the last
+        call (None without logprobs). Stream chunks take them after each piece, a whole answer once at its end."""
         if self.req.top_logprobs is None:
             return None
-        new, self._sent_logprobs = self.logprobs[self._sent_logprobs:], len(self.logprobs)
+        new, self._ready = self._ready, []
         return {"content": new}
 
-    def _record_logprobs(self, k: int) -> None:
+    def _entry(self, k: int, token: int) -> dict:
         """Token k's entry (from the ticket, filled before the token was handed out)."""
         tok = self.service.processor.tokenizer
         lp, top = self.ticket.token_logprobs[k]
-        entry = token_entry(tok, self.ticket_tokens[k], lp)
+        entry = token_entry(tok, token, lp)
         entry["top_logprobs"] = [token_entry(tok, t, v) for t, v in top]
-        self.logprobs.append(entry)
+        return entry
+
+    def _release(self, upto: int) -> None:
+        """The held entries whose text ends within the first `upto` characters become ready."""
+        n = next((j for j, (_, end, _) in enumerate(self._held) if end > upto), len(self._held))
+        self._ready += [e for _, _, e in self._held[:n]]
+        del self._held[:n]
 
     def text(self) -> Iterator[str]:
         """The answer as it grows. Closing it early (a client that leaves) cancels the generation. With stop
@@ -331,24 +351,24 @@ class Answer:
         text = TextStream(self.service.processor.tokenizer)
         held = max((len(s) for s in req.stop), default=1) - 1
         out, sent, cut = "", 0, None
-        self.ticket_tokens = []
         try:
-            for token in self.ticket:
+            for k, token in enumerate(self.ticket):
                 self.completion_tokens += 1
-                self.ticket_tokens.append(token)
                 if token in stops:
                     self.finish_reason = "stop"
                     break
-                if self.req.top_logprobs is not None:
-                    self._record_logprobs(len(self.ticket_tokens) - 1)
+                start = len(out)
                 out += text.push(token)
+                if req.top_logprobs is not None:
+                    self._held.append((start, len(out), self._entry(k, token)))
                 cut = _first_stop(out, req.stop)
                 if cut is not None:
                     self.finish_reason = "stop"
                     break
                 if len(out) - held > sent:
-                    yield out[sent:len(out) - held]
-                    sent = len(out) - held
+                    piece, sent = out[sent:len(out) - held], len(out) - held
+                    self._release(sent)
+                    yield piece
         finally:
             self.ticket.cancel()  # a no-op once it has ended
         if cut is None:
@@ -358,6 +378,9 @@ class Answer:
             if cut is not None:
                 self.finish_reason = "stop"
         out = out if cut is None else out[:cut]
+        # the tokens of the content: not one that begins after a stop string's cut
+        self._ready += [e for start, _, e in self._held if cut is None or start < cut]
+        self._held = []
         if len(out) > sent:
             yield out[sent:]
 
@@ -372,7 +395,8 @@ def token_entry(tokenizer, token_id: int, logprob: float) -> dict:
         raw = bytes(decoder[c] for c in piece)
     else:
         raw = tokenizer.decode([int(token_id)]).encode()
-    return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprob), "bytes": list(raw)}
+    logprob = float(logprob) if math.isfinite(logprob) else -9999.0  # as OpenAI writes an impossible token's
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
 
 def _byte_decoder(tokenizer) -> dict[str, int] | None:
