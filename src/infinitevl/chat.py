@@ -8,6 +8,11 @@ import torch
 from .model.infinitevl import VISION_KEYS
 
 
+# tokens the chat format itself writes: in a message's text they would break the turns or the media count
+STRUCTURAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+              "<|vision_pad|>", "<|endoftext|>")
+
+
 def chat_inputs(processor, messages: list[dict], media: tuple, device) -> tuple[torch.Tensor, dict]:
     """(input_ids [1, T], vision inputs on `device`) for one conversation ending in a user turn.
     `media` = `infinitevl.media.process_vision_info(messages, return_video_kwargs=True)`."""

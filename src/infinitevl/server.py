@@ -29,7 +29,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .chat import TextStream, chat_inputs
+from .chat import STRUCTURAL, TextStream, chat_inputs
 from .inference.request import answer_stop_ids
 from .inference.sampling import MAX_TEMPERATURE, SamplingParams
 from .inference.engine import MAX_TOP_LOGPROBS
@@ -64,6 +64,7 @@ class MediaRules:
 
     media_dir: Path | None = None  # local files under this folder (resolved); None: no local file
     urls: bool = False  # http(s) URLs, fetched by the server
+    special_tokens: bool = False  # chat-format tokens (<|im_start|>, ...) written in a message's text pass through
 
 
 @dataclass
@@ -180,6 +181,14 @@ def chat_messages(messages, media: MediaRules = MediaRules()) -> list[dict]:
         elif not isinstance(content, str):
             raise RequestError(f"{where}: 'content' must be a string or a list of parts, got {content!r:.60}",
                                param="messages")
+        if not media.special_tokens:
+            texts = [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+            found = next((t for t in STRUCTURAL for x in texts if t in x), None)
+            if found:
+                raise RequestError(f"{where} contains {found} in its text: the chat format writes these tokens itself, "
+                                   "and in a message they would act as turns or media (give images and videos as "
+                                   "parts; a server started with --allow-special-tokens passes them through)",
+                                   param="messages")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "user":
         raise RequestError(f"the last message must be the user's (it is the {out[-1]['role']}'s): the server answers "
@@ -630,6 +639,9 @@ def serve_main(argv: list[str]) -> int:
                                                    "only (default: no local files; data: URIs and URLs only)")
     ap.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs named in requests (off: only "
                                                                "data: URIs and --media-dir files)")
+    ap.add_argument("--allow-special-tokens", action="store_true",
+                    help="pass chat-format tokens written in message text (<|im_start|>, <|image_pad|>, ...) through "
+                         "as the tokens they are, as vLLM does (default: such a request is refused with a 400)")
     ap.add_argument("--max-batch-size", type=int, default=8, help="requests generated together (more wait)")
     ap.add_argument("--prefill-chunk", type=int,
                     help="prompt tokens fed between two decode steps of the requests in flight (default 2048; "
@@ -666,6 +678,7 @@ def serve_main(argv: list[str]) -> int:
     service = ChatService(model, processor, name=name, device=device, shipped=is_shipped(args.model),
                           max_batch_size=args.max_batch_size, prefill_chunk=args.prefill_chunk)
     server = make_server(service, args.host, args.port, media_dir=media_dir, allow_urls=args.allow_urls,
+                         allow_special_tokens=args.allow_special_tokens,
                          default_max_tokens=args.max_tokens,
                          max_tokens_limit=args.max_tokens_limit, max_body_bytes=int(args.max_body_mb * 1e6),
                          defaults=generation_defaults(args.model))
@@ -683,6 +696,7 @@ def serve_main(argv: list[str]) -> int:
 
 
 def make_server(service: ChatService, host: str, port: int, *, media_dir: Path | None = None, allow_urls: bool = False,
+                allow_special_tokens: bool = False,
                 default_max_tokens: int = 512, max_tokens_limit: int = 8192, max_body_bytes: int = 100_000_000,
                 defaults: SamplingParams = SamplingParams()) -> ThreadingHTTPServer:
     """A threaded HTTP server around `service` (call serve_forever; port 0 picks a free port)."""
@@ -690,7 +704,8 @@ def make_server(service: ChatService, host: str, port: int, *, media_dir: Path |
         raise ValueError(f"the default max_tokens ({default_max_tokens}) must be in [1, max_tokens_limit="
                          f"{max_tokens_limit}]")
     options = dict(defaults=defaults, default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit,
-                   media=MediaRules(None if media_dir is None else Path(media_dir).resolve(), allow_urls),
+                   media=MediaRules(None if media_dir is None else Path(media_dir).resolve(), allow_urls,
+                                    allow_special_tokens),
                    max_n=service.scheduler.P)
     try:
         server = ThreadingHTTPServer((host, port), make_handler(service, parse_options=options,

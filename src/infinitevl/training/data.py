@@ -24,14 +24,12 @@ from typing import Any
 
 import torch
 
+from ..chat import STRUCTURAL
 from .vision_inputs import MediaError, VisionInputConfig, VisionInputs, image_size, load_frames, load_image, probe_video
 
 IGNORE = -100
 PLACEHOLDER = re.compile(r"(<image>|<video>)")
 ROLES = ("system", "user", "assistant")
-# tokens the format itself writes: in a record's text they would break the turns or the media count
-STRUCTURAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-              "<|vision_pad|>", "<|endoftext|>")
 
 
 class BadSample(ValueError):
