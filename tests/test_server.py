@@ -152,7 +152,7 @@ def test_logprobs(server):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_n_choices(server, stream):
+def test_n_choices(server, service, stream):
     def choices(**kw):
         status, out = server.chat({"messages": _ask(), "stream": stream, **kw})
         assert status == 200, out
@@ -165,6 +165,7 @@ def test_n_choices(server, stream):
                 by_index[c["index"]] = by_index.get(c["index"], "") + (c["delta"].get("content") or "")
         return [by_index[i] for i in sorted(by_index)], out[-2].get("usage")
 
+    before = service.scheduler.stats["prefills"]
     texts, usage = choices(n=3, stream_options={"include_usage": True} if stream else None)
     assert texts == ["There is a blue star."] * 3  # greedy: the same answer three times
     assert usage["completion_tokens"] == 3 * 7 and usage["total_tokens"] == usage["prompt_tokens"] + 21
@@ -173,6 +174,7 @@ def test_n_choices(server, stream):
     assert len(first) == 2 and first[0] != first[1]  # choice i draws from seed + i
     assert choices(**hot)[0] == first
     assert choices(**{**hot, "seed": 12, "n": 1})[0][0] != first[1]  # choice 1 of seed 11 is not seed 12's
+    assert service.scheduler.stats["prefills"] - before == 4  # one prefill a request, whatever its n
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -379,7 +381,7 @@ def test_a_client_that_leaves_cancels_its_generation(server, service, monkeypatc
         def cancel(self):
             cancelled.set()
 
-    monkeypatch.setattr(service.scheduler, "submit", lambda *a, **k: Forever())
+    monkeypatch.setattr(service.scheduler, "submit_choices", lambda *a, **k: [Forever()])
     body = json.dumps({"messages": _ask(), "stream": stream, "max_tokens": 64}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

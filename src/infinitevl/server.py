@@ -282,7 +282,7 @@ class ChatService:
 
     def prepare(self, req: ChatRequest) -> list["Answer"]:
         """Decodes the media, expands the tokens, checks and queues the generation of the `req.n` answers (a
-        ValueError names what is wrong; then nothing is queued). With a seed, see `choice_seed`."""
+        ValueError names what is wrong; then nothing is queued). The prompt goes in once for all the answers."""
         from .media import process_vision_info
 
         if self.shipped:
@@ -291,27 +291,10 @@ class ChatService:
             shipped_video_sizes(req.messages)
         media = process_vision_info(req.messages, return_video_kwargs=True)
         input_ids, vision = chat_inputs(self.processor, req.messages, media, self.device)
-        answers = []
-        try:
-            for i in range(req.n):
-                seed = None if req.seed is None else choice_seed(req.seed, i)
-                ticket = self.scheduler.submit(input_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
-                                               seed=seed, logprobs=req.top_logprobs, **vision)
-                answers.append(Answer(self, req, int(input_ids.shape[1]), ticket))
-        except BaseException:
-            cancel(answers)
-            raise
-        return answers
-
-
-def choice_seed(seed: int, i: int) -> int:
-    """Choice i's seed: the request's for the first; for the others one drawn from (seed, i), so that choices of
-    neighbouring seeds do not repeat each other."""
-    if i == 0:
-        return seed
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, i]).generate_state(2, np.uint32).view(np.uint64)[0] >> np.uint64(1))
+        tickets = self.scheduler.submit_choices(input_ids, n=req.n, max_new_tokens=req.max_tokens,
+                                                sampling=req.sampling, seed=req.seed, logprobs=req.top_logprobs,
+                                                **vision)
+        return [Answer(self, req, int(input_ids.shape[1]), t) for t in tickets]
 
 
 def cancel(answers: list["Answer"]) -> None:

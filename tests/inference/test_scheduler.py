@@ -183,6 +183,27 @@ def test_logprobs_are_the_models(shipped, schedulers):
         _submit(sched, prompts[0], 3, logprobs=21)
 
 
+def test_choices_share_one_prefill(shipped, schedulers):
+    model, prompts = shipped
+    sched = schedulers(model, 4, [EOS])
+    image = prompts[0]
+    want = _alone(model, image, 8)
+    choices = sched.submit_choices(image[0], n=3, max_new_tokens=8, **image[1])
+    assert [list(t) for t in choices] == [want] * 3
+    assert sched.stats["prefills"] == 1  # the prompt (and its image) went in once
+    hot = dict(n=3, max_new_tokens=10, sampling=SamplingParams(temperature=3.0, top_k=50), seed=5)
+    first = [list(t) for t in sched.submit_choices(image[0], **hot, **image[1])]
+    again = [list(t) for t in sched.submit_choices(image[0], **hot, **image[1])]
+    assert first == again and len({tuple(x) for x in first}) > 1  # the seed decides all three; they differ
+    with pytest.raises(ValueError, match="5 choices need 5 rows: at most max_batch_size=4"):
+        sched.submit_choices(image[0], n=5, max_new_tokens=3, **image[1])
+    busy = _submit(sched, prompts[4], 10**6)  # 3 rows left: a family of 3 waits for none, one of 4 would wait
+    next(iter(busy))
+    family = sched.submit_choices(prompts[1][0], n=3, max_new_tokens=4, **prompts[1][1])
+    assert [list(t) for t in family] == [_alone(model, prompts[1], 4)] * 3
+    busy.cancel()
+
+
 def test_sampled_and_greedy_rows_share_a_batch(shipped, schedulers):
     model, prompts = shipped
     want = [_alone(model, p, 10) for p in prompts[:2]]

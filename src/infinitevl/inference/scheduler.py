@@ -58,6 +58,11 @@ class Ticket:
     logprobs: int | None = None  # None: none; K: each token's log-probability and the K likeliest alternatives
     # (logprob, [(token id, logprob), ...K]) of each token, appended before the token is handed out
     token_logprobs: list = field(default_factory=list, repr=False)
+    copies: list["Ticket"] = field(default_factory=list, repr=False)  # more choices of this prompt (submit's n):
+    # prefilled once with it, each decoded in a row of its own
+
+    def family(self) -> list["Ticket"]:
+        return [self, *self.copies]
 
     @property
     def exclusive(self) -> bool:
@@ -127,6 +132,18 @@ class Scheduler:
         """Queues one prompt ([1, T] ids and its vision inputs); checked here (a ValueError names the problem).
         logprobs=K (0..MAX_TOP_LOGPROBS) records each new token's log-probability and its K likeliest
         alternatives in `Ticket.token_logprobs`."""
+        return self.submit_choices(input_ids_BT, n=1, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                   logprobs=logprobs, **vision)[0]
+
+    def submit_choices(self, input_ids_BT: torch.Tensor, *, n: int, max_new_tokens: int,
+                       sampling: SamplingParams = SamplingParams(), seed: int | None = None,
+                       logprobs: int | None = None, **vision) -> list[Ticket]:
+        """`submit` for n answers to one prompt: it is prefilled once, then each answer decodes in its own row
+        (n <= max_batch_size). With a seed (and sampling), the n answers draw together from it, alone in the
+        batch."""
+        n = whole_number(n, "n", 1)
+        if n > self.P:
+            raise ValueError(f"{n} choices need {n} rows: at most max_batch_size={self.P}")
         ids, mask, vision = prompt_inputs(input_ids_BT, None, vision)
         if ids.shape[0] != 1:
             raise ValueError(f"submit takes one prompt ([1, T] ids), got {ids.shape[0]} rows: submit each")
@@ -137,14 +154,16 @@ class Scheduler:
             logprobs = whole_number(logprobs, "logprobs", 0)
             if logprobs > MAX_TOP_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {logprobs}")
-        ticket = Ticket(ids, vision, sampling, whole_number(max_new_tokens, "max_new_tokens", 1), seed,
-                        logprobs=logprobs)
+        max_new_tokens = whole_number(max_new_tokens, "max_new_tokens", 1)
+        tickets = [Ticket(ids, vision, sampling, max_new_tokens, seed, logprobs=logprobs) for _ in range(n)]
+        ticket = tickets[0]
+        ticket.copies = tickets[1:]
         with self.wake:
             if self.closed:
                 raise SchedulerClosed("this scheduler was closed: make a new one")
             self.waiting.append(ticket)
             self.wake.notify()
-        return ticket
+        return tickets
 
     def status(self) -> dict:
         """Rows in use, requests waiting, and the time/count stats: for health checks and monitoring."""
@@ -169,9 +188,9 @@ class Scheduler:
 
     # ---- the scheduler thread ----
     def _tickets(self) -> list[Ticket]:
-        """Every request not ended: in rows, being prefilled, waiting."""
+        """Every request not ended: in rows, being prefilled, waiting (with their copies)."""
         pending = [] if self.pending is None else self.pending.group
-        return [t for t in self.rows if t is not None] + pending + list(self.waiting)
+        return [t for t in self.rows if t is not None] + [c for t in pending + list(self.waiting) for c in t.family()]
 
     def _fail_all(self, error: Exception) -> None:
         with self.wake:
@@ -211,19 +230,23 @@ class Scheduler:
         group: list[Ticket] = []
         with self.wake:
             busy = [t for t in self.rows if t is not None]
-            room = min(self.P - len(busy), PREFILL_GROUP)
+            free = self.P - len(busy)  # rows for the group's requests and their copies
             if any(t.exclusive for t in busy):
                 return group
-            while self.waiting and len(group) < room:
+            while self.waiting and len(group) < PREFILL_GROUP:
                 head = self.waiting[0]
-                if head.cancelled.is_set():
-                    self.waiting.popleft().out.put(_END)
+                if all(t.cancelled.is_set() for t in head.family()):
+                    for t in self.waiting.popleft().family():
+                        t.out.put(_END)
                     continue
+                if len(head.family()) > free:
+                    break
                 alone = (head.exclusive or head.solo or any(v is not None for v in head.vision.values())
                          or head.input_ids.shape[1] > self.prefill_chunk)  # padding others to it would waste chunks
                 if alone and (group or (head.exclusive and busy)):
                     break
                 group.append(self.waiting.popleft())
+                free -= len(head.family())
                 if alone:
                     break
         return group
@@ -241,7 +264,8 @@ class Scheduler:
         """A group whose prefill failed (none of it was handed out): a lone request gets the error; a group's
         requests are retried alone, at the front of the queue, to find whose prompt it was."""
         if len(group) == 1:
-            group[0].out.put(error)
+            for t in group[0].family():
+                t.out.put(error)
             return
         with self.wake:
             for t in reversed(group):
@@ -275,10 +299,11 @@ class Scheduler:
     def _advance(self) -> None:
         """Feeds the pending group's next chunk; after its last, starts the group's rows."""
         p = self.pending
-        if all(t.cancelled.is_set() for t in p.group):
+        if all(t.cancelled.is_set() for head in p.group for t in head.family()):
             self.pending = None
-            for t in p.group:
-                t.out.put(_END)
+            for head in p.group:
+                for t in head.family():
+                    t.out.put(_END)
             return
         t0 = time.perf_counter()
         try:
@@ -298,29 +323,31 @@ class Scheduler:
             self.stats["prefill_s"] += time.perf_counter() - t0
 
     def _start(self, group: list[Ticket], logits: torch.Tensor) -> None:
-        """Samples each first token of the prefilled group with its own parameters, and moves the requests
-        that go on into free batch rows (their states from the scratch rows)."""
+        """Samples each first token of the prefilled group (and of each request's copies, from the same logits)
+        with its own parameters, and moves the requests that go on into free batch rows (their states from the
+        scratch rows)."""
         slot = self.slot
-        rows = [i for i, t in enumerate(self.rows) if t is None][: len(group)]  # taken with room for the group
+        members = [(j, t) for j, head in enumerate(group) for t in head.family()]  # (scratch row, request)
+        rows = [i for i, t in enumerate(self.rows) if t is None][: len(members)]  # taken with room for them all
         self.stats["prefills"] += len(group)
         firsts = []  # every first token before any is handed out: a failure here leaves nothing half-done
-        for j, (t, i) in enumerate(zip(group, rows)):
+        for (j, t), i in zip(members, rows):
             slot.temperature[i] = t.sampling.temperature
             slot.top_k[i] = t.sampling.top_k
             slot.top_p[i] = t.sampling.top_p
-            if t.exclusive:  # a seeded sampling request (alone in the batch)
+            if t.exclusive and t is group[j]:  # a seeded sampling request (alone in the batch with its copies)
                 torch.manual_seed(t.seed)
             firsts.append(int(sample_rows(logits[j:j + 1], slot.temperature[i:i + 1], slot.top_k[i:i + 1],
                                           slot.top_p[i:i + 1])[0]))
         entries = [self._first_logprobs(logits[j], token, t.logprobs) if t.logprobs is not None else None
-                   for j, (t, token) in enumerate(zip(group, firsts))]
+                   for (j, t), token in zip(members, firsts)]
         goes_on = [not t.cancelled.is_set() and token not in self.stops and t.max_new_tokens > 1
-                   for t, token in zip(group, firsts)]
+                   for (_, t), token in zip(members, firsts)]
         try:  # every device write before any token is handed out: a failure leaves nothing half-done
-            for j, i in enumerate(rows):
-                if goes_on[j]:
+            for k, ((j, _), i) in enumerate(zip(members, rows)):
+                if goes_on[k]:
                     slot.state.rows(i, i + 1).copy_(self.scratch.rows(j, j + 1))
-                    slot.tok[i] = firsts[j]
+                    slot.tok[i] = firsts[k]
                     slot.done[i] = False
         except Exception:
             try:
@@ -328,14 +355,14 @@ class Scheduler:
             except Exception:
                 pass  # a broken device: the step fails next and ends the rows in flight
             raise
-        for j, (t, i, token) in enumerate(zip(group, rows, firsts)):
-            if t.cancelled.is_set() and not goes_on[j]:  # cancelled while its prompt went in
+        for k, ((_, t), i, token) in enumerate(zip(members, rows, firsts)):
+            if t.cancelled.is_set() and not goes_on[k]:  # cancelled while its prompt went in
                 t.out.put(_END)
                 continue
-            if entries[j] is not None:
-                t.token_logprobs.append(entries[j])
+            if entries[k] is not None:
+                t.token_logprobs.append(entries[k])
             t.out.put(token)
-            if goes_on[j]:
+            if goes_on[k]:
                 self.rows[i], self.counts[i] = t, 1
             else:
                 t.out.put(_END)
