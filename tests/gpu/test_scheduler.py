@@ -65,3 +65,13 @@ def test_graph_logprobs_are_the_models(shipped):
     for k, (token, (lp, top)) in enumerate(zip(want, t.token_logprobs)):
         assert lp == pytest.approx(float(ref[k, token]), abs=2e-2)  # fla kernels round to TF32
         assert top[0][0] == token and [i for i, _ in top][:1] == ref[k].topk(1).indices.tolist()
+
+
+def test_graph_choices_share_one_prefill(shipped):
+    model, prompts = shipped
+    ids, vision = prompts[0]
+    want = Engine(model, max_batch_size=1).generate(ids, max_new_tokens=8, stop_token_ids=[EOS], **vision)[0].tolist()
+    want = want[: want.index(EOS) + 1] if EOS in want else want
+    with Scheduler(Engine(model, max_batch_size=4), stop_token_ids=[EOS], max_batch_size=4) as sched:
+        assert [list(t) for t in sched.submit_choices(ids, n=3, max_new_tokens=8, **vision)] == [want] * 3
+        assert sched.stats["prefills"] == 1
