@@ -12,8 +12,9 @@ each round (the scheduler runs in its own thread), synchronised at the end.
 
 Then the cost of a long prompt arriving while others decode: N-1 requests are generating when one
 --long-prompt-tokens prompt arrives; for each --prefill-chunk (0: the whole prompt in one forward, no decode
-step in between, as the scheduler did before in 8,192-token forwards) it reports the longest pause between two tokens of the decoding requests while the long prompt
-goes in, and the long prompt's time to its first token (median of --repeats). Prints tables and one JSON line.
+step in between, as the scheduler did before in 8,192-token forwards) it reports the longest pause between two
+tokens of the decoding requests while the long prompt goes in, and the long prompt's time to its first token
+(median of --repeats). Prints tables and one JSON line.
 """
 from __future__ import annotations
 
@@ -195,7 +196,8 @@ def main(argv=None) -> dict:
     short = [ids.to(device) for ids in short]
     res["long_prompt_tokens"], res["decoding_requests"] = L, n - 1
     res["interference"] = [interference(model, n, short, long.to(device), c, args.repeats, device)
-                           for c in (args.prefill_chunk if args.prefill_chunk is not None else [0, 64] if tiny else [0, 2048, 512])]
+                           for c in (args.prefill_chunk if args.prefill_chunk is not None
+                                     else [0, 64] if tiny else [0, 2048, 512])]
     lines = [f"device: {res['device']}; {T}-token prompts, {G} new tokens each; gate passed "
              f"({res['gate']['requests']} requests)",
              "| requests | batched s | tok/s | sequential s | tok/s | speedup | median first token s | prefill ms/request "

@@ -6,10 +6,11 @@
 Messages are OpenAI's (string content, or `text` / `image_url` / `video_url` parts) or the model card's
 (`{"type": "image", "image": ...}` / `{"type": "video", "video": ...}` items with their qwen_vl_utils options),
 answered as `infinitevl generate` answers them. Media come as data: URIs; http(s) image URLs only with
-`--allow-urls`, local files only under `--media-dir`. Requests are generated together, up to `--max-batch-size` at a time
-(continuous batching: they join and leave the decode batch between steps); more wait their turn. A bad
-request is answered with an HTTP 4xx and an OpenAI-style error body naming the problem, before anything is
-generated.
+`--allow-urls`, local files only under `--media-dir`; text holding chat-format tokens only with
+`--allow-special-tokens`. Requests are generated together, up to `--max-batch-size` at a time (continuous
+batching: they join and leave the decode batch between steps, and prompts go in chunk by chunk between steps);
+more wait their turn. `n` choices share one prefill; `logprobs` come from the decode step. A bad request is
+answered with an HTTP 4xx and an OpenAI-style error body naming the problem, before anything is generated.
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ ITEM_OPTIONS = {"image": ("min_pixels", "max_pixels", "resized_height", "resized
 READ_FIELDS = ("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
                "stop", "stream", "stream_options", "n", "logprobs", "top_logprobs")
 # Fields OpenAI clients send that change nothing here when they hold these values (other values are refused).
-DEFAULT_ONLY = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
-                "response_format": ({"type": "text"},)}
+DEFAULT_ONLY = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
+                "tool_choice": ("none",), "response_format": ({"type": "text"},)}
 IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 
 

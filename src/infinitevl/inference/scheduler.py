@@ -6,8 +6,8 @@ One background thread owns an `Engine` bucket of P rows. It takes waiting reques
 prompts together, up to PREFILL_GROUP, left-padded into a scratch state; a prompt with images or video alone)
 and prefills them one chunk of about `prefill_chunk` tokens at a time, running one decode step for every live
 row between two chunks, so that a long prompt delays the others' next tokens by one chunk, not by the whole
-prompt (with no row decoding, in the engine's larger chunks). When the prompt is in, each first token is sampled with the request's own parameters and each row's
-state copied into its batch row. A step (the engine's captured step on a GPU: rows hold their own
+prompt (with no row decoding, in the engine's larger chunks). When the prompt is in, each first token is
+sampled with the request's own parameters and each row's state copied into its batch row. A step (the engine's captured step on a GPU: rows hold their own
 temperature / top-k / top-p) hands each row's new token to its request and frees the rows that ended (a stop
 token, their token limit, or a cancel). A row's tokens are the ones it gets alone: rows never see each other
 (GDN and SWA states are per row; idle rows are masked), and a prompt's state does not depend on its chunks.
@@ -153,7 +153,8 @@ class Scheduler:
         if logprobs is not None:
             logprobs = whole_number(logprobs, "logprobs", 0)
             if logprobs > MAX_TOP_LOGPROBS:
-                raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {logprobs}")
+                raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got "
+                                 f"{logprobs}")
         max_new_tokens = whole_number(max_new_tokens, "max_new_tokens", 1)
         tickets = [Ticket(ids, vision, sampling, max_new_tokens, seed, logprobs=logprobs) for _ in range(n)]
         ticket = tickets[0]
@@ -171,7 +172,8 @@ class Scheduler:
             busy, waiting, closed = sum(t is not None for t in self.rows), len(self.waiting), self.closed
             pending = self.pending
         return {"closed": closed or not self.thread.is_alive(), "rows": self.P, "busy_rows": busy,
-                "prefilling": 0 if pending is None else len(pending.group), "waiting": waiting, **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.stats.items()}}
+                "prefilling": 0 if pending is None else len(pending.group), "waiting": waiting,
+                **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.stats.items()}}
 
     def close(self) -> None:
         """Ends the generations in flight and the waiting ones (their iteration raises), then the thread."""
