@@ -55,9 +55,9 @@ def feed_prompt(model: InfiniteVL, input_ids_BT: torch.Tensor, *, state: Inferen
 def prompt_chunks(model: InfiniteVL, input_ids_BT: torch.Tensor, *, state: InferenceState,
                   attention_mask_BT: torch.Tensor | None, chunk_size: int | None, **vision) -> Iterator[torch.Tensor]:
     """Feeds a checked prompt into `state` one chunk per next(), yielding the chunk's last logits [B, V]
-    (the last yield is the prompt's). Positions (and, when the prompt is chunked, the embeddings with their
-    vision features) are computed on the whole prompt at the first next(), so an image may straddle a chunk
-    boundary. Whoever drives it can do other work between chunks (the scheduler decodes other rows)."""
+    (the last yield is the prompt's). Positions are computed on the whole prompt at the first next(), so an
+    image may straddle a chunk boundary; vision features as the chunks reach them (`ChunkFeatures`). Whoever
+    drives it can do other work between chunks (the scheduler decodes other rows)."""
     T = input_ids_BT.shape[1]
     positions, _ = model.positions(
         input_ids_BT, image_grid_thw=vision.get("image_grid_thw"), video_grid_thw=vision.get("video_grid_thw"),
@@ -68,13 +68,64 @@ def prompt_chunks(model: InfiniteVL, input_ids_BT: torch.Tensor, *, state: Infer
         yield model(input_ids_BT, attention_mask=attention_mask_BT, position_ids=positions, state=state,
                     logits_to_keep=1, **_vision_only(vision))[:, -1]
         return
-    # Embed once (vision features included), then feed the embeddings chunk by chunk.
-    embeds = model.embed(input_ids_BT, **_vision_only(vision, with_ts=False))
+    # The embeddings chunk by chunk, each image's (each video frame's) features computed when a chunk reaches it.
+    features = ChunkFeatures(model, input_ids_BT, **_vision_only(vision, with_ts=False))
     for s in range(0, T, chunk_size):
         e = min(T, s + chunk_size)
         mask = None if attention_mask_BT is None else attention_mask_BT[:, s:e]
-        yield model(inputs_embeds=embeds[:, s:e], attention_mask=mask, position_ids=positions[:, :, s:e],
+        yield model(inputs_embeds=features.embed(s, e), attention_mask=mask, position_ids=positions[:, :, s:e],
                     state=state, logits_to_keep=1)[:, -1]
+
+
+class ChunkFeatures:
+    """A chunked prompt's embeddings, column range by column range, with the vision features of the placeholders
+    in it. The vision tower runs unit by unit as chunks reach them (an image; a video one temporal patch at a
+    time, its frames being independent in the tower), so a long video's tower time is spread over the chunks
+    too; a unit's features are kept until the chunks have used them all. Same values as `InfiniteVL.embed`."""
+
+    def __init__(self, model: InfiniteVL, input_ids_BT: torch.Tensor, **vision):
+        self.model, self.ids = model, input_ids_BT
+        m2 = model.config.vision.spatial_merge_size ** 2
+        self.kinds = []
+        for slots, pixels, grid in model.vision_inputs(input_ids_BT, **vision):
+            units, row = [], 0  # (first pixel row, pixel rows, h, w) of each image / video temporal patch
+            for t, h, w in grid.tolist():
+                for _ in range(t):
+                    units.append((row, h * w, h, w))
+                    row += h * w
+            counts = torch.tensor([n // m2 for _, n, _, _ in units])
+            self.kinds.append({
+                "slots": slots, "pixels": pixels, "units": units, "counts": counts.tolist(),
+                "rank": slots.flatten().long().cumsum(0).view_as(slots) - 1,  # the placeholder's feature row
+                "starts": (counts.cumsum(0) - counts).to(slots.device), "left": counts.tolist(), "cache": {},
+            })
+
+    def embed(self, s: int, e: int) -> torch.Tensor:
+        """Embeddings of columns [s, e) [B, e - s, D]."""
+        x = self.model.model.embed_tokens(self.ids[:, s:e])
+        for k in self.kinds:
+            slots = k["slots"][:, s:e]
+            ranks = k["rank"][:, s:e][slots]  # in masked_scatter's (row-major) order
+            if ranks.numel() == 0:
+                continue
+            unit = torch.searchsorted(k["starts"], ranks, right=True) - 1
+            need, used = (u.tolist() for u in torch.unique(unit, return_counts=True))
+            missing = [u for u in need if u not in k["cache"]]
+            if missing:
+                units = [k["units"][u] for u in missing]
+                px = torch.cat([k["pixels"][first:first + n] for first, n, _, _ in units])
+                feats = self.model.visual(px.to(x.device), torch.tensor([[1, h, w] for _, _, h, w in units]))
+                k["cache"].update(zip(missing, feats.split([k["counts"][u] for u in missing])))
+            local = torch.cat([k["cache"][u] for u in need])  # the needed units' features, in unit order
+            first_row = torch.tensor([0] + [k["counts"][u] for u in need[:-1]]).cumsum(0).to(unit.device)
+            position = torch.searchsorted(torch.tensor(need, device=unit.device), unit)  # unit -> place in `need`
+            x = x.masked_scatter(slots[..., None].expand_as(x),
+                                 local[ranks - k["starts"][unit] + first_row[position]].to(x.dtype))
+            for u, n in zip(need, used):
+                k["left"][u] -= n
+                if k["left"][u] == 0:
+                    del k["cache"][u]
+        return x
 
 
 def _vision_only(kw: dict, *, with_ts: bool = True) -> dict:

@@ -152,6 +152,28 @@ class InfiniteVL(nn.Module):
         """Token embeddings with the vision features written over the image/video placeholders.
         Placeholders without pixels are an error, unless `placeholders_as_text` (a generated token)."""
         x = self.model.embed_tokens(input_ids_BT)
+        for slots, pixels, grid in self.vision_inputs(
+                input_ids_BT, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                placeholders_as_text=placeholders_as_text):
+            feats = self.visual(pixels.to(x.device), grid)
+            x = x.masked_scatter(slots[..., None].expand_as(x), feats.to(x.dtype))
+        return x
+
+    def vision_inputs(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        placeholders_as_text: bool = False,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(placeholder mask [B, T], pixels, grids [n, 3] on CPU) of the images, then the videos, that have pixels;
+        checked against each other before the vision tower runs (a ValueError names the mismatch)."""
+        out = []
+        m2 = self.config.vision.spatial_merge_size ** 2
         for name, pixels, grid, token in (
             ("image", pixel_values, image_grid_thw, self.config.image_token_id),
             ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id),
@@ -167,16 +189,16 @@ class InfiniteVL(nn.Module):
                 continue
             if grid is None:
                 raise ValueError(f"{name} pixels were given without {name}_grid_thw: pass both from the processor")
-            feats = self.visual(pixels.to(x.device), grid)
-            if feats.shape[0] != n_slots:
+            grid = self.visual.check_inputs(pixels, grid)
+            n_feats = int(grid.prod(-1).sum()) // m2
+            if n_feats != n_slots:
                 raise ValueError(
                     f"{name} features and {name} tokens do not match: {n_slots} placeholder tokens in the text, "
-                    f"{feats.shape[0]} features from {name}_grid_thw {torch.as_tensor(grid).tolist()}. Expand each "
-                    f"{name} token to grid_t*grid_h*grid_w/{self.config.vision.spatial_merge_size ** 2} pads "
-                    f"(the processor does this)"
+                    f"{n_feats} features from {name}_grid_thw {grid.tolist()}. Expand each "
+                    f"{name} token to grid_t*grid_h*grid_w/{m2} pads (the processor does this)"
                 )
-            x = x.masked_scatter(slots[..., None].expand_as(x), feats.to(x.dtype))
-        return x
+            out.append((slots, pixels, grid))
+        return out
 
     def positions(
         self,

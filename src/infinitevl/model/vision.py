@@ -157,9 +157,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
         self.merger = PatchMerger(config)
 
-    def forward(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Returns the merged features [M, D], images/videos in input order."""
-        cfg = self.config
+    def check_inputs(self, pixels_NP: torch.Tensor, grid_thw) -> torch.Tensor:
+        """The grids as a [num_images, 3] CPU long tensor, after checking them against the pixels (a ValueError
+        names the mismatch). The features are then grid_t * grid_h * grid_w / merge**2 per image or video."""
         grid_thw = torch.as_tensor(grid_thw).detach().cpu().long()
         if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
             raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w), got shape {tuple(grid_thw.shape)}")
@@ -169,9 +169,18 @@ class VisionTransformer(nn.Module):
                 f"pixel values have shape {tuple(pixels_NP.shape)} but the grids {grid_thw.tolist()} need "
                 f"[{n_expected}, {self.patch_embed.patch_dim}]: pass the processor's pixel_values with its grid_thw"
             )
-        m = cfg.spatial_merge_size
+        m = self.config.spatial_merge_size
         if ((grid_thw[:, 1:] % m) != 0).any():
             raise ValueError(f"grid h and w must be multiples of spatial_merge_size {m}, got {grid_thw.tolist()}")
+        return grid_thw
+
+    def forward(self, pixels_NP: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Returns the merged features [M, D], images/videos in input order. Frames are independent (attention
+        stays within a frame, positions are per frame): the features of a video are those of its temporal
+        patches run one by one."""
+        cfg = self.config
+        grid_thw = self.check_inputs(pixels_NP, grid_thw)
+        m = cfg.spatial_merge_size
         device = pixels_NP.device
         x = self.patch_embed(pixels_NP)
         pos_N2, frame_N, window_N, order = _layout(grid_thw, m, cfg.window_size // m // cfg.patch_size)
