@@ -160,23 +160,16 @@ class InfiniteVL(nn.Module):
             x = x.masked_scatter(slots[..., None].expand_as(x), feats.to(x.dtype))
         return x
 
-    def vision_inputs(
-        self,
-        input_ids_BT: torch.Tensor,
-        *,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-        placeholders_as_text: bool = False,
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(placeholder mask [B, T], pixels, grids [n, 3] on CPU) of the images, then the videos, that have pixels;
-        checked against each other before the vision tower runs (a ValueError names the mismatch)."""
+    def vision_inputs(self, input_ids_BT: torch.Tensor, *, placeholders_as_text: bool = False,
+                      **vision) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(placeholder mask [B, T], pixels, grids [n, 3] on CPU) of the images, then the videos, that have pixels
+        (`embed`'s pixel and grid keywords); checked against each other before the vision tower runs (a ValueError
+        names the mismatch)."""
         out = []
         m2 = self.config.vision.spatial_merge_size ** 2
         for name, pixels, grid, token in (
-            ("image", pixel_values, image_grid_thw, self.config.image_token_id),
-            ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id),
+            ("image", vision.get("pixel_values"), vision.get("image_grid_thw"), self.config.image_token_id),
+            ("video", vision.get("pixel_values_videos"), vision.get("video_grid_thw"), self.config.video_token_id),
         ):
             slots = input_ids_BT == token
             n_slots = int(slots.sum())
