@@ -40,7 +40,7 @@ def test_chunk_embeddings_equal_the_whole_prompts(reference, case, chunk, monkey
     features = ChunkFeatures(model, ids, **vision)
     T = ids.shape[1]
     got = torch.cat([features.embed(s, min(T, s + chunk)) for s in range(0, T, chunk)], dim=1)
-    assert torch.equal(got, whole)
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-5)  # the tower sees fewer rows at a time: rounding
     assert all(k["cache"] == {} for k in features.kinds)  # every unit's features used and dropped
     units = [g for call in calls for g in call]
     assert all(t == 1 for t, _, _ in units)  # a video goes through the tower one temporal patch at a time

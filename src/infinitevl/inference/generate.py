@@ -81,7 +81,9 @@ class ChunkFeatures:
     """A chunked prompt's embeddings, column range by column range, with the vision features of the placeholders
     in it. The vision tower runs unit by unit as chunks reach them (an image; a video one temporal patch at a
     time, its frames being independent in the tower), so a long video's tower time is spread over the chunks
-    too; a unit's features are kept until the chunks have used them all. Same values as `InfiniteVL.embed`."""
+    too; a unit's features are kept until the chunks have used them all. The values of `InfiniteVL.embed` up to
+    float rounding (the tower's matmuls see fewer rows at a time). Placeholder bookkeeping stays on the host:
+    no device syncs per chunk."""
 
     def __init__(self, model: InfiniteVL, input_ids_BT: torch.Tensor, **vision):
         self.model, self.ids = model, input_ids_BT
@@ -94,18 +96,18 @@ class ChunkFeatures:
                     units.append((row, h * w, h, w))
                     row += h * w
             counts = torch.tensor([n // m2 for _, n, _, _ in units])
+            host = slots.cpu()
             self.kinds.append({
-                "slots": slots, "pixels": pixels, "units": units, "counts": counts.tolist(),
-                "rank": slots.flatten().long().cumsum(0).view_as(slots) - 1,  # the placeholder's feature row
-                "starts": (counts.cumsum(0) - counts).to(slots.device), "left": counts.tolist(), "cache": {},
+                "slots": slots, "host": host, "pixels": pixels, "units": units, "counts": counts.tolist(),
+                "rank": host.flatten().long().cumsum(0).view_as(host) - 1,  # the placeholder's feature row
+                "starts": counts.cumsum(0) - counts, "left": counts.tolist(), "cache": {},
             })
 
     def embed(self, s: int, e: int) -> torch.Tensor:
         """Embeddings of columns [s, e) [B, e - s, D]."""
         x = self.model.model.embed_tokens(self.ids[:, s:e])
         for k in self.kinds:
-            slots = k["slots"][:, s:e]
-            ranks = k["rank"][:, s:e][slots]  # in masked_scatter's (row-major) order
+            ranks = k["rank"][:, s:e][k["host"][:, s:e]]  # in masked_scatter's (row-major) order
             if ranks.numel() == 0:
                 continue
             unit = torch.searchsorted(k["starts"], ranks, right=True) - 1
@@ -115,12 +117,14 @@ class ChunkFeatures:
                 units = [k["units"][u] for u in missing]
                 px = torch.cat([k["pixels"][first:first + n] for first, n, _, _ in units])
                 feats = self.model.visual(px.to(x.device), torch.tensor([[1, h, w] for _, _, h, w in units]))
-                k["cache"].update(zip(missing, feats.split([k["counts"][u] for u in missing])))
+                # copies: a unit kept for a later chunk must not hold the whole call's output alive
+                parts = feats.split([k["counts"][u] for u in missing])
+                k["cache"].update((u, f.clone()) for u, f in zip(missing, parts))
             local = torch.cat([k["cache"][u] for u in need])  # the needed units' features, in unit order
-            first_row = torch.tensor([0] + [k["counts"][u] for u in need[:-1]]).cumsum(0).to(unit.device)
-            position = torch.searchsorted(torch.tensor(need, device=unit.device), unit)  # unit -> place in `need`
-            x = x.masked_scatter(slots[..., None].expand_as(x),
-                                 local[ranks - k["starts"][unit] + first_row[position]].to(x.dtype))
+            first_row = torch.tensor([0] + [k["counts"][u] for u in need[:-1]]).cumsum(0)
+            position = torch.searchsorted(torch.tensor(need), unit)  # unit -> its place in `need`
+            index = (ranks - k["starts"][unit] + first_row[position]).to(x.device)
+            x = x.masked_scatter(k["slots"][:, s:e, None].expand_as(x), local[index].to(x.dtype))
             for u, n in zip(need, used):
                 k["left"][u] -= n
                 if k["left"][u] == 0:
