@@ -38,6 +38,17 @@ def test_grid_pixel_shape_mismatch(setup):
               image_grid_thw=c["image.image_grid_thw"])
 
 
+@pytest.mark.parametrize("grid", [[1, 8, 8], [[1, -8, -8]], [[0, 8, 8]], [[1, 8]], [[1, 7.5, 8]]])
+def test_malformed_grids(setup, grid):
+    model, c = setup
+    from infinitevl.inference import prefill
+
+    for chunk in (None, 5):  # the whole prompt, and fed in chunks
+        with pytest.raises(ValueError, match=r"image_grid_thw must be \[number of items, 3\]"):
+            prefill(model, c["image.input_ids"], pixel_values=c["image.pixel_values"],
+                    image_grid_thw=torch.tensor(grid), chunk_size=chunk)
+
+
 def test_shapes_ids_and_state(setup):
     model, _ = setup
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, tokens\]"):
