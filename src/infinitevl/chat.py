@@ -1,6 +1,7 @@
 """One chat turn, shared by `infinitevl generate` and `infinitevl serve`: the model card's `messages` -> the
 model's inputs (media decoded by `infinitevl.media`, tokens expanded by the checkpoint's processor), the
-and `TextStream` (new token ids -> the printable text they add)."""
+chat-format tokens a message's text must not hold (`STRUCTURAL`), and `TextStream` (new token ids -> the
+printable text they add)."""
 from __future__ import annotations
 
 import torch

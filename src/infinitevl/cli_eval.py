@@ -14,7 +14,6 @@ from collections import defaultdict, deque
 from pathlib import Path
 
 
-
 def _groups(path: Path, key: str, n: int) -> list[str]:
     """The value of `key` in each of the file's n records (JSON list or JSONL), as text ('-' where absent)."""
     text = path.read_text(encoding="utf-8-sig")

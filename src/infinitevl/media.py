@@ -3,7 +3,8 @@
 Legend: T frames, H height, W width.
 
 - `load_image`: a PIL image, a local path, `file://...`, `data:image/...;base64,...` or an http(s) URL -> RGB PIL image.
-- `load_video`: a video file or data URI (PyAV) -> frames sampled at `fps` (uint8 [T, H, W, 3]) and the rate they represent.
+- `load_video`: a video file or data URI (PyAV) -> frames sampled at `fps` (uint8 [T, H, W, 3]) and the rate they
+  represent.
 - `process_vision_info`: chat `messages` -> (images, videos), like `qwen_vl_utils.process_vision_info` (same
   message format and the same resize / frame-count rules), without torchvision.
 """
@@ -116,8 +117,8 @@ def load_video(
     min_frames: int = MIN_FRAMES,
     as_pil: bool = False,
 ) -> tuple[np.ndarray | list[Image.Image], float]:
-    """Frames of a video file (or a `data:video/...;base64,` URI) sampled uniformly at about `fps` and the rate they represent: (uint8 [T, H, W, 3] or T PIL
-    images, fps_used). T is even (the vision tower pairs frames), at least `min_frames` when the video has that
+    """Frames of a video file (or a `data:video/...;base64,` URI) sampled uniformly at about `fps` and the rate
+    they represent: (uint8 [T, H, W, 3] or T PIL images, fps_used). T is even (the vision tower pairs frames), at least `min_frames` when the video has that
     many, at most `max_frames`; the frame choice is qwen_vl_utils' (`linspace(0, total - 1, T).round()`)."""
     import av
 

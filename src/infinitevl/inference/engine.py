@@ -171,7 +171,7 @@ class Engine:
         ids = input_ids_BT.to(self.device)
         mask = None if attention_mask_BT is None else attention_mask_BT.to(self.device)
         if any(vision.get(k) is not None for k in VISION_KEYS):
-            # images may straddle chunk boundaries: positions and features are computed on the whole prompt
+            # images may straddle chunk boundaries: positions come from the whole prompt (generate.prompt_chunks)
             yield from prompt_chunks(self.model, ids, state=state, attention_mask_BT=mask, chunk_size=chunk, **vision)
             return
         # Chunk boundaries sit at multiples of `chunk` in the stream (not in this call), so a prompt fed over

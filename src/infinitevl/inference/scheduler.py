@@ -7,10 +7,13 @@ prompts together, up to PREFILL_GROUP, left-padded into a scratch state; a promp
 and prefills them one chunk of about `prefill_chunk` tokens at a time, running one decode step for every live
 row between two chunks, so that a long prompt delays the others' next tokens by one chunk, not by the whole
 prompt (with no row decoding, in the engine's larger chunks). When the prompt is in, each first token is
-sampled with the request's own parameters and each row's state copied into its batch row. A step (the engine's captured step on a GPU: rows hold their own
-temperature / top-k / top-p) hands each row's new token to its request and frees the rows that ended (a stop
-token, their token limit, or a cancel). A row's tokens are the ones it gets alone: rows never see each other
-(GDN and SWA states are per row; idle rows are masked), and a prompt's state does not depend on its chunks.
+sampled with the request's own parameters and each row's state copied into its batch row. A step (the
+engine's captured step on a GPU: rows hold their own temperature / top-k / top-p) hands each row's new token to
+its request and frees the rows that ended (a stop token, their token limit, or a cancel). A row's tokens are the
+ones it gets alone: rows never see each other (GDN and SWA states are per row; idle rows are masked), and a
+prompt's state does not depend on its chunks (up to float rounding).
+
+A request's n choices (`submit_choices`) are prefilled once and decode in a row each.
 
 A seeded sampling request runs alone (the batch drains first, and nothing joins it), so that its draws, and
 so its answer, depend on its seed only (for a given `max_batch_size`: the draws are made for every row).

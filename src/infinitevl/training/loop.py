@@ -296,9 +296,10 @@ class Trainer:
         if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]):
             return
         last = checkpointing.latest(self.out)
+        kept = f"the last checkpoint {last} is intact" if last else "no checkpoint was written"
         raise ValueError(f"step {rec['step']}: the loss is {rec['loss']} and the gradient norm {rec['grad_norm']}: "
-                         "training diverged (lower optim.lr, clip with optim.max_grad_norm > 0, or check the data). Nothing "
-                         f"of this step was saved; {f'the last checkpoint {last} is intact' if last else 'no checkpoint was written'}")
+                         "training diverged (lower optim.lr, clip with optim.max_grad_norm > 0, or check the data). "
+                         f"Nothing of this step was saved; {kept}")
 
     def release(self) -> None:
         """Gives the caller's model back in its own dtypes and storages (undoes store_frozen_in_bf16 and

@@ -7,8 +7,8 @@ default), and `key.sub=value` overrides from the command line are applied on top
 from __future__ import annotations
 
 import dataclasses
-import os
 import math
+import os
 import re
 import tempfile
 import types
