@@ -182,7 +182,7 @@ class InfiniteVL(nn.Module):
                 continue
             if grid is None:
                 raise ValueError(f"{name} pixels were given without {name}_grid_thw: pass both from the processor")
-            grid = self.visual.check_inputs(pixels, grid)
+            grid = self.visual.check_inputs(pixels, grid, f"{name}_grid_thw")
             n_feats = int(grid.prod(-1).sum()) // m2
             if n_feats != n_slots:
                 raise ValueError(

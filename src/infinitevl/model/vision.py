@@ -18,7 +18,7 @@ from torch import nn
 
 from ..layers.mlp import SwiGLU
 from ..layers.norm import RMSNorm
-from ..ops.rope import rope_inv_freq, rotate_half
+from ..ops.rope import check_grid, rope_inv_freq, rotate_half
 from .config import VisionConfig
 
 
@@ -157,12 +157,10 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
         self.merger = PatchMerger(config)
 
-    def check_inputs(self, pixels_NP: torch.Tensor, grid_thw) -> torch.Tensor:
+    def check_inputs(self, pixels_NP: torch.Tensor, grid_thw, name: str = "grid_thw") -> torch.Tensor:
         """The grids as a [num_images, 3] CPU long tensor, after checking them against the pixels (a ValueError
         names the mismatch). The features are then grid_t * grid_h * grid_w / merge**2 per image or video."""
-        grid_thw = torch.as_tensor(grid_thw).detach().cpu().long()
-        if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
-            raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w), got shape {tuple(grid_thw.shape)}")
+        grid_thw = check_grid(grid_thw, name)
         n_expected = int(grid_thw.prod(-1).sum())
         if pixels_NP.ndim != 2 or pixels_NP.shape != (n_expected, self.patch_embed.patch_dim):
             raise ValueError(

@@ -50,6 +50,16 @@ class VisionTokens:
     tokens_per_second: int = 2
 
 
+def check_grid(grid, name: str = "grid_thw") -> torch.Tensor:
+    """The grids as a [number of items, 3] CPU long tensor: (t, h, w) whole numbers >= 1 per image or video, as the
+    processor returns them (a ValueError names `name` otherwise)."""
+    g = torch.as_tensor(grid).detach().cpu()
+    if g.ndim != 2 or g.shape[1] != 3 or bool((g < 1).any()) or bool((g != g.round()).any()):
+        raise ValueError(f"{name} must be [number of items, 3]: (t, h, w) whole numbers >= 1 per image or video, "
+                         f"as the processor returns it; got {g.tolist()}")
+    return g.long()
+
+
 def get_rope_index(
     input_ids_BT: torch.Tensor,
     spec: VisionTokens,
@@ -71,10 +81,8 @@ def get_rope_index(
     B, T = input_ids_BT.shape
     merge2 = spec.spatial_merge_size**2
     for name, grid in (("image_grid_thw", image_grid_thw), ("video_grid_thw", video_grid_thw)):
-        g = None if grid is None else torch.as_tensor(grid)
-        if g is not None and (g.ndim != 2 or g.shape[1] != 3 or bool((g < 1).any()) or bool((g != g.round()).any())):
-            raise ValueError(f"{name} must be [number of items, 3]: (t, h, w) whole numbers >= 1 per image or video, "
-                             f"as the processor returns it; got {g.tolist()}")
+        if grid is not None:
+            check_grid(grid, name)
     kinds = {spec.image_token_id: ("image", image_grid_thw), spec.video_token_id: ("video", video_grid_thw)}
     if placeholders_as_text:
         kinds = {tok: kg for tok, kg in kinds.items() if kg[1] is not None}
