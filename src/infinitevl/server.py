@@ -60,8 +60,8 @@ class RequestError(ValueError):
 
 
 @dataclass(frozen=True)
-class MediaRules:
-    """Where a request's media may come from besides data: URIs."""
+class MessageRules:
+    """What a request's messages may hold besides plain text and data: URIs."""
 
     media_dir: Path | None = None  # local files under this folder (resolved); None: no local file
     urls: bool = False  # http(s) URLs, fetched by the server
@@ -97,7 +97,7 @@ def _number(body: dict, key: str, default, *, whole: bool = False, lo: float | N
 
 
 def parse_request(body, *, served: str, defaults: SamplingParams, default_max_tokens: int, max_tokens_limit: int,
-                  media: MediaRules = MediaRules(), max_n: int = 8) -> ChatRequest:
+                  rules: MessageRules = MessageRules(), max_n: int = 8) -> ChatRequest:
     """A chat completion request body (parsed JSON) -> ChatRequest, or a RequestError naming what is wrong."""
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -155,15 +155,15 @@ def parse_request(body, *, served: str, defaults: SamplingParams, default_max_to
     top = _number(body, "top_logprobs", None, whole=True, lo=0, hi=MAX_TOP_LOGPROBS)
     if top and not logprobs:
         raise RequestError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
-    return ChatRequest(messages=chat_messages(body.get("messages"), media), max_tokens=max_tokens,
+    return ChatRequest(messages=chat_messages(body.get("messages"), rules), max_tokens=max_tokens,
                        sampling=sampling, stop=stop, seed=seed, stream=stream,
                        include_usage=bool(options.get("include_usage")), n=n,
                        top_logprobs=(top or 0) if logprobs else None)
 
 
-def chat_messages(messages, media: MediaRules = MediaRules()) -> list[dict]:
+def chat_messages(messages, rules: MessageRules = MessageRules()) -> list[dict]:
     """OpenAI or model-card messages -> the model card's format (image_url / video_url parts become image / video
-    items), with every media source checked against the server's rules."""
+    items), with every media source and text checked against the server's rules."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
     out = []
@@ -178,11 +178,11 @@ def chat_messages(messages, media: MediaRules = MediaRules()) -> list[dict]:
                                param="messages")
         content = m.get("content")
         if isinstance(content, list):
-            content = [_part(p, f"{where}.content[{j}]", media) for j, p in enumerate(content)]
+            content = [_part(p, f"{where}.content[{j}]", rules) for j, p in enumerate(content)]
         elif not isinstance(content, str):
             raise RequestError(f"{where}: 'content' must be a string or a list of parts, got {content!r:.60}",
                                param="messages")
-        if not media.special_tokens:
+        if not rules.special_tokens:
             texts = [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
             found = next((t for t in STRUCTURAL for x in texts if t in x), None)
             if found:
@@ -200,7 +200,7 @@ def chat_messages(messages, media: MediaRules = MediaRules()) -> list[dict]:
     return out
 
 
-def _part(part, where: str, media: MediaRules) -> dict:
+def _part(part, where: str, rules: MessageRules) -> dict:
     if not isinstance(part, dict):
         raise RequestError(f"{where} must be an object such as {{\"type\": \"text\", \"text\": ...}}", param="messages")
     kind = part.get("type") or next((k for k in ("text", "image", "video", "image_url", "video_url") if k in part), None)
@@ -228,12 +228,12 @@ def _part(part, where: str, media: MediaRules) -> dict:
                            param="messages")
     key = item["type"]
     src = item[key]
-    item[key] = ([_source(s, f"{where} frame {k}", media) for k, s in enumerate(src)]
-                 if key == "video" and isinstance(src, list) else _source(src, where, media))
+    item[key] = ([_source(s, f"{where} frame {k}", rules) for k, s in enumerate(src)]
+                 if key == "video" and isinstance(src, list) else _source(src, where, rules))
     return item
 
 
-def _source(src, where: str, media: MediaRules) -> str:
+def _source(src, where: str, rules: MessageRules) -> str:
     """A media source as the server may read it: a data: URI, an http(s) URL (with --allow-urls), or a file under
     --media-dir."""
     if not isinstance(src, str) or not src:
@@ -242,17 +242,17 @@ def _source(src, where: str, media: MediaRules) -> str:
     if src.startswith("data:"):
         return src
     if src.startswith(("http://", "https://")):
-        if not media.urls:
+        if not rules.urls:
             raise RequestError(f"{where}: this server fetches no URLs (start it with --allow-urls); send the media "
                                "as a data: URI instead", HTTPStatus.FORBIDDEN, "messages")
         return src
-    if media.media_dir is None:
+    if rules.media_dir is None:
         raise RequestError(f"{where}: {src!r:.80} is a local file, and this server reads none (start it with "
                            "--media-dir DIR to allow files under DIR); send the media as a data: URI instead",
                            HTTPStatus.FORBIDDEN, "messages")
     try:
-        path = (media.media_dir / src.removeprefix("file://")).resolve()
-        inside = path.is_relative_to(media.media_dir)
+        path = (rules.media_dir / src.removeprefix("file://")).resolve()
+        inside = path.is_relative_to(rules.media_dir)
     except (OSError, ValueError):  # a name too long for the file system, a NUL byte, ...
         inside = False
     if not inside:
@@ -688,7 +688,7 @@ def make_server(service: ChatService, host: str, port: int, *, media_dir: Path |
         raise ValueError(f"the default max_tokens ({default_max_tokens}) must be in [1, max_tokens_limit="
                          f"{max_tokens_limit}]")
     options = dict(defaults=defaults, default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit,
-                   media=MediaRules(None if media_dir is None else Path(media_dir).resolve(), allow_urls,
+                   rules=MessageRules(None if media_dir is None else Path(media_dir).resolve(), allow_urls,
                                     allow_special_tokens),
                    max_n=service.scheduler.P)
     try:

@@ -20,7 +20,6 @@ from ..media import MAX_PIXELS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_FRAME_PIXELS = MAX_PIXELS  # 16384 visual tokens: the most one image or frame may have
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,9 @@ class FrameSpec:
         unit = self.patch_size * self.merge_size
         if self.height % unit or self.width % unit:
             raise ValueError(f"frame size {self.height}x{self.width} must be positive multiples of {unit}")
-        if self.height * self.width > MAX_FRAME_PIXELS:
-            raise ValueError(f"frame size {self.height}x{self.width} is above the {MAX_FRAME_PIXELS} pixels a frame may "
-                             f"have ({MAX_FRAME_PIXELS // unit**2} visual tokens): use a smaller frame size")
+        if self.height * self.width > MAX_PIXELS:
+            raise ValueError(f"frame size {self.height}x{self.width} is above the {MAX_PIXELS} pixels a frame may "
+                             f"have ({MAX_PIXELS // unit**2} visual tokens): use a smaller frame size")
 
     @property
     def grid_thw(self) -> tuple[int, int, int]:
